@@ -1,0 +1,190 @@
+"""The ``tokengate`` command line.
+
+::
+
+    tokengate topology [--json]
+    tokengate demo [--seconds 20] [--workers-per-core N] [--seed S] [--json]
+
+Each subcommand is a ``_cmd_*`` function registered in :func:`build_parser`; new ones (a future
+``tokengate bench``) add a subparser there and a handler here, keeping the work itself in the
+library modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("tokengate")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _cmd_topology(args: argparse.Namespace) -> int:
+    from tokengate.topology import detect
+
+    topo = detect()
+    if args.json:
+        _print_json(topo.as_dict())
+    else:
+        print(topo.format())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # Imported here so that `tokengate topology` and `--help` do not load the workload.
+    from tokengate.demo import format_report, run_demo
+
+    report = run_demo(
+        seconds=args.seconds,
+        workers_per_core=args.workers_per_core,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    if args.json:
+        _print_json(report)
+    else:
+        encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+        print(format_report(report, unicode=encoding in ("utf8", "utf8sig")))
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``tokengate`` command."""
+    parser = argparse.ArgumentParser(
+        prog="tokengate",
+        description="TokenGate: run decorated Python calls as tokens on pinned per-core workers.",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: info, -vv: debug) to stderr",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    topo = sub.add_parser(
+        "topology",
+        help="show the CPU topology and recommended worker counts",
+        description="Show the CPU topology this process sees and recommended worker counts.",
+    )
+    topo.add_argument("--json", action="store_true", help="print JSON instead of text")
+    topo.set_defaults(handler=_cmd_topology)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a mixed workload through a coordinator and report on it",
+        description=(
+            "Run a mixed workload (string ops, sorting, a prime sieve, Fibonacci, hashing, JSON, "
+            "fsync'd blob writes, sleeps) of heavy, medium and light tokens for a bounded time, "
+            "then print a report. Exits 1 if the core broke its contract during the run."
+        ),
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=20.0,
+        metavar="S",
+        help="how long to keep submitting work (default: %(default)g)",
+    )
+    demo.add_argument(
+        "--workers-per-core",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="workers per virtual core (default: the coordinator's default)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=None, help="seed of the random mix (default: random)"
+    )
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="do not show the progress indicator"
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    # Room for `tokengate bench`: add its subparser here with set_defaults(handler=_cmd_bench).
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokengate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+_LOG_HANDLER_NAME = "tokengate-cli"
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Send the ``tokengate`` logger to stderr at a level set by ``-v`` (idempotent)."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if not any(h.get_name() == _LOG_HANDLER_NAME for h in logger.handlers):
+        handler = logging.StreamHandler()  # resolves sys.stderr at emit time
+        handler.set_name(_LOG_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokengate`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(args.verbose)
+
+    from tokengate import TokenGateError
+
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:
+        print("tokengate: interrupted", file=sys.stderr)
+        return 130
+    except TokenGateError as exc:
+        logger.debug("command failed", exc_info=True)
+        print(f"tokengate: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `tokengate demo --json | head`
+        # Point stdout at devnull so the interpreter's final flush does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
