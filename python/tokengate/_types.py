@@ -1,0 +1,52 @@
+"""Enumerations and constants shared by the decorator, the core and the dashboard."""
+
+from __future__ import annotations
+
+import enum
+from types import MappingProxyType
+from typing import Final
+
+__all__ = ["STORAGE_SPEEDS", "TaskWeight", "TokenState"]
+
+
+class TokenState(enum.IntEnum):
+    """Where a token is in its life. COMPLETED, FAILED and KILLED are final."""
+
+    CREATED = 0
+    WAITING = 1
+    ADMITTED = 2
+    EXECUTING = 3
+    COMPLETED = 4
+    FAILED = 5
+    KILLED = 6
+
+    @property
+    def is_final(self) -> bool:
+        """True for COMPLETED, FAILED and KILLED."""
+        return self >= TokenState.COMPLETED
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TaskWeight(str, enum.Enum):
+    """Routing weight: heavy may run on every core (preferring core 1), medium never on
+    core 1, light never on cores 1-2."""
+
+    HEAVY = "heavy"
+    MEDIUM = "medium"
+    LIGHT = "light"
+
+    @property
+    def index(self) -> int:
+        """The core's index for this weight (0 heavy, 1 medium, 2 light)."""
+        return _WEIGHT_INDEX[self]
+
+
+_WEIGHT_INDEX: Final = {TaskWeight.HEAVY: 0, TaskWeight.MEDIUM: 1, TaskWeight.LIGHT: 2}
+
+#: Concurrency permits per storage tier (used by the storage throttle).
+STORAGE_SPEEDS: Final = MappingProxyType({"SLOW": 10, "MODERATE": 25, "FAST": 50, "INSANE": 70})
+
+#: Priority lanes of the pool and mailboxes (FIFO within a lane).
+PRIORITIES: Final = MappingProxyType({"high": 0, "normal": 1, "low": 2})

@@ -1,0 +1,356 @@
+"""``OperationsCoordinator``: starts the native runtime and its asyncio control loop, and
+exposes admission control (drain, pause, resume), stats and worker counts."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from . import _core
+from ._core import TaskToken
+from .errors import ConfigurationError, CoordinatorNotRunning
+
+__all__ = ["OperationsCoordinator"]
+
+log = logging.getLogger("tokengate")
+
+T = TypeVar("T")
+
+_running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
+_SAMPLE_EVERY = 0.5
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigurationError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigurationError(f"{name} must be a number of seconds or None, got {value!r}")
+    if value < 0:
+        raise ConfigurationError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+class _ControlLoop:
+    """An asyncio event loop in a daemon thread: admission policy, delayed retries and
+    convergence run here; today it samples throughput."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
+
+
+class OperationsCoordinator:
+    """Admits tokens, routes them by weight to per-core mailboxes and runs them on worker
+    threads pinned to CPU cores.
+
+    Args:
+        workers_per_core: worker threads started per core.
+        mailbox_capacity: bounded FIFO size of each worker's mailbox.
+        cores: virtual cores to route over (default: the CPUs this process may use; more
+            than there are map round-robin onto them).
+        pool_capacity: how many tokens may wait in the pool.
+        overflow: ``"block"`` (the caller waits for room, GIL released) or ``"reject"``
+            (raises :class:`PoolFull`).
+        submit_timeout: with ``"block"``, the longest a submission waits before
+            :class:`PoolFull` (None: no limit).
+        pin_workers: pin each worker to its core's CPU (Linux).
+        max_workers_per_core: the most workers :meth:`set_active_workers` may ask for.
+    """
+
+    def __init__(
+        self,
+        workers_per_core: int = 4,
+        mailbox_capacity: int = 120,
+        cores: int | None = None,
+        pool_capacity: int = 100_000,
+        overflow: Literal["block", "reject"] = "block",
+        submit_timeout: float | None = None,
+        pin_workers: bool = True,
+        max_workers_per_core: int | None = None,
+    ) -> None:
+        self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
+        self._mailbox_capacity = _check_int("mailbox_capacity", mailbox_capacity, 1)
+        self._cores = None if cores is None else _check_int("cores", cores, 1, 4096)
+        self._pool_capacity = _check_int("pool_capacity", pool_capacity, 1)
+        if overflow not in ("block", "reject"):
+            raise ConfigurationError(f"overflow must be 'block' or 'reject', got {overflow!r}")
+        self._overflow = overflow
+        self._submit_timeout = _check_timeout("submit_timeout", submit_timeout)
+        self._pin = bool(pin_workers)
+        self._max_workers = (
+            None
+            if max_workers_per_core is None
+            else _check_int("max_workers_per_core", max_workers_per_core, workers_per_core, 1024)
+        )
+        self._lock = threading.RLock()
+        self._rt: _core.Runtime | None = None
+        self._control: _ControlLoop | None = None
+        self._rate = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> OperationsCoordinator:
+        """Start the workers and the control loop; decorated calls now come here."""
+        with self._lock:
+            if self._rt is not None:
+                raise ConfigurationError("this coordinator is already running")
+            rt = _core.Runtime(
+                cores=self._cores,
+                workers_per_core=self._workers_per_core,
+                max_workers_per_core=self._max_workers,
+                mailbox_capacity=self._mailbox_capacity,
+                pool_capacity=self._pool_capacity,
+                overflow=self._overflow,
+                submit_timeout=self._submit_timeout,
+                pin_workers=self._pin,
+            )
+            rt.start()
+            self._rt = rt
+            self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
+            self._control.start()
+            self._control.submit(self._sample_rate())
+            _running.add(self)
+        if self._pin and not rt.pinned:
+            log.warning(
+                "worker threads could not be pinned to CPUs on this platform; they run unpinned"
+            )
+        log.debug(
+            "coordinator started: %d cores x %d workers, cpus %s",
+            rt.cores,
+            self._workers_per_core,
+            rt.cpu_map,
+        )
+        return self
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop the coordinator.
+
+        ``wait=True`` finishes queued and running tokens first; ``wait=False`` kills every
+        token that has not started (its waiters get :class:`TokenKilled`) and lets running
+        ones finish. With ``timeout``, tokens still queued when it passes are killed too.
+        Returns False if some worker was still busy when ``timeout`` passed.
+        Stopping a coordinator that is not running does nothing.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        with self._lock:
+            rt, control = self._rt, self._control
+            if rt is None:
+                return True
+            self._rt = None
+            self._control = None
+            _running.discard(self)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rt.close()
+        rt.unpause()
+        if not wait:
+            rt.kill_pending()
+        if not rt.wait_quiet(timeout):
+            killed = rt.kill_pending()
+            log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        joined = rt.shutdown(remaining)
+        rt.kill_pending()  # anything that raced in after the workers left
+        if control is not None:
+            control.stop()
+        return bool(joined)
+
+    def __enter__(self) -> OperationsCoordinator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> OperationsCoordinator:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # -- admission -------------------------------------------------------------------
+
+    def _runtime(self) -> _core.Runtime:
+        rt = self._rt
+        if rt is None:
+            raise CoordinatorNotRunning(
+                "this OperationsCoordinator is not running: call start() or use `with`"
+            )
+        return rt
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskToken:
+        """Run ``fn(*args, **kwargs)`` as a token (weight medium) on this coordinator."""
+        return self._runtime().submit(fn, args, kwargs or None)
+
+    def drain(self, timeout: float | None = None) -> dict[str, Any]:
+        """Close admission (new calls raise :class:`AdmissionClosed`), un-pause, and wait
+        until every accepted token is final. Returns what happened meanwhile:
+        ``completed``, ``failed``, ``killed``, ``remaining``, ``seconds``, ``timed_out``.
+        :meth:`resume` reopens admission."""
+        timeout = _check_timeout("timeout", timeout)
+        rt = self._runtime()
+        before = rt.stats()
+        started = time.monotonic()
+        rt.close()
+        rt.unpause()
+        finished = rt.wait_quiet(timeout)
+        after = rt.stats()
+        return {
+            "completed": after["completed"] - before["completed"],
+            "failed": after["failed"] - before["failed"],
+            "killed": after["killed"] - before["killed"],
+            "remaining": rt.in_flight(),
+            "seconds": time.monotonic() - started,
+            "timed_out": not finished,
+        }
+
+    def pause(self) -> None:
+        """New tokens wait in the pool (WAITING) until :meth:`resume`; admitted ones run."""
+        self._runtime().pause()
+
+    def resume(self) -> None:
+        """Reopen admission after :meth:`drain` and let the pool feed workers after
+        :meth:`pause`."""
+        rt = self._runtime()
+        rt.open()
+        rt.unpause()
+
+    # -- introspection ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (created, waiting, admitted, executing, completed, failed, killed),
+        configuration and the per-core distribution (``per_core``)."""
+        rt = self._runtime()
+        s: dict[str, Any] = rt.stats()
+        s["running"] = True
+        s["paused"] = rt.paused
+        s["admission_open"] = not rt.closed
+        s["throughput_per_s"] = self._rate
+        return s
+
+    def set_active_workers(self, core: int, n: int) -> None:
+        """Set how many workers of 1-based ``core`` receive new work (1 to
+        ``max_workers_per_core``); threads start as needed."""
+        self._runtime().set_active_workers(core, n)
+
+    def active_workers(self, core: int) -> int:
+        """How many workers of 1-based ``core`` receive new work."""
+        return self._runtime().active_workers(core)
+
+    @property
+    def running(self) -> bool:
+        return self._rt is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._rt is not None and self._rt.paused
+
+    @property
+    def admission_open(self) -> bool:
+        return self._rt is not None and not self._rt.closed
+
+    @property
+    def cores(self) -> int:
+        """Virtual cores tokens are routed over."""
+        return self._runtime().cores
+
+    @property
+    def cpu_map(self) -> list[int]:
+        """The OS CPU each virtual core (1, 2, ...) maps to."""
+        return self._runtime().cpu_map
+
+    @property
+    def pinned(self) -> bool:
+        """Whether every worker is pinned to its CPU."""
+        return self._runtime().pinned
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The asyncio control loop (runs in a background thread)."""
+        if self._control is None:
+            raise CoordinatorNotRunning("the control loop runs only while the coordinator does")
+        return self._control.loop
+
+    def run_control(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the control loop; returns a concurrent future."""
+        if self._control is None:
+            raise CoordinatorNotRunning("the control loop runs only while the coordinator does")
+        return self._control.submit(coro)
+
+    async def _sample_rate(self) -> None:
+        last_done, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(_SAMPLE_EVERY)
+            rt = self._rt
+            if rt is None:
+                return
+            s = rt.stats()
+            done = s["completed"] + s["failed"]
+            now = time.monotonic()
+            self._rate = (done - last_done) / (now - last_t)
+            last_done, last_t = done, now
+
+    def __repr__(self) -> str:
+        state = "running" if self._rt is not None else "stopped"
+        return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for coord in list(_running):
+        try:
+            coord.stop(wait=False, timeout=5.0)
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            log.exception("stopping %r at exit failed", coord)

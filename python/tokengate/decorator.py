@@ -1,0 +1,143 @@
+"""``@task_token_guard``: every call of the decorated function becomes a ``TaskToken``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, overload
+
+from ._core import GuardedFunction
+from ._types import PRIORITIES, STORAGE_SPEEDS, TaskWeight
+from .errors import InvalidDecoration, InvalidTag
+
+__all__ = ["GuardedFunction", "task_token_guard"]
+
+_WEIGHTS = {w.value: w for w in TaskWeight}
+
+
+def _parse_weight(value: object) -> TaskWeight:
+    if isinstance(value, TaskWeight):
+        return value
+    if isinstance(value, str) and value.lower() in _WEIGHTS:
+        return _WEIGHTS[value.lower()]
+    raise InvalidTag(
+        f"tags['weight'] must be one of 'light', 'medium', 'heavy' (any case), got {value!r}"
+    )
+
+
+def _parse_storage(value: object) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.upper() in STORAGE_SPEEDS:
+        name = value.upper()
+        return name, STORAGE_SPEEDS[name]
+    valid = ", ".join(repr(k) for k in STORAGE_SPEEDS)
+    raise InvalidTag(
+        f"tags['storage_speed'] must be one of {valid} (any case), got {value!r}"
+    )
+
+
+def _parse_priority(value: object) -> int:
+    if isinstance(value, str) and value.lower() in PRIORITIES:
+        return PRIORITIES[value.lower()]
+    raise InvalidTag(
+        f"tags['priority'] must be one of 'high', 'normal', 'low' (any case), got {value!r}"
+    )
+
+
+def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str, int] | None, int]:
+    if tags is None:
+        tags = {}
+    if not isinstance(tags, Mapping):
+        raise InvalidTag(f"tags must be a dict (or None), got {type(tags).__name__}")
+    for key in tags:
+        if not isinstance(key, str):
+            raise InvalidTag(f"tag names must be strings, got {key!r}")
+    clean = dict(tags)
+    weight = _parse_weight(clean.get("weight", "medium"))
+    storage = _parse_storage(clean.get("storage_speed"))
+    priority = _parse_priority(clean.get("priority", "normal"))
+    clean["weight"] = weight.value
+    if storage is not None:
+        clean["storage_speed"] = storage[0]
+    return clean, weight, storage, priority
+
+
+def _guard(
+    fn: Callable[..., Any],
+    operation_type: str | None,
+    tags: dict[str, Any],
+    weight: TaskWeight,
+    storage: tuple[str, int] | None,
+    priority: int,
+) -> GuardedFunction:
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise InvalidDecoration(
+            f"task_token_guard cannot guard the coroutine function {fn.__qualname__!r}: "
+            "tokens run on worker threads, so decorate a plain `def` (await the token instead)"
+        )
+    if isinstance(fn, (staticmethod, classmethod)):
+        raise InvalidDecoration(
+            "apply @task_token_guard below @staticmethod/@classmethod, directly on the function"
+        )
+    if not callable(fn):
+        raise InvalidDecoration(
+            f"task_token_guard needs a function, got {type(fn).__name__}"
+        )
+    name = operation_type or getattr(fn, "__qualname__", None) or type(fn).__name__
+    guarded = GuardedFunction(
+        fn,
+        name,
+        weight.index,
+        priority,
+        None if storage is None else storage[1],
+        tags,
+    )
+    functools.update_wrapper(guarded, fn)
+    return guarded
+
+
+@overload
+def task_token_guard(
+    operation_type: Callable[..., Any],
+    tags: None = None,
+) -> GuardedFunction: ...
+
+
+@overload
+def task_token_guard(
+    operation_type: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Callable[[Callable[..., Any]], GuardedFunction]: ...
+
+
+def task_token_guard(
+    operation_type: str | Callable[..., Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> GuardedFunction | Callable[[Callable[..., Any]], GuardedFunction]:
+    """Turn every call of the decorated function into a :class:`TaskToken`.
+
+    ``operation_type`` names the operation (default: the function's ``__qualname__``).
+    ``tags`` may hold ``weight`` (``light``/``medium``/``heavy``, default ``medium``),
+    ``storage_speed`` (``SLOW``/``MODERATE``/``FAST``/``INSANE``) and ``priority``
+    (``high``/``normal``/``low``), all case-insensitive, plus any free-form keys.
+    Invalid values raise :class:`InvalidTag` here, at decoration time.
+
+    Usable as ``@task_token_guard`` or ``@task_token_guard(operation_type=..., tags=...)``.
+    """
+    if callable(operation_type) and not isinstance(operation_type, str):
+        clean, weight, storage, priority = _validate_tags(tags)
+        return _guard(operation_type, None, clean, weight, storage, priority)
+    if operation_type is not None and (
+        not isinstance(operation_type, str) or not operation_type.strip()
+    ):
+        raise InvalidTag(
+            f"operation_type must be a non-empty string or None, got {operation_type!r}"
+        )
+    clean, weight, storage, priority = _validate_tags(tags)
+
+    def decorate(fn: Callable[..., Any]) -> GuardedFunction:
+        return _guard(fn, operation_type, clean, weight, storage, priority)
+
+    return decorate

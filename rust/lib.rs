@@ -1,0 +1,45 @@
+//! TokenGate's native core (`tokengate._core`).
+//!
+//! Pure Rust (no interpreter needed, covered by `cargo test`): `state` (token state machine),
+//! `router` (affinity policy), `mailbox` (bounded FIFO per worker), `sched` (pool, gate,
+//! routing, stealing, parking, counters). PyO3 glue: `token`, `runtime`, `guarded`, `errors`.
+
+pub mod clock;
+pub mod mailbox;
+pub mod router;
+pub mod sched;
+pub mod state;
+
+mod errors;
+mod guarded;
+mod runtime;
+mod token;
+
+use pyo3::prelude::*;
+
+/// Seconds on the clock token timestamps use (`time.monotonic()`'s clock on Unix).
+#[pyfunction]
+fn monotonic() -> f64 {
+    clock::now_ns() as f64 / 1e9
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+mod tokengate_core {
+    #[pymodule_export]
+    use super::guarded::GuardedFunction;
+    #[pymodule_export]
+    use super::monotonic;
+    #[pymodule_export]
+    use super::runtime::Runtime;
+    #[pymodule_export]
+    use super::token::{_debug_panic_on_run, TaskToken};
+
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,950 @@
+//! The scheduler: token pool, gate, per-worker mailboxes, routing, stealing, parking and
+//! counters. Pure Rust and generic over the job type, so `cargo test` drives it with plain
+//! Rust jobs; the PyO3 layer (`runtime.rs`) supplies Python tokens and the worker threads.
+//!
+//! Flow of one job: `try_submit` → (gate) → straight into the least-loaded mailbox of an
+//! allowed core when no older job of its weight waits, else into the pool (FIFO per weight and
+//! priority, bounded). Workers take from their own mailbox, refill it from the pool as room
+//! frees, steal from siblings on the same core, spin briefly and then park.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::sync::{Parker, Unparker};
+use parking_lot::{Condvar, Mutex};
+
+use crate::clock::now_ns;
+use crate::mailbox::Mailbox;
+use crate::router::{self, Priority, Weight};
+use crate::state::{Header, TokenState, TransitionError};
+
+/// Anything the scheduler can carry: it only needs the token header.
+pub trait Job: Send + Sync + 'static {
+    fn header(&self) -> &Header;
+}
+
+/// What a submission does when the pool is at its bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// The caller waits for room (the binding releases the GIL while it waits).
+    Block,
+    /// The submission is refused with `PoolFull`.
+    Reject,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Virtual cores to route over.
+    pub cores: usize,
+    /// Workers started per core.
+    pub workers_per_core: usize,
+    /// Worker slots per core (the most `set_active` may ask for).
+    pub max_workers_per_core: usize,
+    pub mailbox_capacity: usize,
+    pub pool_capacity: usize,
+    pub overflow: Overflow,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cores: 1,
+            workers_per_core: 4,
+            max_workers_per_core: 64,
+            mailbox_capacity: 120,
+            pool_capacity: 100_000,
+            overflow: Overflow::Block,
+        }
+    }
+}
+
+impl Config {
+    /// Checks every field; the message names the field, its value and what is valid.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |name: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                Err(format!("{name} must be between {lo} and {hi}, got {v}"))
+            } else {
+                Ok(())
+            }
+        };
+        check("cores", self.cores, 1, 4096)?;
+        check("max_workers_per_core", self.max_workers_per_core, 1, 1024)?;
+        check(
+            "workers_per_core",
+            self.workers_per_core,
+            1,
+            self.max_workers_per_core,
+        )?;
+        check("mailbox_capacity", self.mailbox_capacity, 1, 1 << 24)?;
+        check("pool_capacity", self.pool_capacity, 1, 1 << 40)?;
+        Ok(())
+    }
+}
+
+/// Why `try_submit` gave the job back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Admission is closed (drain or stop).
+    Closed,
+    /// The pool is at `pool_capacity`.
+    PoolFull,
+}
+
+#[derive(Debug)]
+pub struct Rejected<J> {
+    pub reason: RejectReason,
+    pub job: J,
+}
+
+const GATE_PAUSED: u8 = 1;
+const GATE_CLOSED: u8 = 2;
+const GATE_SHUTDOWN: u8 = 4;
+
+/// Jobs moved from the pool into a mailbox under one pool lock.
+const REFILL_BATCH: usize = 32;
+/// How long an idle worker may spin before parking, and how many spin at once.
+const SPIN_FOR: Duration = Duration::from_micros(50);
+const MAX_SPINNERS: usize = 1;
+/// Safety net: a parked worker looks for work this often even if nobody wakes it.
+const PARK_TIMEOUT: Duration = Duration::from_millis(100);
+
+struct WorkerSlot<J> {
+    mailbox: Mailbox<J>,
+    /// Jobs queued in (or reserved for) this mailbox plus jobs this worker executes.
+    load: AtomicUsize,
+    parked: AtomicBool,
+    spawned: AtomicBool,
+    unparker: Unparker,
+    parker: Mutex<Option<Parker>>,
+    started: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl<J> WorkerSlot<J> {
+    fn new(cap: usize) -> Self {
+        let parker = Parker::new();
+        WorkerSlot {
+            mailbox: Mailbox::new(cap),
+            load: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            spawned: AtomicBool::new(false),
+            unparker: parker.unparker().clone(),
+            parker: Mutex::new(Some(parker)),
+            started: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    fn wake(&self) -> bool {
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) && self.parked.swap(false, Ordering::SeqCst) {
+            self.unparker.unpark();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn finished(&self) -> u64 {
+        self.completed.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire)
+    }
+}
+
+struct CoreSlot<J> {
+    workers: Box<[WorkerSlot<J>]>,
+    active: AtomicUsize,
+    load: AtomicUsize,
+    routed: [AtomicU64; 3],
+    accepts: [bool; 3],
+}
+
+struct PoolQueues<J> {
+    /// `[weight][priority]`
+    lanes: [[VecDeque<J>; 3]; 3],
+    len: usize,
+}
+
+impl<J: Job> PoolQueues<J> {
+    fn new() -> Self {
+        PoolQueues {
+            lanes: Default::default(),
+            len: 0,
+        }
+    }
+
+    /// The lane holding the next job a core accepting `accepts` should take: highest priority
+    /// first, then the oldest head (lowest id) across weights.
+    fn best_lane(&self, accepts: &[bool; 3]) -> Option<(usize, usize)> {
+        for p in 0..3 {
+            let mut best: Option<(usize, u64)> = None;
+            for (w, ok) in accepts.iter().enumerate() {
+                if !ok {
+                    continue;
+                }
+                if let Some(head) = self.lanes[w][p].front() {
+                    let id = head.header().id;
+                    if best.is_none_or(|(_, b)| id < b) {
+                        best = Some((w, id));
+                    }
+                }
+            }
+            if let Some((w, _)) = best {
+                return Some((w, p));
+            }
+        }
+        None
+    }
+}
+
+/// A snapshot of the counters. Gauges are derived from monotonic counters read from the end
+/// of the pipeline backwards, so none is ever negative; at quiescence they are exact.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub created: u64,
+    pub waiting: u64,
+    pub admitted: u64,
+    pub executing: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub killed: u64,
+    pub illegal_transitions: u64,
+    pub pool_len: usize,
+    pub per_core: Vec<CoreStats>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub active_workers: usize,
+    pub spawned_workers: usize,
+    pub queue_depth: usize,
+    pub executing: u64,
+    pub load: usize,
+    pub routed: [u64; 3],
+}
+
+pub struct Scheduler<J> {
+    cfg: Config,
+    cores: Box<[CoreSlot<J>]>,
+    pool: Mutex<PoolQueues<J>>,
+    pool_len: AtomicUsize,
+    pool_len_w: [AtomicUsize; 3],
+    pool_cv: Condvar,
+    pool_waiters: AtomicUsize,
+    gate: AtomicU8,
+    next_id: AtomicU64,
+    in_submit: AtomicUsize,
+    accepted: AtomicU64,
+    to_pool: AtomicU64,
+    direct: AtomicU64,
+    pulled: AtomicU64,
+    /// Kills by the state they left: CREATED, WAITING, ADMITTED.
+    killed_from: [AtomicU64; 3],
+    illegal: AtomicU64,
+    quiet_lock: Mutex<()>,
+    quiet_cv: Condvar,
+    quiet_waiters: AtomicUsize,
+    spinners: AtomicUsize,
+}
+
+impl<J: Job> Scheduler<J> {
+    pub fn new(cfg: Config) -> Result<Self, String> {
+        cfg.validate()?;
+        let n = cfg.cores;
+        let cores = (1..=n)
+            .map(|c| CoreSlot {
+                workers: (0..cfg.max_workers_per_core)
+                    .map(|_| WorkerSlot::new(cfg.mailbox_capacity))
+                    .collect(),
+                active: AtomicUsize::new(cfg.workers_per_core),
+                load: AtomicUsize::new(0),
+                routed: Default::default(),
+                accepts: router::weights_for_core(c, n),
+            })
+            .collect();
+        Ok(Scheduler {
+            cfg,
+            cores,
+            pool: Mutex::new(PoolQueues::new()),
+            pool_len: AtomicUsize::new(0),
+            pool_len_w: Default::default(),
+            pool_cv: Condvar::new(),
+            pool_waiters: AtomicUsize::new(0),
+            gate: AtomicU8::new(0),
+            next_id: AtomicU64::new(1),
+            in_submit: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            to_pool: AtomicU64::new(0),
+            direct: AtomicU64::new(0),
+            pulled: AtomicU64::new(0),
+            killed_from: Default::default(),
+            illegal: AtomicU64::new(0),
+            quiet_lock: Mutex::new(()),
+            quiet_cv: Condvar::new(),
+            quiet_waiters: AtomicUsize::new(0),
+            spinners: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// A fresh token id (1, 2, 3, …).
+    #[inline]
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ---- gate -------------------------------------------------------------------------
+
+    pub fn is_paused(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & GATE_PAUSED != 0
+    }
+    pub fn is_closed(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & GATE_CLOSED != 0
+    }
+    pub fn is_shutdown(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & GATE_SHUTDOWN != 0
+    }
+
+    /// New jobs wait in the pool; admitted ones still run.
+    pub fn pause(&self) {
+        self.gate.fetch_or(GATE_PAUSED, Ordering::SeqCst);
+    }
+
+    /// Lets the pool feed mailboxes again and wakes every parked worker.
+    pub fn unpause(&self) {
+        self.gate.fetch_and(!GATE_PAUSED, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Refuses new submissions (`RejectReason::Closed`); blocked submitters return.
+    pub fn close(&self) {
+        self.gate.fetch_or(GATE_CLOSED, Ordering::SeqCst);
+        self.notify_pool_waiters(true);
+    }
+
+    pub fn open(&self) {
+        self.gate
+            .fetch_and(!(GATE_CLOSED | GATE_SHUTDOWN), Ordering::SeqCst);
+    }
+
+    /// Workers exit once they find no work. Call after `close` and `wait_quiet`.
+    pub fn shutdown(&self) {
+        self.gate
+            .fetch_or(GATE_SHUTDOWN | GATE_CLOSED, Ordering::SeqCst);
+        self.notify_pool_waiters(true);
+        self.wake_all();
+    }
+
+    // ---- submission -------------------------------------------------------------------
+
+    /// Accepts `job` into a mailbox or the pool, or gives it back with the reason.
+    pub fn try_submit(&self, job: J) -> Result<(), Rejected<J>> {
+        // Registered before the gate check so that `close` + `wait_quiet` cannot miss a
+        // submission racing with it (both sides use SeqCst).
+        self.in_submit.fetch_add(1, Ordering::SeqCst);
+        let r = self.submit_inner(job);
+        if self.in_submit.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.notify_quiet();
+        }
+        r
+    }
+
+    fn submit_inner(&self, job: J) -> Result<(), Rejected<J>> {
+        let gate = self.gate.load(Ordering::SeqCst);
+        if gate & GATE_CLOSED != 0 {
+            return Err(Rejected {
+                reason: RejectReason::Closed,
+                job,
+            });
+        }
+        let h = job.header();
+        let w = h.weight as usize;
+        if gate & GATE_PAUSED == 0 && self.pool_len_w[w].load(Ordering::Acquire) == 0 {
+            match self.route_direct(job) {
+                Ok(()) => return Ok(()),
+                Err(back) => return self.push_pool(back),
+            }
+        }
+        self.push_pool(job)
+    }
+
+    /// Into the least-loaded mailbox of the least-loaded allowed core, if any has room.
+    fn route_direct(&self, job: J) -> Result<(), J> {
+        let h = job.header();
+        let n = self.cores.len();
+        let first = router::pick_core(h.weight, n, |c| {
+            self.cores[c - 1].load.load(Ordering::Relaxed)
+        });
+        let mut target = self.reserve_on_core(first - 1);
+        if target.is_none() {
+            target = router::allowed_cores(h.weight, n)
+                .filter(|&c| c != first)
+                .find_map(|c| self.reserve_on_core(c - 1));
+        }
+        let Some((core, wi)) = target else {
+            return Err(job);
+        };
+        let slot = &self.cores[core].workers[wi];
+        match h
+            .state
+            .transition(TokenState::Created, TokenState::Admitted)
+        {
+            Ok(_) => {}
+            Err(e) => {
+                // Killed before it was submitted: it is accepted and already final.
+                slot.mailbox.unreserve(1);
+                self.note_transition_error(e);
+                self.accepted.fetch_add(1, Ordering::AcqRel);
+                return Ok(());
+            }
+        }
+        self.admit_into(h, core, wi, now_ns());
+        self.accepted.fetch_add(1, Ordering::AcqRel);
+        self.direct.fetch_add(1, Ordering::AcqRel);
+        let prio = h.priority;
+        slot.mailbox.push_reserved(job, prio);
+        slot.wake();
+        Ok(())
+    }
+
+    /// Reserves a place in the least-loaded active worker's mailbox on `core` (0-based).
+    fn reserve_on_core(&self, core: usize) -> Option<(usize, usize)> {
+        let cs = &self.cores[core];
+        let active = cs.active.load(Ordering::Acquire).min(cs.workers.len());
+        let cap = self.cfg.mailbox_capacity;
+        for _ in 0..2 {
+            let wi = router::pick_least_loaded(
+                cs.workers[..active].iter().map(|w| {
+                    if w.mailbox.len() >= cap {
+                        usize::MAX
+                    } else {
+                        w.load.load(Ordering::Relaxed)
+                    }
+                }),
+                usize::MAX,
+            )?;
+            if cs.workers[wi].mailbox.try_reserve() {
+                return Some((core, wi));
+            }
+        }
+        None
+    }
+
+    /// Book-keeping for a job that just became ADMITTED to `(core, wi)`.
+    fn admit_into(&self, h: &Header, core: usize, wi: usize, t: u64) {
+        h.set_placement(core, wi);
+        h.stamp_admitted(t);
+        let cs = &self.cores[core];
+        cs.routed[h.weight as usize].fetch_add(1, Ordering::Relaxed);
+        cs.load.fetch_add(1, Ordering::AcqRel);
+        cs.workers[wi].load.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn push_pool(&self, job: J) -> Result<(), Rejected<J>> {
+        let h = job.header();
+        let w = h.weight as usize;
+        {
+            let mut pool = self.pool.lock();
+            if pool.len >= self.cfg.pool_capacity {
+                Self::purge_dead(&mut pool, &self.pool_len_w);
+                self.pool_len.store(pool.len, Ordering::Release);
+                if pool.len >= self.cfg.pool_capacity {
+                    return Err(Rejected {
+                        reason: RejectReason::PoolFull,
+                        job,
+                    });
+                }
+            }
+            match h.state.transition(TokenState::Created, TokenState::Waiting) {
+                Ok(_) => {}
+                Err(e) => {
+                    self.note_transition_error(e);
+                    self.accepted.fetch_add(1, Ordering::AcqRel);
+                    return Ok(());
+                }
+            }
+            self.accepted.fetch_add(1, Ordering::AcqRel);
+            self.to_pool.fetch_add(1, Ordering::AcqRel);
+            pool.lanes[w][h.priority as usize].push_back(job);
+            pool.len += 1;
+            self.pool_len.store(pool.len, Ordering::Release);
+            self.pool_len_w[w].fetch_add(1, Ordering::AcqRel);
+        }
+        if !self.is_paused() {
+            self.wake_for_weight(Weight::ALL[w]);
+        }
+        Ok(())
+    }
+
+    /// Drops pool entries that were killed while waiting.
+    fn purge_dead(pool: &mut PoolQueues<J>, len_w: &[AtomicUsize; 3]) {
+        let mut removed = 0;
+        for (w, lanes) in pool.lanes.iter_mut().enumerate() {
+            for lane in lanes.iter_mut() {
+                let before = lane.len();
+                lane.retain(|j| j.header().state.load() == TokenState::Waiting);
+                let gone = before - lane.len();
+                len_w[w].fetch_sub(gone, Ordering::AcqRel);
+                removed += gone;
+            }
+        }
+        pool.len -= removed;
+    }
+
+    /// Waits (blocking: call it with the GIL released) until the pool has room, admission
+    /// closes, a kill may have freed room, or `timeout` passes. Returns whether there is room.
+    pub fn wait_pool_room(&self, timeout: Duration) -> bool {
+        self.pool_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut pool = self.pool.lock();
+        if pool.len >= self.cfg.pool_capacity && !self.is_closed() {
+            self.pool_cv.wait_for(&mut pool, timeout);
+        }
+        let room = pool.len < self.cfg.pool_capacity;
+        drop(pool);
+        self.pool_waiters.fetch_sub(1, Ordering::SeqCst);
+        room
+    }
+
+    fn notify_pool_waiters(&self, take_lock: bool) {
+        if self.pool_waiters.load(Ordering::SeqCst) > 0 {
+            if take_lock {
+                drop(self.pool.lock());
+            }
+            self.pool_cv.notify_all();
+        }
+    }
+
+    // ---- the worker side --------------------------------------------------------------
+
+    /// Hands the parker of worker `(core, wi)` to the thread that will run it (once).
+    pub fn take_parker(&self, core: usize, wi: usize) -> Option<Parker> {
+        self.cores[core].workers[wi].parker.lock().take()
+    }
+
+    /// Marks slot `(core, wi)` as having a thread; false if it already had one.
+    pub fn claim_spawn(&self, core: usize, wi: usize) -> bool {
+        !self.cores[core].workers[wi]
+            .spawned
+            .swap(true, Ordering::AcqRel)
+    }
+
+    /// Sets how many workers of 0-based `core` receive work; returns the slots that need a
+    /// thread (`claim_spawn` already done for them).
+    pub fn set_active(&self, core: usize, n: usize) -> Result<Vec<(usize, usize)>, String> {
+        let cs = self.cores.get(core).ok_or_else(|| {
+            format!(
+                "core must be between 1 and {}, got {}",
+                self.cores.len(),
+                core + 1
+            )
+        })?;
+        if n < 1 || n > cs.workers.len() {
+            return Err(format!(
+                "active workers must be between 1 and {} (max_workers_per_core), got {n}",
+                cs.workers.len()
+            ));
+        }
+        cs.active.store(n, Ordering::Release);
+        let spawn = (0..n)
+            .filter(|&wi| self.claim_spawn(core, wi))
+            .map(|wi| (core, wi))
+            .collect();
+        self.wake_all();
+        Ok(spawn)
+    }
+
+    pub fn active(&self, core: usize) -> usize {
+        self.cores[core].active.load(Ordering::Acquire)
+    }
+
+    /// The next job for worker `(core, wi)` without blocking: its own mailbox (refilled from
+    /// the pool as room frees), then a sibling's on the same core.
+    pub fn next_job(&self, core: usize, wi: usize) -> Option<J> {
+        let slot = &self.cores[core].workers[wi];
+        if let Some(j) = slot.mailbox.pop() {
+            self.refill(core, wi);
+            return Some(j);
+        }
+        if self.refill(core, wi) > 0 {
+            if let Some(j) = slot.mailbox.pop() {
+                return Some(j);
+            }
+        }
+        self.steal(core, wi)
+    }
+
+    fn may_pull(&self, core: usize, wi: usize) -> bool {
+        let cs = &self.cores[core];
+        wi < cs.active.load(Ordering::Acquire)
+            && !self.is_paused()
+            && (0..3).any(|w| cs.accepts[w] && self.pool_len_w[w].load(Ordering::Acquire) > 0)
+    }
+
+    /// Moves up to a batch of waiting jobs this core accepts into the worker's mailbox.
+    fn refill(&self, core: usize, wi: usize) -> usize {
+        if self.pool_len.load(Ordering::Acquire) == 0 || !self.may_pull(core, wi) {
+            return 0;
+        }
+        let cs = &self.cores[core];
+        let slot = &cs.workers[wi];
+        let reserved = slot.mailbox.try_reserve_many(REFILL_BATCH);
+        if reserved == 0 {
+            return 0;
+        }
+        let mut moved: Vec<(J, Priority)> = Vec::with_capacity(reserved);
+        let mut admitted = 0u64;
+        let t = now_ns();
+        {
+            let mut pool = self.pool.lock();
+            while moved.len() < reserved {
+                let Some((w, p)) = pool.best_lane(&cs.accepts) else {
+                    break;
+                };
+                let job = pool.lanes[w][p]
+                    .pop_front()
+                    .expect("best_lane is non-empty");
+                pool.len -= 1;
+                self.pool_len_w[w].fetch_sub(1, Ordering::AcqRel);
+                let h = job.header();
+                // A job killed while it waited stays dead; it is discarded when popped.
+                if h.state
+                    .transition(TokenState::Waiting, TokenState::Admitted)
+                    .is_ok()
+                {
+                    self.admit_into(h, core, wi, t);
+                    admitted += 1;
+                } else {
+                    cs.load.fetch_add(1, Ordering::AcqRel);
+                    slot.load.fetch_add(1, Ordering::AcqRel);
+                }
+                let prio = h.priority;
+                moved.push((job, prio));
+            }
+            self.pool_len.store(pool.len, Ordering::Release);
+            self.pulled.fetch_add(admitted, Ordering::AcqRel);
+        }
+        self.notify_pool_waiters(false);
+        let n = moved.len();
+        slot.mailbox.unreserve(reserved - n);
+        slot.mailbox.push_reserved_all(moved);
+        n
+    }
+
+    fn steal(&self, core: usize, wi: usize) -> Option<J> {
+        let cs = &self.cores[core];
+        for (vi, victim) in cs.workers.iter().enumerate() {
+            if vi == wi || victim.mailbox.is_empty() {
+                continue;
+            }
+            if let Some(j) = victim.mailbox.pop() {
+                victim.load.fetch_sub(1, Ordering::AcqRel);
+                cs.workers[wi].load.fetch_add(1, Ordering::AcqRel);
+                if j.header().state.load() == TokenState::Admitted {
+                    j.header().set_placement(core, wi);
+                }
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    fn has_work_for(&self, core: usize, wi: usize) -> bool {
+        let cs = &self.cores[core];
+        !cs.workers[wi].mailbox.is_empty()
+            || (self.pool_len.load(Ordering::Acquire) > 0 && self.may_pull(core, wi))
+            || cs.workers.iter().any(|w| !w.mailbox.is_empty())
+    }
+
+    /// Blocks until worker `(core, wi)` has a job (call it with the GIL released). Spins
+    /// briefly (one spinner at a time), then parks. `None` once the scheduler shuts down and
+    /// no work is left for this worker.
+    pub fn wait_for_work(&self, core: usize, wi: usize, parker: &Parker) -> Option<J> {
+        let slot = &self.cores[core].workers[wi];
+        loop {
+            if let Some(j) = self.next_job(core, wi) {
+                return Some(j);
+            }
+            if self.is_shutdown() {
+                return None;
+            }
+            if self.spinners.fetch_add(1, Ordering::AcqRel) < MAX_SPINNERS {
+                let until = Instant::now() + SPIN_FOR;
+                let mut found = false;
+                while Instant::now() < until {
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                    if self.has_work_for(core, wi) || self.is_shutdown() {
+                        found = true;
+                        break;
+                    }
+                }
+                self.spinners.fetch_sub(1, Ordering::AcqRel);
+                if found {
+                    continue;
+                }
+            } else {
+                self.spinners.fetch_sub(1, Ordering::AcqRel);
+            }
+            slot.parked.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if self.has_work_for(core, wi) || self.is_shutdown() {
+                slot.parked.store(false, Ordering::SeqCst);
+                continue;
+            }
+            parker.park_timeout(PARK_TIMEOUT);
+            slot.parked.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// EXECUTING if the job is still ADMITTED; false (and the job is discarded) if it was
+    /// killed meanwhile.
+    pub fn start(&self, core: usize, wi: usize, h: &Header) -> bool {
+        match h
+            .state
+            .transition(TokenState::Admitted, TokenState::Executing)
+        {
+            Ok(_) => {
+                h.stamp_started(now_ns());
+                self.cores[core].workers[wi]
+                    .started
+                    .fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(e) => {
+                self.note_transition_error(e);
+                self.release_load(core, wi);
+                false
+            }
+        }
+    }
+
+    /// COMPLETED (`ok`) or FAILED; returns the flags the state carried (for waking waiters),
+    /// or `None` if the token was not EXECUTING.
+    pub fn finish(&self, core: usize, wi: usize, h: &Header, ok: bool) -> Option<u8> {
+        let to = if ok {
+            TokenState::Completed
+        } else {
+            TokenState::Failed
+        };
+        h.stamp_finished(now_ns());
+        let r = h.state.transition(TokenState::Executing, to);
+        let slot = &self.cores[core].workers[wi];
+        let flags = match r {
+            Ok(flags) => {
+                if ok {
+                    slot.completed.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    slot.failed.fetch_add(1, Ordering::AcqRel);
+                }
+                Some(flags)
+            }
+            Err(e) => {
+                self.note_transition_error(e);
+                None
+            }
+        };
+        self.release_load(core, wi);
+        self.notify_quiet();
+        flags
+    }
+
+    fn release_load(&self, core: usize, wi: usize) {
+        let cs = &self.cores[core];
+        cs.load.fetch_sub(1, Ordering::AcqRel);
+        cs.workers[wi].load.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// KILLED if the token has not started; returns the flags it carried, or the state that
+    /// made it impossible.
+    pub fn kill(&self, h: &Header) -> Result<u8, TokenState> {
+        let (from, flags) = h.state.kill()?;
+        h.stamp_finished(now_ns());
+        let idx = match from {
+            TokenState::Created => 0,
+            TokenState::Waiting => 1,
+            _ => 2,
+        };
+        self.killed_from[idx].fetch_add(1, Ordering::AcqRel);
+        if from == TokenState::Waiting {
+            // Room for blocked submitters once the entry is purged.
+            self.notify_pool_waiters(true);
+        }
+        self.notify_quiet();
+        Ok(flags)
+    }
+
+    /// Removes every queued job (pool and mailboxes) and returns them; the caller kills them.
+    pub fn take_pending(&self) -> Vec<J> {
+        let mut out = Vec::new();
+        {
+            let mut pool = self.pool.lock();
+            for (w, lanes) in pool.lanes.iter_mut().enumerate() {
+                for lane in lanes.iter_mut() {
+                    out.extend(lane.drain(..));
+                }
+                self.pool_len_w[w].store(0, Ordering::Release);
+            }
+            pool.len = 0;
+            self.pool_len.store(0, Ordering::Release);
+        }
+        self.notify_pool_waiters(true);
+        for cs in self.cores.iter() {
+            for w in cs.workers.iter() {
+                let d = w.mailbox.drain();
+                w.load.fetch_sub(d.len(), Ordering::AcqRel);
+                cs.load.fetch_sub(d.len(), Ordering::AcqRel);
+                out.extend(d);
+            }
+        }
+        out
+    }
+
+    fn note_transition_error(&self, e: TransitionError) {
+        if let TransitionError::Illegal { .. } = e {
+            self.illegal.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an illegal transition attempted outside the scheduler.
+    pub fn count_illegal(&self) {
+        self.illegal.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // ---- quiescence -------------------------------------------------------------------
+
+    fn finals(&self) -> u64 {
+        let done: u64 = self
+            .cores
+            .iter()
+            .flat_map(|c| c.workers.iter())
+            .map(|w| w.finished())
+            .sum();
+        done + self.killed_total()
+    }
+
+    fn killed_total(&self) -> u64 {
+        self.killed_from
+            .iter()
+            .map(|k| k.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Accepted tokens not yet final, plus submissions in progress.
+    pub fn in_flight(&self) -> u64 {
+        let finals = self.finals();
+        let accepted = self.accepted.load(Ordering::SeqCst);
+        accepted.saturating_sub(finals) + self.in_submit.load(Ordering::SeqCst) as u64
+    }
+
+    fn notify_quiet(&self) {
+        if self.quiet_waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.quiet_lock.lock();
+            self.quiet_cv.notify_all();
+        }
+    }
+
+    /// Waits (blocking: call it with the GIL released) until at most `limit` tokens are in
+    /// flight, or `timeout` passes. Returns whether that point was reached.
+    pub fn wait_quiet(&self, limit: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.quiet_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.quiet_lock.lock();
+        let reached = loop {
+            if self.in_flight() <= limit {
+                break true;
+            }
+            if self.quiet_cv.wait_until(&mut g, deadline).timed_out() {
+                break self.in_flight() <= limit;
+            }
+        };
+        drop(g);
+        self.quiet_waiters.fetch_sub(1, Ordering::SeqCst);
+        reached
+    }
+
+    // ---- waking -----------------------------------------------------------------------
+
+    fn wake_for_weight(&self, w: Weight) {
+        let n = self.cores.len();
+        for c in router::allowed_cores(w, n) {
+            let cs = &self.cores[c - 1];
+            let active = cs.active.load(Ordering::Acquire).min(cs.workers.len());
+            if cs.workers[..active].iter().any(|w| w.wake()) {
+                return;
+            }
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for cs in self.cores.iter() {
+            for w in cs.workers.iter() {
+                w.wake();
+            }
+        }
+    }
+
+    // ---- stats ------------------------------------------------------------------------
+
+    pub fn stats(&self) -> Stats {
+        // Read from the end of the pipeline backwards so derived gauges stay non-negative.
+        let mut per_core = Vec::with_capacity(self.cores.len());
+        let (mut completed, mut failed, mut started) = (0u64, 0u64, 0u64);
+        for cs in self.cores.iter() {
+            let mut c_exec = 0u64;
+            let mut depth = 0usize;
+            let mut spawned = 0usize;
+            for w in cs.workers.iter() {
+                let done = w.completed.load(Ordering::Acquire);
+                let fail = w.failed.load(Ordering::Acquire);
+                let st = w.started.load(Ordering::Acquire);
+                completed += done;
+                failed += fail;
+                started += st;
+                c_exec += st.saturating_sub(done + fail);
+                depth += w.mailbox.len();
+                spawned += w.spawned.load(Ordering::Acquire) as usize;
+            }
+            per_core.push(CoreStats {
+                active_workers: cs.active.load(Ordering::Acquire),
+                spawned_workers: spawned,
+                queue_depth: depth,
+                executing: c_exec,
+                load: cs.load.load(Ordering::Acquire),
+                routed: [0, 1, 2].map(|i| cs.routed[i].load(Ordering::Acquire)),
+            });
+        }
+        let killed_a = self.killed_from[2].load(Ordering::Acquire);
+        let pulled = self.pulled.load(Ordering::Acquire);
+        let direct = self.direct.load(Ordering::Acquire);
+        let killed_w = self.killed_from[1].load(Ordering::Acquire);
+        let to_pool = self.to_pool.load(Ordering::Acquire);
+        let killed_c = self.killed_from[0].load(Ordering::Acquire);
+        let accepted = self.accepted.load(Ordering::Acquire);
+        let executing = started.saturating_sub(completed + failed);
+        let admitted = (pulled + direct).saturating_sub(started + killed_a);
+        let waiting = to_pool.saturating_sub(pulled + killed_w);
+        Stats {
+            created: accepted,
+            waiting,
+            admitted,
+            executing,
+            completed,
+            failed,
+            killed: killed_a + killed_w + killed_c,
+            illegal_transitions: self.illegal.load(Ordering::Relaxed),
+            pool_len: self.pool_len.load(Ordering::Acquire),
+            per_core,
+        }
+    }
+}

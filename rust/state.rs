@@ -1,0 +1,334 @@
+//! Token state machine (pure Rust, no interpreter needed).
+//!
+//! A token moves CREATED → WAITING → ADMITTED → EXECUTING → COMPLETED | FAILED, may skip WAITING
+//! (CREATED → ADMITTED when a mailbox has room at once), and may become KILLED from any state
+//! before EXECUTING. Every transition is one compare-and-swap on an `AtomicU8`; an illegal
+//! transition is refused, never applied.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
+
+use crate::clock::now_ns;
+use crate::router::{Priority, Weight};
+
+/// The states of a token. The discriminants are the values the Python `TokenState` enum uses.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenState {
+    Created = 0,
+    Waiting = 1,
+    Admitted = 2,
+    Executing = 3,
+    Completed = 4,
+    Failed = 5,
+    Killed = 6,
+}
+
+impl TokenState {
+    pub const ALL: [TokenState; 7] = [
+        TokenState::Created,
+        TokenState::Waiting,
+        TokenState::Admitted,
+        TokenState::Executing,
+        TokenState::Completed,
+        TokenState::Failed,
+        TokenState::Killed,
+    ];
+
+    fn from_bits(bits: u8) -> TokenState {
+        match bits & STATE_MASK {
+            0 => TokenState::Created,
+            1 => TokenState::Waiting,
+            2 => TokenState::Admitted,
+            3 => TokenState::Executing,
+            4 => TokenState::Completed,
+            5 => TokenState::Failed,
+            _ => TokenState::Killed,
+        }
+    }
+
+    /// COMPLETED, FAILED and KILLED are final: nothing leaves them.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TokenState::Completed | TokenState::Failed | TokenState::Killed
+        )
+    }
+
+    /// Whether the state machine allows `self → to`.
+    pub fn can_become(self, to: TokenState) -> bool {
+        use TokenState::*;
+        matches!(
+            (self, to),
+            (Created, Waiting)
+                | (Created, Admitted)
+                | (Waiting, Admitted)
+                | (Admitted, Executing)
+                | (Executing, Completed)
+                | (Executing, Failed)
+                | (Created, Killed)
+                | (Waiting, Killed)
+                | (Admitted, Killed)
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenState::Created => "CREATED",
+            TokenState::Waiting => "WAITING",
+            TokenState::Admitted => "ADMITTED",
+            TokenState::Executing => "EXECUTING",
+            TokenState::Completed => "COMPLETED",
+            TokenState::Failed => "FAILED",
+            TokenState::Killed => "KILLED",
+        }
+    }
+}
+
+const STATE_MASK: u8 = 0x0F;
+/// Set by a thread about to park on the token; tells the finisher to wake waiters.
+pub const FLAG_WAITERS: u8 = 0x80;
+/// Test hook: the worker panics while processing a token carrying this flag.
+pub const FLAG_PANIC: u8 = 0x40;
+
+/// Why a transition was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransitionError {
+    /// The state machine does not allow `from → to` at all.
+    Illegal { from: TokenState, to: TokenState },
+    /// The token was not in `expected` (another thread moved it first).
+    Conflict { actual: TokenState },
+}
+
+/// The atomic state cell: the low four bits hold the state, high bits are flags.
+#[derive(Debug)]
+pub struct StateCell(AtomicU8);
+
+impl Default for StateCell {
+    fn default() -> Self {
+        StateCell(AtomicU8::new(TokenState::Created as u8))
+    }
+}
+
+impl StateCell {
+    #[inline]
+    pub fn load(&self) -> TokenState {
+        TokenState::from_bits(self.0.load(Ordering::Acquire))
+    }
+
+    #[inline]
+    pub fn raw(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// The address waiters park on.
+    pub fn key(&self) -> usize {
+        &self.0 as *const AtomicU8 as usize
+    }
+
+    /// Moves `from → to` if the token is in `from`; returns the flags it carried.
+    pub fn transition(&self, from: TokenState, to: TokenState) -> Result<u8, TransitionError> {
+        if !from.can_become(to) {
+            return Err(TransitionError::Illegal { from, to });
+        }
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            if cur & STATE_MASK != from as u8 {
+                return Err(TransitionError::Conflict {
+                    actual: TokenState::from_bits(cur),
+                });
+            }
+            let next = (cur & !STATE_MASK) | to as u8;
+            match self
+                .0
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(cur & !STATE_MASK),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// KILLED from whatever pre-execution state the token is in. Returns the state it left,
+    /// or the state that made the kill impossible (EXECUTING or final).
+    pub fn kill(&self) -> Result<(TokenState, u8), TokenState> {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let st = TokenState::from_bits(cur);
+            if !st.can_become(TokenState::Killed) {
+                return Err(st);
+            }
+            let next = (cur & !STATE_MASK) | TokenState::Killed as u8;
+            match self
+                .0
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok((st, cur & !STATE_MASK)),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Sets flag bits; returns the previous raw value.
+    #[inline]
+    pub fn set_flags(&self, flags: u8) -> u8 {
+        self.0.fetch_or(flags, Ordering::AcqRel)
+    }
+}
+
+/// The pure part of a token: identity, routing metadata, state and timestamps.
+#[derive(Debug)]
+pub struct Header {
+    pub id: u64,
+    pub weight: Weight,
+    pub priority: Priority,
+    pub state: StateCell,
+    core: AtomicU16,
+    worker: AtomicU16,
+    created_ns: u64,
+    admitted_ns: AtomicU64,
+    started_ns: AtomicU64,
+    finished_ns: AtomicU64,
+}
+
+impl Header {
+    pub fn new(id: u64, weight: Weight, priority: Priority) -> Header {
+        Header {
+            id,
+            weight,
+            priority,
+            state: StateCell::default(),
+            core: AtomicU16::new(0),
+            worker: AtomicU16::new(0),
+            created_ns: now_ns(),
+            admitted_ns: AtomicU64::new(0),
+            started_ns: AtomicU64::new(0),
+            finished_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// 0-based core index and worker index, once admitted.
+    pub fn placement(&self) -> Option<(usize, usize)> {
+        let c = self.core.load(Ordering::Acquire);
+        if c == 0 {
+            None
+        } else {
+            Some((
+                c as usize - 1,
+                self.worker.load(Ordering::Acquire) as usize - 1,
+            ))
+        }
+    }
+
+    pub(crate) fn set_placement(&self, core: usize, worker: usize) {
+        self.worker.store((worker + 1) as u16, Ordering::Release);
+        self.core.store((core + 1) as u16, Ordering::Release);
+    }
+
+    pub fn created_ns(&self) -> u64 {
+        self.created_ns
+    }
+    pub fn admitted_ns(&self) -> Option<u64> {
+        nonzero(self.admitted_ns.load(Ordering::Acquire))
+    }
+    pub fn started_ns(&self) -> Option<u64> {
+        nonzero(self.started_ns.load(Ordering::Acquire))
+    }
+    pub fn finished_ns(&self) -> Option<u64> {
+        nonzero(self.finished_ns.load(Ordering::Acquire))
+    }
+    pub(crate) fn stamp_admitted(&self, t: u64) {
+        self.admitted_ns.store(t, Ordering::Release)
+    }
+    pub(crate) fn stamp_started(&self, t: u64) {
+        self.started_ns.store(t, Ordering::Release)
+    }
+    pub(crate) fn stamp_finished(&self, t: u64) {
+        self.finished_ns.store(t, Ordering::Release)
+    }
+}
+
+fn nonzero(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TokenState::*;
+
+    #[test]
+    fn legal_path_is_applied() {
+        let c = StateCell::default();
+        assert_eq!(c.load(), Created);
+        c.transition(Created, Waiting).unwrap();
+        c.transition(Waiting, Admitted).unwrap();
+        c.transition(Admitted, Executing).unwrap();
+        c.transition(Executing, Completed).unwrap();
+        assert_eq!(c.load(), Completed);
+        assert!(c.load().is_final());
+    }
+
+    #[test]
+    fn illegal_transitions_are_refused() {
+        for from in TokenState::ALL {
+            for to in TokenState::ALL {
+                let c = StateCell(AtomicU8::new(from as u8));
+                let r = c.transition(from, to);
+                if from.can_become(to) {
+                    assert!(r.is_ok(), "{from:?} -> {to:?}");
+                    assert_eq!(c.load(), to);
+                } else {
+                    assert_eq!(r, Err(TransitionError::Illegal { from, to }));
+                    assert_eq!(c.load(), from, "refused transition must not apply");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conflict_when_not_in_expected_state() {
+        let c = StateCell::default();
+        assert_eq!(
+            c.transition(Admitted, Executing),
+            Err(TransitionError::Conflict { actual: Created })
+        );
+    }
+
+    #[test]
+    fn kill_only_before_execution() {
+        for st in TokenState::ALL {
+            let c = StateCell(AtomicU8::new(st as u8 | FLAG_WAITERS));
+            let r = c.kill();
+            if matches!(st, Created | Waiting | Admitted) {
+                assert_eq!(r, Ok((st, FLAG_WAITERS)));
+                assert_eq!(c.load(), Killed);
+            } else {
+                assert_eq!(r, Err(st));
+                assert_eq!(c.load(), st);
+            }
+        }
+    }
+
+    #[test]
+    fn flags_survive_transitions() {
+        let c = StateCell::default();
+        c.set_flags(FLAG_WAITERS);
+        let flags = c.transition(Created, Admitted).unwrap();
+        assert_eq!(flags, FLAG_WAITERS);
+        assert_eq!(c.raw() & FLAG_WAITERS, FLAG_WAITERS);
+        assert_eq!(c.load(), Admitted);
+    }
+
+    #[test]
+    fn start_and_kill_race_has_one_winner() {
+        use std::sync::Arc;
+        for _ in 0..200 {
+            let c = Arc::new(StateCell(AtomicU8::new(Admitted as u8)));
+            let c2 = c.clone();
+            let t = std::thread::spawn(move || c2.kill().is_ok());
+            let started = c.transition(Admitted, Executing).is_ok();
+            let killed = t.join().unwrap();
+            assert!(started ^ killed, "exactly one of start/kill must win");
+        }
+    }
+}

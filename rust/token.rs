@@ -1,0 +1,445 @@
+//! `TaskToken`: the Python handle of one call. The scheduler carries `Py<TaskToken>` itself,
+//! so a queued token is one Python object (no second allocation).
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyBaseException;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyString, PyTuple};
+
+use crate::errors::CoreError;
+use crate::router::{Priority, Weight};
+use crate::runtime::{current_worker, help_one, Shared};
+use crate::sched::Job;
+use crate::state::{Header, TokenState, FLAG_PANIC, FLAG_WAITERS};
+
+/// What every call of one decorated function shares.
+pub struct OpSpec {
+    pub func: Py<PyAny>,
+    pub operation_type: Py<PyString>,
+    pub weight: Weight,
+    pub priority: Priority,
+    pub storage_speed: Option<u8>,
+    pub tags: Option<Py<PyDict>>,
+}
+
+pub(crate) struct Call {
+    pub args: Py<PyTuple>,
+    pub kwargs: Option<Py<PyDict>>,
+}
+
+struct Slot {
+    call: Option<Call>,
+    callbacks: Vec<Py<PyAny>>,
+}
+
+type Outcome = Result<Py<PyAny>, Py<PyBaseException>>;
+
+/// A handle on one call of a guarded function: identity, state, timings and its result.
+#[pyclass(frozen, module = "tokengate._core", name = "TaskToken")]
+pub struct TaskToken {
+    pub(crate) header: Header,
+    pub(crate) op: Arc<OpSpec>,
+    pub(crate) rt: Arc<Shared>,
+    slot: Mutex<Slot>,
+    outcome: OnceLock<Outcome>,
+}
+
+impl Job for Py<TaskToken> {
+    #[inline]
+    fn header(&self) -> &Header {
+        &self.get().header
+    }
+}
+
+/// How long a waiter parks before it re-attaches to check for signals (Ctrl-C).
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+/// How long a worker that waits on a nested token parks before looking for work to help with.
+const HELP_POLL: Duration = Duration::from_micros(500);
+
+impl TaskToken {
+    pub(crate) fn new(id: u64, op: Arc<OpSpec>, rt: Arc<Shared>, call: Call) -> Self {
+        TaskToken {
+            header: Header::new(id, op.weight, op.priority),
+            op,
+            rt,
+            slot: Mutex::new(Slot {
+                call: Some(call),
+                callbacks: Vec::new(),
+            }),
+            outcome: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn take_call(&self) -> Option<Call> {
+        self.slot.lock().call.take()
+    }
+
+    pub(crate) fn set_outcome(&self, o: Outcome) {
+        // Only the worker that moved the token to EXECUTING gets here, once.
+        let _ = self.outcome.set(o);
+    }
+
+    pub(crate) fn wants_panic(&self) -> bool {
+        self.header.state.raw() & FLAG_PANIC != 0
+    }
+
+    pub(crate) fn wake_waiters(&self, flags: u8) {
+        if flags & FLAG_WAITERS != 0 {
+            // SAFETY: the key is the address of this token's state cell, only used as a key.
+            unsafe {
+                parking_lot_core::unpark_all(
+                    self.header.state.key(),
+                    parking_lot_core::DEFAULT_UNPARK_TOKEN,
+                );
+            }
+        }
+    }
+
+    /// Runs (and empties) the done callbacks; call after the token became final.
+    pub(crate) fn run_callbacks(slf: &Bound<'_, TaskToken>) {
+        let cbs = std::mem::take(&mut slf.get().slot.lock().callbacks);
+        for cb in cbs {
+            call_callback(slf, cb.bind(slf.py()));
+        }
+    }
+
+    /// Parks (GIL released by the caller) until final or `dur` passes.
+    fn park_until_final(&self, dur: Duration) -> bool {
+        let deadline = Instant::now() + dur;
+        let key = self.header.state.key();
+        loop {
+            self.header.state.set_flags(FLAG_WAITERS);
+            if self.header.state.load().is_final() {
+                return true;
+            }
+            // SAFETY: the validate closure only reads an atomic; no callback panics.
+            unsafe {
+                parking_lot_core::park(
+                    key,
+                    || !self.header.state.load().is_final(),
+                    || {},
+                    |_, _| {},
+                    parking_lot_core::DEFAULT_PARK_TOKEN,
+                    Some(deadline),
+                );
+            }
+            if self.header.state.load().is_final() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Waits for a final state; `Ok(false)` on timeout. The GIL is released while parked,
+    /// signals are checked between timed waits, and a worker thread helps with queued work.
+    pub(crate) fn wait_final(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.header.state.load().is_final() {
+            return Ok(true);
+        }
+        let deadline = match timeout {
+            Some(t) if t.is_nan() || t < 0.0 => {
+                return Err(CoreError::Config(format!(
+                    "timeout must be a number of seconds >= 0 or None, got {t}"
+                ))
+                .into_pyerr(py))
+            }
+            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t.min(1e9))),
+            None => None,
+        };
+        let helping = current_worker(&self.rt);
+        loop {
+            if helping.is_some() && help_one(py, &self.rt) {
+                if self.header.state.load().is_final() {
+                    return Ok(true);
+                }
+                continue;
+            }
+            let chunk = if helping.is_some() {
+                HELP_POLL
+            } else {
+                SIGNAL_CHECK
+            };
+            let chunk = match deadline {
+                Some(d) => chunk.min(d.saturating_duration_since(Instant::now())),
+                None => chunk,
+            };
+            if py.detach(|| self.park_until_final(chunk)) {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    return Ok(self.header.state.load().is_final());
+                }
+            }
+        }
+    }
+
+    fn killed_error(&self, py: Python<'_>) -> PyErr {
+        CoreError::Killed {
+            id: self.header.id,
+            operation: self.op.operation_type.bind(py).to_string(),
+        }
+        .into_pyerr(py)
+    }
+
+    fn wait_or_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        if self.wait_final(py, timeout)? {
+            Ok(())
+        } else {
+            Err(CoreError::Timeout {
+                id: self.header.id,
+                operation: self.op.operation_type.bind(py).to_string(),
+                seconds: timeout.unwrap_or(0.0),
+            }
+            .into_pyerr(py))
+        }
+    }
+
+    fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.get()
+    }
+}
+
+fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) {
+    if let Err(e) = cb.call1((tok,)) {
+        log_callback_error(tok.py(), cb, e);
+    }
+}
+
+static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn log_callback_error(py: Python<'_>, cb: &Bound<'_, PyAny>, e: PyErr) {
+    let logged = LOGGER
+        .get_or_try_init(py, || {
+            py.import("logging")?
+                .call_method1("getLogger", ("tokengate",))
+                .map(Bound::unbind)
+        })
+        .and_then(|logger| {
+            let kw = PyDict::new(py);
+            kw.set_item("exc_info", e.clone_ref(py).into_value(py))?;
+            logger.bind(py).call_method(
+                "error",
+                ("done callback %r raised %r", cb, e.value(py)),
+                Some(&kw),
+            )?;
+            Ok(())
+        });
+    if logged.is_err() {
+        e.write_unraisable(py, Some(cb));
+    }
+}
+
+fn secs(ns: Option<u64>) -> Option<f64> {
+    ns.map(|n| n as f64 / 1e9)
+}
+
+static STATE_MEMBERS: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
+static WEIGHT_MEMBERS: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
+
+fn enum_member<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Vec<Py<PyAny>>>,
+    class: &str,
+    names: &[&str],
+    idx: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let members = cell.get_or_try_init(py, || -> PyResult<_> {
+        let cls = py.import("tokengate._types")?.getattr(class)?;
+        names
+            .iter()
+            .map(|n| cls.getattr(*n).map(Bound::unbind))
+            .collect()
+    })?;
+    Ok(members[idx].bind(py).clone())
+}
+
+pub(crate) fn weight_member(py: Python<'_>, w: Weight) -> PyResult<Bound<'_, PyAny>> {
+    enum_member(
+        py,
+        &WEIGHT_MEMBERS,
+        "TaskWeight",
+        &["HEAVY", "MEDIUM", "LIGHT"],
+        w as usize,
+    )
+}
+
+#[pymethods]
+impl TaskToken {
+    /// Unique id (per coordinator, increasing from 1).
+    #[getter]
+    fn token_id(&self) -> u64 {
+        self.header.id
+    }
+
+    #[getter]
+    fn operation_type(&self, py: Python<'_>) -> Py<PyString> {
+        self.op.operation_type.clone_ref(py)
+    }
+
+    #[getter]
+    fn weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        weight_member(py, self.header.weight)
+    }
+
+    /// The free-form tags given to the decorator (None if none).
+    #[getter]
+    fn tags(&self, py: Python<'_>) -> Option<Py<PyDict>> {
+        self.op.tags.as_ref().map(|t| t.clone_ref(py))
+    }
+
+    #[getter]
+    fn storage_speed(&self) -> Option<u8> {
+        self.op.storage_speed
+    }
+
+    #[getter]
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let names: Vec<&str> = TokenState::ALL.iter().map(|s| s.name()).collect();
+        enum_member(
+            py,
+            &STATE_MEMBERS,
+            "TokenState",
+            &names,
+            self.header.state.load() as usize,
+        )
+    }
+
+    /// 1-based virtual core the token was routed to, once admitted.
+    #[getter]
+    fn core_id(&self) -> Option<usize> {
+        self.header.placement().map(|(c, _)| c + 1)
+    }
+
+    /// 0-based worker index on that core, once admitted.
+    #[getter]
+    fn worker_id(&self) -> Option<usize> {
+        self.header.placement().map(|(_, w)| w)
+    }
+
+    #[getter]
+    fn created_at(&self) -> f64 {
+        self.header.created_ns() as f64 / 1e9
+    }
+    #[getter]
+    fn admitted_at(&self) -> Option<f64> {
+        secs(self.header.admitted_ns())
+    }
+    #[getter]
+    fn started_at(&self) -> Option<f64> {
+        secs(self.header.started_ns())
+    }
+    #[getter]
+    fn finished_at(&self) -> Option<f64> {
+        secs(self.header.finished_ns())
+    }
+
+    /// True once the token is COMPLETED, FAILED or KILLED.
+    fn done(&self) -> bool {
+        self.header.state.load().is_final()
+    }
+
+    /// Waits until the token is final; returns False if `timeout` seconds passed first.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        self.wait_final(py, timeout)
+    }
+
+    /// The task's return value. Re-raises the task's exception, raises `TokenKilled` if the
+    /// token was killed and `TokenTimeout` if `timeout` seconds pass first.
+    #[pyo3(signature = (timeout=None))]
+    fn get(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        self.wait_or_timeout(py, timeout)?;
+        match self.outcome() {
+            Some(Ok(v)) => Ok(v.clone_ref(py)),
+            Some(Err(e)) => Err(PyErr::from_value(e.bind(py).clone().into_any())),
+            None => Err(self.killed_error(py)),
+        }
+    }
+
+    /// Same as `get`.
+    #[pyo3(signature = (timeout=None))]
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        self.get(py, timeout)
+    }
+
+    /// The exception the task raised, or None if it returned.
+    #[pyo3(signature = (timeout=None))]
+    fn exception(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        self.wait_or_timeout(py, timeout)?;
+        match self.outcome() {
+            Some(Ok(_)) => Ok(None),
+            Some(Err(e)) => Ok(Some(e.clone_ref(py).into_any())),
+            None => Err(self.killed_error(py)),
+        }
+    }
+
+    /// Kills the token if it has not started: it becomes KILLED at once and its waiters get
+    /// `TokenKilled`. Returns False if it is already executing or final.
+    fn kill(slf: &Bound<'_, Self>) -> bool {
+        let tok = slf.get();
+        match tok.rt.sched.kill(&tok.header) {
+            Ok(flags) => {
+                drop(tok.take_call());
+                tok.wake_waiters(flags);
+                TaskToken::run_callbacks(slf);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Calls `fn(token)` once the token is final (at once if it already is), on the thread
+    /// that finishes it. Exceptions raised by `fn` are logged to the "tokengate" logger.
+    fn add_done_callback(slf: &Bound<'_, Self>, func: Bound<'_, PyAny>) -> PyResult<()> {
+        if !func.is_callable() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "add_done_callback needs a callable, got {}",
+                func.get_type().name()?
+            )));
+        }
+        {
+            let mut slot = slf.get().slot.lock();
+            if !slf.get().header.state.load().is_final() {
+                slot.callbacks.push(func.unbind());
+                return Ok(());
+            }
+        }
+        call_callback(slf, &func);
+        Ok(())
+    }
+
+    fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.py()
+            .import("tokengate._aio")?
+            .call_method1("await_token", (slf,))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let place = match self.header.placement() {
+            Some((c, w)) => format!(" core={} worker={}", c + 1, w),
+            None => String::new(),
+        };
+        format!(
+            "<TaskToken {} {} {}{}>",
+            self.header.id,
+            self.op.operation_type.bind(py),
+            self.header.state.load().name(),
+            place
+        )
+    }
+}
+
+/// Test hook: the worker that picks this token up panics inside the core, which must turn
+/// into an `InternalError` on the token (never an abort).
+#[pyfunction]
+pub fn _debug_panic_on_run(token: &Bound<'_, TaskToken>) {
+    token.get().header.state.set_flags(FLAG_PANIC);
+}
