@@ -399,6 +399,7 @@ impl Runtime {
 
     /// Submits `func(*args, **kwargs)` as a token.
     #[pyo3(signature = (func, args, kwargs=None, *, operation_type=None, weight="medium", priority="normal"))]
+    #[allow(clippy::too_many_arguments)]
     fn submit<'py>(
         &self,
         py: Python<'py>,

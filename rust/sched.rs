@@ -948,3 +948,267 @@ impl<J: Job> Scheduler<J> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct TestJob {
+        header: Header,
+    }
+
+    impl Job for Arc<TestJob> {
+        fn header(&self) -> &Header {
+            &self.header
+        }
+    }
+
+    type S = Scheduler<Arc<TestJob>>;
+
+    fn sched(cores: usize, wpc: usize, mailbox: usize, pool: usize, overflow: Overflow) -> Arc<S> {
+        Arc::new(
+            Scheduler::new(Config {
+                cores,
+                workers_per_core: wpc,
+                max_workers_per_core: wpc.max(4),
+                mailbox_capacity: mailbox,
+                pool_capacity: pool,
+                overflow,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn job(s: &S, w: Weight) -> Arc<TestJob> {
+        Arc::new(TestJob {
+            header: Header::new(s.next_id(), w, Priority::Normal),
+        })
+    }
+
+    /// Runs every slot's loop on plain threads; each run records the job id.
+    fn run_workers(s: &Arc<S>) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
+        let mut hs = Vec::new();
+        for core in 0..s.cores() {
+            for wi in 0..s.config().workers_per_core {
+                assert!(s.claim_spawn(core, wi));
+                let s = s.clone();
+                hs.push(std::thread::spawn(move || {
+                    let parker = s.take_parker(core, wi).unwrap();
+                    let mut ran = Vec::new();
+                    while let Some(j) = s.wait_for_work(core, wi, &parker) {
+                        if s.start(core, wi, &j.header) {
+                            ran.push(j.header.id);
+                            s.finish(core, wi, &j.header, true).unwrap();
+                        }
+                    }
+                    ran
+                }));
+            }
+        }
+        hs
+    }
+
+    fn submit_all(s: &S, jobs: &[Arc<TestJob>]) {
+        for j in jobs {
+            let mut j = j.clone();
+            loop {
+                match s.try_submit(j) {
+                    Ok(()) => break,
+                    Err(r) => {
+                        assert_eq!(r.reason, RejectReason::PoolFull);
+                        s.wait_pool_room(Duration::from_millis(10));
+                        j = r.job;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_job_runs_exactly_once() {
+        let s = sched(3, 3, 8, 64, Overflow::Block);
+        let hs = run_workers(&s);
+        let jobs: Vec<_> = (0..30_000).map(|i| job(&s, Weight::ALL[i % 3])).collect();
+        submit_all(&s, &jobs);
+        assert!(s.wait_quiet(0, Duration::from_secs(30)));
+        s.close();
+        s.shutdown();
+        let mut seen = HashSet::new();
+        for h in hs {
+            for id in h.join().unwrap() {
+                assert!(seen.insert(id), "job {id} ran twice");
+            }
+        }
+        assert_eq!(seen.len(), jobs.len());
+        let st = s.stats();
+        assert_eq!(st.created, 30_000);
+        assert_eq!(st.completed, 30_000);
+        assert_eq!(
+            st.waiting + st.admitted + st.executing + st.failed + st.killed,
+            0
+        );
+        assert_eq!(st.illegal_transitions, 0);
+        for j in &jobs {
+            let (core, _) = j.header.placement().unwrap();
+            assert!(router::core_allows(core + 1, j.header.weight, 3));
+            assert_eq!(j.header.state.load(), TokenState::Completed);
+        }
+    }
+
+    #[test]
+    fn routing_follows_weights_on_two_cores() {
+        let s = sched(2, 2, 4, 100, Overflow::Reject);
+        let medium = job(&s, Weight::Medium);
+        let light = job(&s, Weight::Light);
+        let heavy = job(&s, Weight::Heavy);
+        for j in [&medium, &light, &heavy] {
+            s.try_submit(j.clone()).unwrap();
+        }
+        assert_eq!(medium.header.placement().unwrap().0, 1);
+        assert_eq!(light.header.placement().unwrap().0, 1);
+        // core 2 is loaded now, so heavy goes to (preferred) core 1
+        assert_eq!(heavy.header.placement().unwrap().0, 0);
+        let st = s.stats();
+        assert_eq!(st.per_core[1].routed, [0, 1, 1]);
+        assert_eq!(st.per_core[0].routed, [1, 0, 0]);
+        assert_eq!(st.admitted, 3);
+    }
+
+    #[test]
+    fn full_pool_rejects_without_losing_jobs() {
+        // one core, one worker, mailbox 2, pool 3 and nobody running: 5 fit, the 6th is refused
+        let s = sched(1, 1, 2, 3, Overflow::Reject);
+        let jobs: Vec<_> = (0..6).map(|_| job(&s, Weight::Heavy)).collect();
+        for j in &jobs[..5] {
+            s.try_submit(j.clone()).unwrap();
+        }
+        let r = s.try_submit(jobs[5].clone()).unwrap_err();
+        assert_eq!(r.reason, RejectReason::PoolFull);
+        assert_eq!(r.job.header.id, jobs[5].header.id);
+        let st = s.stats();
+        assert_eq!((st.created, st.admitted, st.waiting), (5, 2, 3));
+        assert!(!s.wait_pool_room(Duration::from_millis(1)));
+        // the worker takes one: a pool job moves into the mailbox, FIFO
+        let first = s.next_job(0, 0).unwrap();
+        assert_eq!(first.header.id, jobs[0].header.id);
+        assert!(s.wait_pool_room(Duration::from_millis(1)));
+        assert_eq!(jobs[2].header.state.load(), TokenState::Admitted);
+        assert_eq!(jobs[3].header.state.load(), TokenState::Waiting);
+    }
+
+    #[test]
+    fn pause_holds_jobs_in_the_pool() {
+        let s = sched(1, 1, 4, 10, Overflow::Block);
+        s.pause();
+        let j = job(&s, Weight::Medium);
+        s.try_submit(j.clone()).unwrap();
+        assert_eq!(j.header.state.load(), TokenState::Waiting);
+        assert!(s.next_job(0, 0).is_none());
+        s.unpause();
+        let got = s.next_job(0, 0).unwrap();
+        assert_eq!(got.header.id, j.header.id);
+        assert_eq!(j.header.state.load(), TokenState::Admitted);
+    }
+
+    #[test]
+    fn killed_jobs_are_skipped_and_counted() {
+        let s = sched(1, 1, 1, 10, Overflow::Block);
+        let a = job(&s, Weight::Heavy);
+        let b = job(&s, Weight::Heavy);
+        s.try_submit(a.clone()).unwrap();
+        s.try_submit(b.clone()).unwrap();
+        assert_eq!(b.header.state.load(), TokenState::Waiting);
+        assert!(s.kill(&b.header).is_ok());
+        assert!(s.kill(&a.header).is_ok());
+        assert_eq!(s.kill(&a.header), Err(TokenState::Killed));
+        let st = s.stats();
+        assert_eq!((st.killed, st.waiting, st.admitted), (2, 0, 0));
+        assert_eq!(s.in_flight(), 0);
+        // the dead entries come out and are refused by start()
+        while let Some(j) = s.next_job(0, 0) {
+            assert!(!s.start(0, 0, &j.header));
+        }
+        assert_eq!(s.stats().per_core[0].load, 0);
+    }
+
+    #[test]
+    fn siblings_steal_queued_work() {
+        let s = sched(1, 2, 8, 10, Overflow::Block);
+        let jobs: Vec<_> = (0..4).map(|_| job(&s, Weight::Heavy)).collect();
+        for j in &jobs {
+            s.try_submit(j.clone()).unwrap();
+        }
+        // worker 1 takes everything, including what was routed to worker 0
+        let mut ids = Vec::new();
+        while let Some(j) = s.next_job(0, 1) {
+            assert!(s.start(0, 1, &j.header));
+            assert_eq!(j.header.placement(), Some((0, 1)));
+            s.finish(0, 1, &j.header, true);
+            ids.push(j.header.id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, jobs.iter().map(|j| j.header.id).collect::<Vec<_>>());
+        assert_eq!(s.stats().per_core[0].load, 0);
+    }
+
+    #[test]
+    fn closed_gate_refuses_and_take_pending_empties_everything() {
+        let s = sched(2, 1, 1, 10, Overflow::Block);
+        let jobs: Vec<_> = (0..5).map(|_| job(&s, Weight::Heavy)).collect();
+        for j in &jobs {
+            s.try_submit(j.clone()).unwrap();
+        }
+        s.close();
+        let r = s.try_submit(job(&s, Weight::Heavy)).unwrap_err();
+        assert_eq!(r.reason, RejectReason::Closed);
+        let pending = s.take_pending();
+        assert_eq!(pending.len(), 5);
+        for j in &pending {
+            assert!(s.kill(&j.header).is_ok());
+        }
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.wait_quiet(0, Duration::from_millis(1)));
+        let st = s.stats();
+        assert_eq!(st.killed, 5);
+        assert_eq!(st.per_core.iter().map(|c| c.load).sum::<usize>(), 0);
+    }
+
+    #[test]
+    fn wait_quiet_times_out_while_work_is_in_flight() {
+        let s = sched(1, 1, 4, 10, Overflow::Block);
+        let j = job(&s, Weight::Heavy);
+        s.try_submit(j.clone()).unwrap();
+        assert!(!s.wait_quiet(0, Duration::from_millis(5)));
+        assert!(s.wait_quiet(1, Duration::from_millis(5)));
+        let got = s.next_job(0, 0).unwrap();
+        assert!(s.start(0, 0, &got.header));
+        s.finish(0, 0, &got.header, false).unwrap();
+        assert!(s.wait_quiet(0, Duration::from_millis(5)));
+        assert_eq!(s.stats().failed, 1);
+    }
+
+    #[test]
+    fn set_active_bounds_and_spawn_list() {
+        let s = sched(2, 1, 4, 10, Overflow::Block);
+        assert!(s.claim_spawn(0, 0));
+        assert_eq!(s.set_active(0, 3).unwrap(), vec![(0, 1), (0, 2)]);
+        assert_eq!(s.active(0), 3);
+        assert!(s.set_active(0, 0).is_err());
+        assert!(s.set_active(0, 5).is_err());
+        assert!(s.set_active(7, 1).is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let e = Scheduler::<Arc<TestJob>>::new(Config {
+            mailbox_capacity: 0,
+            ..Config::default()
+        })
+        .err()
+        .unwrap();
+        assert!(e.contains("mailbox_capacity"), "{e}");
+    }
+}
