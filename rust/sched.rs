@@ -642,6 +642,9 @@ impl<J: Job> Scheduler<J> {
 
     fn steal(&self, core: usize, wi: usize) -> Option<J> {
         let cs = &self.cores[core];
+        if wi >= cs.active.load(Ordering::Acquire) {
+            return None; // an inactive worker only finishes its own mailbox
+        }
         for (vi, victim) in cs.workers.iter().enumerate() {
             if vi == wi || victim.mailbox.is_empty() {
                 continue;
@@ -662,7 +665,8 @@ impl<J: Job> Scheduler<J> {
         let cs = &self.cores[core];
         !cs.workers[wi].mailbox.is_empty()
             || (self.pool_len.load(Ordering::Acquire) > 0 && self.may_pull(core, wi))
-            || cs.workers.iter().any(|w| !w.mailbox.is_empty())
+            || (wi < cs.active.load(Ordering::Acquire)
+                && cs.workers.iter().any(|w| !w.mailbox.is_empty()))
     }
 
     /// Blocks until worker `(core, wi)` has a job (call it with the GIL released). Spins
