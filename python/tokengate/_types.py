@@ -29,7 +29,7 @@ class TokenState(enum.IntEnum):
         return self.name
 
 
-class TaskWeight(str, enum.Enum):
+class TaskWeight(enum.StrEnum):
     """Routing weight: heavy may run on every core (preferring core 1), medium never on
     core 1, light never on cores 1-2."""
 

@@ -33,9 +33,7 @@ def _parse_storage(value: object) -> tuple[str, int] | None:
         name = value.upper()
         return name, STORAGE_SPEEDS[name]
     valid = ", ".join(repr(k) for k in STORAGE_SPEEDS)
-    raise InvalidTag(
-        f"tags['storage_speed'] must be one of {valid} (any case), got {value!r}"
-    )
+    raise InvalidTag(f"tags['storage_speed'] must be one of {valid} (any case), got {value!r}")
 
 
 def _parse_priority(value: object) -> int:
@@ -82,9 +80,7 @@ def _guard(
             "apply @task_token_guard below @staticmethod/@classmethod, directly on the function"
         )
     if not callable(fn):
-        raise InvalidDecoration(
-            f"task_token_guard needs a function, got {type(fn).__name__}"
-        )
+        raise InvalidDecoration(f"task_token_guard needs a function, got {type(fn).__name__}")
     name = operation_type or getattr(fn, "__qualname__", None) or type(fn).__name__
     guarded = GuardedFunction(
         fn,
