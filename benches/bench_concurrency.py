@@ -39,7 +39,7 @@ def test_sleep_fanout(benchmark, system_name, open_system, record):
 
 
 @pytest.mark.systems(ROUTED)
-@pytest.mark.benchmark(group="GIL-releasing CPU: sha256 over 4 MiB, 8 tasks per core")
+@pytest.mark.benchmark(group="GIL-releasing CPU: 8 tasks per core, each sha256 over 4 MiB x4")
 def test_cpu_hash(benchmark, system_name, open_system, record):
     s = open_system(bench.cpu_layout())
     serial = bench.serial_hash_seconds()

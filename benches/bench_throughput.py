@@ -22,7 +22,7 @@ N = 100_000
 @pytest.mark.benchmark(group="no-op throughput: 100 000 submitted, then all awaited")
 def test_noop_throughput(benchmark, system_name, open_system, record):
     s = open_system(bench.default_layout())
-    bench.noop_throughput(s, 10_000)  # warm-up: threads started, code paths hot
+    bench.noop_throughput(s, 500 if s.slow else 10_000)  # warm-up: threads started, code paths hot
     results = []
     benchmark.pedantic(lambda: results.append(bench.noop_throughput(s, N)), rounds=3)
     us = statistics.median(r["us_per_task"] for r in results)
@@ -34,7 +34,7 @@ def test_round_trip(benchmark, system_name, open_system, record):
     s = open_system(bench.default_layout())
     rt = s.round_trip
     noop = bench.noop
-    for _ in range(200):
+    for _ in range(10 if s.slow else 200):
         rt(noop)
     samples: list[float] = []
 
@@ -43,7 +43,7 @@ def test_round_trip(benchmark, system_name, open_system, record):
         rt(noop)
         samples.append(perf() - t0)
 
-    benchmark.pedantic(one, rounds=3_000)
+    benchmark.pedantic(one, rounds=200 if s.slow else 3_000)
     us = [x * 1e6 for x in samples]
     record("round trip median", statistics.median(us), "us", p95_us=bench.percentile(us, 95))
 
@@ -71,7 +71,8 @@ def test_decorator_call(benchmark, system_name, open_system, record):
             get(h)
         pending.clear()
 
-    benchmark.pedantic(calls, setup=drain, rounds=1_000, warmup_rounds=20)
+    rounds = 30 if s.slow else 1_000
+    benchmark.pedantic(calls, setup=drain, rounds=rounds, warmup_rounds=min(20, rounds))
     drain()
     record(
         "decorator call median",

@@ -212,8 +212,8 @@ class System:
     """A task runner under test, sized ``cores * workers_per_core`` worker threads."""
 
     name = "?"
-    #: cap on no-op throughput N for systems whose per-task overhead is in the 100 µs range
-    max_noop_tasks: int | None = None
+    #: per-task overhead in the millisecond range: workloads cap their task and round counts
+    slow = False
 
     def __init__(self, cores: int, workers_per_core: int) -> None:
         self.cores = cores
@@ -487,7 +487,7 @@ class DaskSystem(System):
     """Dask distributed in-process: ``LocalCluster(processes=False)``, one worker, N threads."""
 
     name = "dask"
-    max_noop_tasks = 5_000
+    slow = True
 
     def start(self) -> None:
         import logging
@@ -581,8 +581,8 @@ def concurrency(spans: Sequence[tuple[float, float]], wall: float) -> float:
 
 def noop_throughput(system: System, n: int = 100_000) -> dict[str, float]:
     """Submit ``n`` no-op tasks, then wait for all: microseconds per task."""
-    if system.max_noop_tasks is not None:
-        n = min(n, system.max_noop_tasks)
+    if system.slow:
+        n = min(n, 2_000)
     t0 = perf()
     system.run_many(noop, n)
     seconds = perf() - t0
@@ -596,6 +596,8 @@ def noop_throughput(system: System, n: int = 100_000) -> dict[str, float]:
 
 def round_trip(system: System, iterations: int = 2_000, warmup: int = 100) -> dict[str, float]:
     """Submit one no-op and wait for it, ``iterations`` times: median and p95 microseconds."""
+    if system.slow:
+        iterations, warmup = min(iterations, 200), min(warmup, 10)
     rt = system.round_trip
     for _ in range(warmup):
         rt(noop)
@@ -619,6 +621,8 @@ def decorator_call_cost(
     does not dominate); the batch's tokens are awaited between batches, untimed, so the pool
     never fills. Returns the median and p95 of the per-call batch means, in microseconds.
     """
+    if system.slow:
+        batches = min(batches, 30)
     make = system.call_factory(noop, weight)
     get = system.getter()
     rng = range(batch)
@@ -659,7 +663,12 @@ def sleep_fanout(system: System, tasks: int = 256, seconds: float = 0.01) -> dic
     }
 
 
-def serial_hash_seconds(size: int = 4 << 20, passes: int = 1, repeat: int = 5) -> float:
+#: GIL-releasing CPU work: sha256 over a 4 MiB buffer, 4 passes per task (~10 ms at 1.6 GB/s)
+HASH_SIZE = 4 << 20
+HASH_PASSES = 4
+
+
+def serial_hash_seconds(size: int = HASH_SIZE, passes: int = HASH_PASSES, repeat: int = 5) -> float:
     """Median time of one hash task run directly on this thread (the no-contention baseline)."""
     times = []
     for _ in range(repeat):
@@ -671,11 +680,12 @@ def serial_hash_seconds(size: int = 4 << 20, passes: int = 1, repeat: int = 5) -
 def cpu_hash(
     system: System,
     per_core: int = 8,
-    size: int = 4 << 20,
-    passes: int = 1,
+    size: int = HASH_SIZE,
+    passes: int = HASH_PASSES,
     serial_s: float | None = None,
 ) -> dict[str, float]:
-    """GIL-releasing CPU work: ``per_core * cores`` tasks, each sha256 over a ``size`` buffer.
+    """GIL-releasing CPU work: ``per_core * cores`` tasks, each sha256 over a ``size`` buffer
+    ``passes`` times.
 
     Concurrency ratio = sum of task durations / wall (target: >= 0.9 x cores with one worker
     per core). Speedup = tasks x serial task time / wall, which does not flatter a system
@@ -1035,7 +1045,9 @@ def run_quick(
     for name in names:
         say(f"{name}: no-op throughput, round trip, decorator call")
         with open_system(name, default_layout()) as s:
-            noop_throughput(s, 10_000)  # warm up: threads started, code paths hot
+            noop_throughput(
+                s, 500 if s.slow else 10_000
+            )  # warm up: threads started, code paths hot
             # asyncio.to_thread costs ~100 us a task: 100 000 would take 10 s a round
             n = 100_000 if full or name != "asyncio.to_thread" else 20_000
             r = _median_rounds(lambda s=s, n=n: noop_throughput(s, n), 3 if full else 1, 0)
@@ -1085,7 +1097,6 @@ def run_quick(
             )
         say(f"{name}: concurrency burst, window, series saturation")
         with open_system(name, default_layout()) as s:
-            noop_throughput(s, 10_000)  # warm up: threads started, code paths hot
             r = _median_rounds(lambda s=s: burst(s), rounds)
             rows.append(row("burst wall", name, r["wall_s"], "s", ideal_s=r["ideal_wall_s"]))
             rows.append(row("burst duration spread", name, r["duration_spread_ms"], "ms"))
