@@ -69,6 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         workers_per_core=args.workers_per_core,
         progress=not args.no_progress,
+        cores=args.cores,
         seed=args.seed,
     )
     if args.json:
@@ -76,6 +77,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
         print(format_report(report, unicode=encoding in ("utf8", "utf8sig")))
+    if report["interrupted"]:
+        return 130
     return 0 if report["ok"] else 1
 
 
@@ -125,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="workers per virtual core (default: the coordinator's default)",
+    )
+    demo.add_argument(
+        "--cores",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="virtual cores (default: the CPUs this process may use)",
     )
     demo.add_argument(
         "--seed", type=int, default=None, help="seed of the random mix (default: random)"

@@ -211,7 +211,7 @@ _MIX: Final[tuple[_Job, ...]] = (
     _Job(string_ops, 16, lambda rng, i, d: (rng.randrange(1 << 32), rng.randint(800, 2_000))),
     _Job(sleep_io, 16, lambda rng, i, d: (rng.uniform(2.0, 15.0),)),
     _Job(json_roundtrip, 14, lambda rng, i, d: (rng.randrange(1 << 32), rng.randint(200, 600))),
-    _Job(sort_list, 12, lambda rng, i, d: (rng.randrange(1 << 32), rng.randint(10_000, 30_000))),
+    _Job(sort_list, 12, lambda rng, i, d: (rng.randrange(1 << 32), rng.randint(4_000, 12_000))),
     _Job(fibonacci, 12, lambda rng, i, d: (rng.randint(17, 22),)),
     _Job(prime_sieve, 10, lambda rng, i, d: (rng.randint(100_000, 400_000),)),
     _Job(hash_blob, 10, lambda rng, i, d: (rng.randint(2, 8),)),
@@ -394,6 +394,7 @@ def run_demo(
     workers_per_core: int | None = None,
     progress: bool = True,
     *,
+    cores: int | None = None,
     seed: int | None = None,
     max_in_flight: int | None = None,
     stream: TextIO | None = None,
@@ -404,6 +405,7 @@ def run_demo(
         seconds: how long to keep submitting; in-flight tokens are then waited for.
         workers_per_core: workers per virtual core (default: the coordinator's default).
         progress: draw a progress indicator on ``stream`` (default ``sys.stderr``).
+        cores: virtual cores (default: the CPUs this process may use).
         seed: seed of the random mix (default: random; the seed used is in the report).
         max_in_flight: bound on tokens submitted but not yet finished
             (default: 4 times the total number of workers, at least 16).
@@ -424,6 +426,8 @@ def run_demo(
     coord_kwargs: dict[str, Any] = {}
     if workers_per_core is not None:
         coord_kwargs["workers_per_core"] = workers_per_core
+    if cores is not None:
+        coord_kwargs["cores"] = cores
 
     interrupted = False
     timed_out = False
@@ -431,14 +435,15 @@ def run_demo(
         tempfile.TemporaryDirectory(prefix="tokengate-demo-") as blob_dir,
         OperationsCoordinator(**coord_kwargs) as coord,
     ):
-        cores = coord.cores
+        n_cores = coord.cores
+        cpu_map = list(coord.cpu_map)
         wpc = int(coord.stats().get("workers_per_core", workers_per_core or 0))
-        bound = max_in_flight or max(16, 4 * cores * max(wpc, 1))
+        bound = max_in_flight or max(16, 4 * n_cores * max(wpc, 1))
         tracker = _Tracker(max_in_flight=bound)
         logger.info(
             "demo: %d cores (cpus %s) x %d workers, up to %d tokens in flight, seed %d, %.1fs",
-            cores,
-            coord.cpu_map,
+            n_cores,
+            cpu_map,
             wpc,
             bound,
             seed,
@@ -446,6 +451,7 @@ def run_demo(
         )
 
         start = time.monotonic()
+        cpu_start = time.process_time()
         deadline = start + seconds
         index = 0
         try:
@@ -481,6 +487,7 @@ def run_demo(
                 timed_out = True
                 break
         end = time.monotonic()
+        cpu_seconds = time.process_time() - cpu_start
         show.update(end - start, "done", tracker.progress_line, force=True)
         show.close()
 
@@ -498,11 +505,12 @@ def run_demo(
         tracker=tracker,
         stats=stats,
         wall=end - start,
+        cpu_seconds=cpu_seconds,
         seconds=seconds,
         seed=seed,
-        cores=cores,
+        cores=n_cores,
         workers_per_core=wpc,
-        cpu_map=list(coord.cpu_map),
+        cpu_map=cpu_map,
         max_in_flight=bound,
         interrupted=interrupted,
     )
@@ -521,6 +529,7 @@ def _build_report(
     tracker: _Tracker,
     stats: Mapping[str, Any],
     wall: float,
+    cpu_seconds: float,
     seconds: float,
     seed: int,
     cores: int,
@@ -588,6 +597,8 @@ def _build_report(
             "wall_seconds": wall,
             "busy_seconds": tracker.busy_seconds,
             "concurrency_ratio": tracker.busy_seconds / wall if wall > 0 else 0.0,
+            "cpu_seconds": cpu_seconds,
+            "cpu_cores_busy": cpu_seconds / wall if wall > 0 else 0.0,
             "throughput_per_second": tracker.resolved / wall if wall > 0 else 0.0,
             "operations": operations,
             "weights": by_weight,
@@ -654,12 +665,13 @@ def format_report(report: Mapping[str, Any], *, unicode: bool = True) -> str:
     cfg = report["config"]
     lat = report["latency_ms"]
     width = 72
+    cores = f"{cfg['cores']} core" + ("s" if cfg["cores"] != 1 else "")
     title = f" {report['title']} "
     lines = [
         rule * 3 + title + rule * (width - 3 - len(title)),
         f"  run          {report['wall_seconds']:.2f} s wall {dot} asked {cfg['seconds']:g} s "
         f"{dot} seed {cfg['seed']}" + ("  (interrupted)" if report["interrupted"] else ""),
-        f"  coordinator  {cfg['cores']} cores (cpus {_cpus(cfg['cpu_map'])}) {times} "
+        f"  coordinator  {cores} (cpus {_cpus(cfg['cpu_map'])}) {times} "
         f"{cfg['workers_per_core']} workers {dot} {le} {cfg['max_in_flight']} tokens in flight",
         f"  tokens       submitted {report['submitted']:,} {dot} resolved {report['resolved']:,} "
         f"(ok {report['completed']:,} {dot} failed {report['failed']:,} {dot} "
@@ -672,6 +684,8 @@ def format_report(report: Mapping[str, Any], *, unicode: bool = True) -> str:
         f"  throughput   {report['throughput_per_second']:,.0f} tokens/s",
         f"  concurrency  {report['concurrency_ratio']:.2f}   "
         f"({total} run time {report['busy_seconds']:.1f} s / wall {report['wall_seconds']:.1f} s)",
+        f"  cpu          {report['cpu_cores_busy']:.2f} cores busy   "
+        f"(process CPU time {report['cpu_seconds']:.1f} s / wall; run time also counts waits)",
         "",
         f"  {'by operation':<16}{'weight':<8}{'':<26}{'count':>8}{'mean ms':>10}{'failed':>8}",
     ]
