@@ -437,8 +437,8 @@ def run_demo(
     ):
         n_cores = coord.cores
         cpu_map = list(coord.cpu_map)
-        wpc = int(coord.stats().get("workers_per_core", workers_per_core or 0))
-        bound = max_in_flight or max(16, 4 * n_cores * max(wpc, 1))
+        wpc = int(coord.stats()["workers_per_core"])
+        bound = max_in_flight or max(16, 4 * n_cores * wpc)
         tracker = _Tracker(max_in_flight=bound)
         logger.info(
             "demo: %d cores (cpus %s) x %d workers, up to %d tokens in flight, seed %d, %.1fs",
