@@ -1,6 +1,6 @@
 //! Monotonic nanoseconds on the clock Python's `time.monotonic()` reads.
 
-/// Nanoseconds of `CLOCK_MONOTONIC` (the clock of `time.monotonic()` on Unix); never 0.
+/// Nanoseconds on the clock of `time.monotonic()` (Unix); never 0.
 #[cfg(unix)]
 #[inline]
 pub fn now_ns() -> u64 {
@@ -8,8 +8,14 @@ pub fn now_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // time.monotonic() reads CLOCK_MONOTONIC on Linux and mach_absolute_time (which is
+    // CLOCK_UPTIME_RAW) on macOS.
+    #[cfg(target_os = "macos")]
+    let clock = libc::CLOCK_UPTIME_RAW;
+    #[cfg(not(target_os = "macos"))]
+    let clock = libc::CLOCK_MONOTONIC;
     // SAFETY: clock_gettime writes into the valid timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 

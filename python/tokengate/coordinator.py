@@ -128,6 +128,7 @@ class OperationsCoordinator:
         )
         self._lock = threading.RLock()
         self._rt: _core.Runtime | None = None
+        self._last_rt: _core.Runtime | None = None
         self._control: _ControlLoop | None = None
         self._rate = 0.0
 
@@ -150,6 +151,7 @@ class OperationsCoordinator:
             )
             rt.start()
             self._rt = rt
+            self._last_rt = rt
             self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
             self._control.start()
             self._control.submit(self._sample_rate())
@@ -269,15 +271,24 @@ class OperationsCoordinator:
 
     # -- introspection ---------------------------------------------------------------
 
+    def _last_runtime(self) -> _core.Runtime:
+        rt = self._rt or self._last_rt
+        if rt is None:
+            raise CoordinatorNotRunning(
+                "this OperationsCoordinator was never started: call start() or use `with`"
+            )
+        return rt
+
     def stats(self) -> dict[str, Any]:
         """Counters (created, waiting, admitted, executing, completed, failed, killed),
-        configuration and the per-core distribution (``per_core``)."""
-        rt = self._runtime()
+        configuration and the per-core distribution (``per_core``). After :meth:`stop` it
+        reports the final counts of the last run."""
+        rt = self._last_runtime()
         s: dict[str, Any] = rt.stats()
-        s["running"] = True
+        s["running"] = self._rt is not None
         s["paused"] = rt.paused
-        s["admission_open"] = not rt.closed
-        s["throughput_per_s"] = self._rate
+        s["admission_open"] = self._rt is not None and not rt.closed
+        s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
         return s
 
     def set_active_workers(self, core: int, n: int) -> None:
@@ -304,12 +315,12 @@ class OperationsCoordinator:
     @property
     def cores(self) -> int:
         """Virtual cores tokens are routed over."""
-        return self._runtime().cores
+        return self._last_runtime().cores
 
     @property
     def cpu_map(self) -> list[int]:
         """The OS CPU each virtual core (1, 2, ...) maps to."""
-        return self._runtime().cpu_map
+        return self._last_runtime().cpu_map
 
     @property
     def pinned(self) -> bool:
