@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
 _SAMPLE_EVERY = 0.5
+#: How long leaving a `with` block on Ctrl-C waits for running tokens.
+_INTERRUPT_GRACE = 1.0
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -209,7 +211,11 @@ class OperationsCoordinator:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: don't make the user wait for queued work (or a task that never ends).
+            self.stop(wait=False, timeout=_INTERRUPT_GRACE)
+        else:
+            self.stop()
 
     async def __aenter__(self) -> OperationsCoordinator:
         return self.start()
