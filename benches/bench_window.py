@@ -29,6 +29,9 @@ def test_window(benchmark, system_name, open_system, record, window_seconds):
     record(f"{label} latency p50", r["p50_ms"], "ms")
     record(f"{label} latency p95", r["p95_ms"], "ms")
     record(f"{label} latency max", r["max_ms"], "ms")
+    record(f"{label} wait p50", r["wait_p50_ms"], "ms")
+    record(f"{label} wait p95", r["wait_p95_ms"], "ms")
+    record(f"{label} wait max", r["wait_max_ms"], "ms")
     record(f"{label} concurrency", r["concurrency_ratio"], "x")
 
 

@@ -61,15 +61,16 @@ __all__ = [
 
 perf = time.perf_counter
 
-#: System names, ThreadPoolExecutor first so ratios can be computed as soon as TokenGate runs.
+#: System names, ThreadPoolExecutor first so ratios can be computed as soon as TokenGate runs,
+#: Dask last (its event-loop threads may outlive the cluster and compete for the GIL).
 #: ``tokengate`` calls a decorated function (the main API); ``tokengate/submit`` calls
 #: ``OperationsCoordinator.submit``.
 SYSTEMS: tuple[str, ...] = (
     "threadpool",
     "asyncio.to_thread",
-    "dask",
     "tokengate",
     "tokengate/submit",
+    "dask",
 )
 BASELINE = "threadpool"
 TOKENGATE_SYSTEMS = ("tokengate", "tokengate/submit")
@@ -757,13 +758,15 @@ def window(
 ) -> dict[str, float]:
     """Sustained CONCURRENCY WINDOW: mixed releases for ``seconds``.
 
-    Latency = task end - submit; sustained concurrency = sum of task durations / (last task
+    Latency = task end - submit (dominated by the 5-40 ms sleeps); wait = task start - submit
+    (the scheduling delay alone); sustained concurrency = sum of task durations / (last task
     end - first release).
     """
     buffer(1 << 20)
     schedule = window_schedule(seconds, interval, seed)
     t0, res = system.window(schedule, interval)
     latencies = [(span[1] - st) * 1e3 for st, span in res]
+    waits = [(span[0] - st) * 1e3 for st, span in res]
     spans = [span for _, span in res]
     wall = max(b for _, b in spans) - t0
     return {
@@ -771,6 +774,9 @@ def window(
         "p50_ms": percentile(latencies, 50),
         "p95_ms": percentile(latencies, 95),
         "max_ms": max(latencies),
+        "wait_p50_ms": percentile(waits, 50),
+        "wait_p95_ms": percentile(waits, 95),
+        "wait_max_ms": max(waits),
         "concurrency_ratio": concurrency(spans, wall),
         "wall_s": wall,
         "seconds": seconds,
@@ -1110,6 +1116,9 @@ def run_quick(
             rows.append(row(f"{label} latency p50", name, r["p50_ms"], "ms"))
             rows.append(row(f"{label} latency p95", name, r["p95_ms"], "ms"))
             rows.append(row(f"{label} latency max", name, r["max_ms"], "ms"))
+            rows.append(row(f"{label} wait p50", name, r["wait_p50_ms"], "ms"))
+            rows.append(row(f"{label} wait p95", name, r["wait_p95_ms"], "ms"))
+            rows.append(row(f"{label} wait max", name, r["wait_max_ms"], "ms"))
             rows.append(row(f"{label} concurrency", name, r["concurrency_ratio"], "x"))
             r = series_saturation(s, 20, sat_s)
             label = f"saturation 20x{sat_s:g}s"
