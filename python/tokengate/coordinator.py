@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
 _SAMPLE_EVERY = 0.5
-#: How long leaving a `with` block on Ctrl-C waits for running tokens.
+#: How long leaving a `with` block on Ctrl-C (or interpreter exit) waits for running tokens.
 _INTERRUPT_GRACE = 1.0
 
 
@@ -368,6 +368,6 @@ class OperationsCoordinator:
 def _stop_all_at_exit() -> None:
     for coord in list(_running):
         try:
-            coord.stop(wait=False, timeout=5.0)
+            coord.stop(wait=False, timeout=_INTERRUPT_GRACE)
         except Exception:  # pragma: no cover - best effort at interpreter exit
             log.exception("stopping %r at exit failed", coord)
