@@ -9,6 +9,7 @@ use pyo3::types::PyType;
 #[derive(Debug, Clone)]
 pub enum CoreError {
     NotRunning,
+    Forked,
     AdmissionClosed,
     PoolFull {
         capacity: usize,
@@ -31,6 +32,7 @@ impl CoreError {
     fn class_name(&self) -> &'static str {
         match self {
             CoreError::NotRunning => "CoordinatorNotRunning",
+            CoreError::Forked => "CoordinatorForked",
             CoreError::AdmissionClosed => "AdmissionClosed",
             CoreError::PoolFull { .. } => "PoolFull",
             CoreError::Killed { .. } => "TokenKilled",
@@ -45,6 +47,9 @@ impl CoreError {
             CoreError::NotRunning => "no OperationsCoordinator is running: start one with \
                 `with OperationsCoordinator():` (or `coord = OperationsCoordinator(); \
                 coord.start()`) before calling a @task_token_guard function"
+                .to_string(),
+            CoreError::Forked => "this coordinator was started before os.fork(): its workers \
+                live in the parent process; start a new OperationsCoordinator in this process"
                 .to_string(),
             CoreError::AdmissionClosed => "admission is closed (drain() or stop() was called); \
                 call resume() to reopen it"

@@ -60,9 +60,7 @@ impl GuardedFunction {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, TaskToken>> {
-        let Some(shared) = current_runtime() else {
-            return Err(CoreError::NotRunning.into_pyerr(py));
-        };
+        let shared = current_runtime().map_err(|e| e.into_pyerr(py))?;
         submit_token(
             py,
             &shared,

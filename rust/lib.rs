@@ -31,7 +31,7 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
-    use super::runtime::Runtime;
+    use super::runtime::{_after_fork_in_child, Runtime};
     #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 

@@ -2,9 +2,9 @@
 //! class the Python `OperationsCoordinator` drives, and the submit path shared with
 //! `GuardedFunction.__call__`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,13 +27,79 @@ pub struct Shared {
     submit_timeout: Option<f64>,
     threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
+    fork_gen: u64,
 }
 
 /// The runtimes decorated calls go to; the last started one wins.
-static CURRENT: RwLock<Vec<Arc<Shared>>> = RwLock::new(Vec::new());
+struct Registry(UnsafeCell<RwLock<Vec<Arc<Shared>>>>);
 
-pub(crate) fn current_runtime() -> Option<Arc<Shared>> {
-    CURRENT.read().last().cloned()
+// SAFETY: the RwLock inside is Sync; the cell is only replaced by `reset_after_fork`, which
+// runs in a freshly forked child where no other thread exists.
+unsafe impl Sync for Registry {}
+
+impl Registry {
+    fn lock(&self) -> &RwLock<Vec<Arc<Shared>>> {
+        // SAFETY: see the Sync impl.
+        unsafe { &*self.0.get() }
+    }
+
+    /// Replaces the lock (a parent thread may have held it at fork time) and forgets the
+    /// parent's runtimes, whose threads do not exist here.
+    ///
+    /// # Safety
+    /// Only in a forked child, before any other thread starts.
+    unsafe fn reset_after_fork(&self) {
+        let old = std::ptr::replace(self.0.get(), RwLock::new(Vec::new()));
+        std::mem::forget(old);
+    }
+}
+
+static CURRENT: Registry = Registry(UnsafeCell::new(RwLock::new(Vec::new())));
+/// How many runtimes are registered (kept beside the lock so a forked child can read it).
+static REGISTERED: AtomicUsize = AtomicUsize::new(0);
+/// Bumped in a forked child: runtimes of an older generation have no threads any more.
+static FORK_GEN: AtomicU64 = AtomicU64::new(0);
+/// Set in a forked child whose parent had running coordinators.
+static FORKED_WITH_RUNTIMES: AtomicBool = AtomicBool::new(false);
+
+/// The runtime decorated calls go to.
+pub(crate) fn current_runtime() -> Result<Arc<Shared>, CoreError> {
+    match CURRENT.lock().read().last() {
+        Some(s) => Ok(s.clone()),
+        None if FORKED_WITH_RUNTIMES.load(Ordering::Relaxed) => Err(CoreError::Forked),
+        None => Err(CoreError::NotRunning),
+    }
+}
+
+fn register(shared: &Arc<Shared>) {
+    let mut cur = CURRENT.lock().write();
+    cur.push(shared.clone());
+    REGISTERED.store(cur.len(), Ordering::Release);
+}
+
+fn unregister(shared: &Arc<Shared>) {
+    let mut cur = CURRENT.lock().write();
+    cur.retain(|s| !Arc::ptr_eq(s, shared));
+    REGISTERED.store(cur.len(), Ordering::Release);
+}
+
+/// Called (through `os.register_at_fork`) in a forked child: runtimes started before the
+/// fork refuse to run with `CoordinatorForked` instead of waiting on threads that are gone.
+#[pyfunction]
+pub fn _after_fork_in_child() {
+    FORK_GEN.fetch_add(1, Ordering::SeqCst);
+    if REGISTERED.swap(0, Ordering::SeqCst) > 0 {
+        FORKED_WITH_RUNTIMES.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: we are in the child right after fork(); only this thread exists.
+    unsafe { CURRENT.reset_after_fork() };
+}
+
+impl Shared {
+    /// Whether this runtime was started before a fork (in this process it has no threads).
+    pub(crate) fn forked(&self) -> bool {
+        self.fork_gen != FORK_GEN.load(Ordering::Relaxed)
+    }
 }
 
 struct WorkerCtx {
@@ -149,6 +215,7 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, core: usize, wi: usize, job: Py
         tok.wake_waiters(flags);
     }
     TaskToken::run_callbacks(job.bind(py));
+    shared.sched.release(core, wi);
 }
 
 fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
@@ -217,6 +284,9 @@ pub(crate) fn submit_token<'py>(
     args: Py<PyTuple>,
     kwargs: Option<Py<PyDict>>,
 ) -> PyResult<Bound<'py, TaskToken>> {
+    if shared.forked() {
+        return Err(CoreError::Forked.into_pyerr(py));
+    }
     let id = shared.sched.next_id();
     let tok = Bound::new(
         py,
@@ -369,6 +439,7 @@ impl Runtime {
                 submit_timeout,
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
+                fork_gen: FORK_GEN.load(Ordering::SeqCst),
             }),
         })
     }
@@ -393,7 +464,7 @@ impl Runtime {
             }
         }
         s.spawn_workers(slots)?;
-        CURRENT.write().push(self.shared.clone());
+        register(&self.shared);
         Ok(())
     }
 
@@ -463,6 +534,9 @@ impl Runtime {
     /// from inside a task, the tokens running on the calling thread are not waited for.
     #[pyo3(signature = (timeout=None))]
     fn wait_quiet(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.shared.forked() {
+            return Err(CoreError::Forked.into_pyerr(py));
+        }
         let limit = running_here(&self.shared);
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         loop {
@@ -495,6 +569,9 @@ impl Runtime {
 
     /// Kills every token that has not started (pool and mailboxes); returns how many.
     fn kill_pending(&self, py: Python<'_>) -> usize {
+        if self.shared.forked() {
+            return 0;
+        }
         let pending = self.shared.sched.take_pending();
         let mut killed = 0;
         for job in pending {
@@ -513,10 +590,10 @@ impl Runtime {
     /// False if some did not exit within `timeout`. Decorated calls stop coming here.
     #[pyo3(signature = (timeout=None))]
     fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        {
-            let mut cur = CURRENT.write();
-            cur.retain(|s| !Arc::ptr_eq(s, &self.shared));
+        if self.shared.forked() {
+            return Ok(true); // its threads were in the parent; nothing to stop here
         }
+        unregister(&self.shared);
         self.shared.sched.shutdown();
         let me = std::thread::current().id();
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));

@@ -734,7 +734,8 @@ impl<J: Job> Scheduler<J> {
     }
 
     /// COMPLETED (`ok`) or FAILED; returns the flags the state carried (for waking waiters),
-    /// or `None` if the token was not EXECUTING.
+    /// or `None` if the token was not EXECUTING. The worker still counts as loaded until
+    /// `release` (after done callbacks), so a worker stuck in a callback gets no new work.
     pub fn finish(&self, core: usize, wi: usize, h: &Header, ok: bool) -> Option<u8> {
         let to = if ok {
             TokenState::Completed
@@ -758,9 +759,13 @@ impl<J: Job> Scheduler<J> {
                 None
             }
         };
-        self.release_load(core, wi);
         self.notify_quiet();
         flags
+    }
+
+    /// The worker is done with the job it finished (callbacks included).
+    pub fn release(&self, core: usize, wi: usize) {
+        self.release_load(core, wi);
     }
 
     fn release_load(&self, core: usize, wi: usize) {
@@ -1006,6 +1011,7 @@ mod tests {
                         if s.start(core, wi, &j.header) {
                             ran.push(j.header.id);
                             s.finish(core, wi, &j.header, true).unwrap();
+                            s.release(core, wi);
                         }
                     }
                     ran
@@ -1151,6 +1157,7 @@ mod tests {
             assert!(s.start(0, 1, &j.header));
             assert_eq!(j.header.placement(), Some((0, 1)));
             s.finish(0, 1, &j.header, true);
+            s.release(0, 1);
             ids.push(j.header.id);
         }
         ids.sort_unstable();
@@ -1190,6 +1197,7 @@ mod tests {
         let got = s.next_job(0, 0).unwrap();
         assert!(s.start(0, 0, &got.header));
         s.finish(0, 0, &got.header, false).unwrap();
+        s.release(0, 0);
         assert!(s.wait_quiet(0, Duration::from_millis(5)));
         assert_eq!(s.stats().failed, 1);
     }

@@ -142,6 +142,9 @@ impl TaskToken {
         if self.header.state.load().is_final() {
             return Ok(true);
         }
+        if self.rt.forked() {
+            return Err(CoreError::Forked.into_pyerr(py));
+        }
         let deadline = match timeout {
             Some(t) if t.is_nan() || t < 0.0 => {
                 return Err(CoreError::Config(format!(

@@ -22,6 +22,7 @@ from .decorator import task_token_guard
 from .errors import (
     AdmissionClosed,
     ConfigurationError,
+    CoordinatorForked,
     CoordinatorNotRunning,
     InternalError,
     InvalidDecoration,
@@ -38,6 +39,7 @@ __all__ = [
     "STORAGE_SPEEDS",
     "AdmissionClosed",
     "ConfigurationError",
+    "CoordinatorForked",
     "CoordinatorNotRunning",
     "GuardedFunction",
     "InternalError",

@@ -10,6 +10,9 @@ __version__: str
 def monotonic() -> float:
     """Seconds on the clock token timestamps use (``time.monotonic()``'s clock on Unix)."""
 
+def _after_fork_in_child() -> None:
+    """Called in a forked child: runtimes started before the fork refuse to run."""
+
 def _debug_panic_on_run(token: TaskToken) -> None:
     """Test hook: the worker that picks ``token`` up panics inside the core."""
 

@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from . import _core
 from ._core import TaskToken
-from .errors import ConfigurationError, CoordinatorNotRunning
+from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
 
 __all__ = ["OperationsCoordinator"]
 
@@ -133,12 +134,18 @@ class OperationsCoordinator:
         self._last_rt: _core.Runtime | None = None
         self._control: _ControlLoop | None = None
         self._rate = 0.0
+        self._forked = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> OperationsCoordinator:
         """Start the workers and the control loop; decorated calls now come here."""
         with self._lock:
+            if self._forked:
+                raise CoordinatorForked(
+                    "this coordinator was started before os.fork(); "
+                    "create a new OperationsCoordinator in this process"
+                )
             if self._rt is not None:
                 raise ConfigurationError("this coordinator is already running")
             rt = _core.Runtime(
@@ -182,7 +189,9 @@ class OperationsCoordinator:
         timeout = _check_timeout("timeout", timeout)
         with self._lock:
             rt, control = self._rt, self._control
-            if rt is None:
+            if rt is None or self._forked:
+                # In a forked child the workers (and the control loop) live in the parent.
+                self._rt = self._control = None
                 return True
             self._rt = None
             self._control = None
@@ -232,6 +241,11 @@ class OperationsCoordinator:
 
     def _runtime(self) -> _core.Runtime:
         rt = self._rt
+        if self._forked:
+            raise CoordinatorForked(
+                "this coordinator was started before os.fork(): its workers live in the "
+                "parent process; start a new OperationsCoordinator in this process"
+            )
         if rt is None:
             raise CoordinatorNotRunning(
                 "this OperationsCoordinator is not running: call start() or use `with`"
@@ -278,6 +292,8 @@ class OperationsCoordinator:
     # -- introspection ---------------------------------------------------------------
 
     def _last_runtime(self) -> _core.Runtime:
+        if self._forked:
+            return self._runtime()  # raises CoordinatorForked
         rt = self._rt or self._last_rt
         if rt is None:
             raise CoordinatorNotRunning(
@@ -362,6 +378,17 @@ class OperationsCoordinator:
     def __repr__(self) -> str:
         state = "running" if self._rt is not None else "stopped"
         return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
+
+
+def _after_fork_in_child() -> None:
+    _core._after_fork_in_child()
+    for coord in list(_running):
+        coord._forked = True
+    _running.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

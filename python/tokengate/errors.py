@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AdmissionClosed",
     "ConfigurationError",
+    "CoordinatorForked",
     "CoordinatorNotRunning",
     "InternalError",
     "InvalidDecoration",
@@ -27,6 +28,11 @@ class TokenGateError(Exception):
 
 class CoordinatorNotRunning(TokenGateError, RuntimeError):
     """A guarded function was called while no ``OperationsCoordinator`` is running."""
+
+
+class CoordinatorForked(TokenGateError, RuntimeError):
+    """The coordinator was started before ``os.fork()``: its workers live in the parent.
+    Start a new ``OperationsCoordinator`` in the child."""
 
 
 class AdmissionClosed(TokenGateError):
