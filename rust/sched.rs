@@ -961,6 +961,7 @@ impl<J: Job> Scheduler<J> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::collections::HashSet;
     use std::sync::Arc;
 
@@ -1222,5 +1223,83 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.contains("mailbox_capacity"), "{e}");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Submit(u8),
+        Kill(usize),
+        Run(usize, usize),
+        Pause,
+        Unpause,
+    }
+
+    proptest::proptest! {
+        /// Random single-threaded schedules: no job runs twice, killed jobs never run, every
+        /// job ends final, and counters and loads add up once everything is drained.
+        #[test]
+        fn random_schedules_keep_the_invariants(ops in proptest::collection::vec(proptest::prop_oneof![
+            (0u8..3).prop_map(Op::Submit),
+            (0usize..64).prop_map(Op::Kill),
+            (0usize..3, 0usize..2).prop_map(|(c, w)| Op::Run(c, w)),
+            proptest::strategy::Just(Op::Pause),
+            proptest::strategy::Just(Op::Unpause),
+        ], 0..120)) {
+            let s = sched(3, 2, 2, 1_000, Overflow::Reject);
+            let mut jobs: Vec<Arc<TestJob>> = Vec::new();
+            let mut ran: HashSet<u64> = HashSet::new();
+            let mut killed: HashSet<u64> = HashSet::new();
+            let mut run = |s: &S, c: usize, w: usize, ran: &mut HashSet<u64>| -> bool {
+                match s.next_job(c, w) {
+                    Some(j) => {
+                        if s.start(c, w, &j.header) {
+                            assert!(ran.insert(j.header.id), "ran twice");
+                            s.finish(c, w, &j.header, j.header.id % 2 == 0).unwrap();
+                            s.release(c, w);
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            };
+            for op in ops {
+                match op {
+                    Op::Submit(w) => {
+                        let j = job(&s, Weight::ALL[w as usize]);
+                        s.try_submit(j.clone()).unwrap();
+                        jobs.push(j);
+                    }
+                    Op::Kill(i) if !jobs.is_empty() => {
+                        let j = &jobs[i % jobs.len()];
+                        if s.kill(&j.header).is_ok() {
+                            prop_assert!(killed.insert(j.header.id));
+                        }
+                    }
+                    Op::Kill(_) => {}
+                    Op::Run(c, w) => { run(&s, c, w, &mut ran); }
+                    Op::Pause => s.pause(),
+                    Op::Unpause => s.unpause(),
+                }
+                let st = s.stats();
+                prop_assert_eq!(st.created, jobs.len() as u64);
+                prop_assert_eq!(
+                    st.waiting + st.admitted + st.executing + st.completed + st.failed + st.killed,
+                    st.created
+                );
+            }
+            s.unpause();
+            while (0..3).any(|c| (0..2).any(|w| run(&s, c, w, &mut ran))) {}
+            prop_assert!(ran.is_disjoint(&killed));
+            prop_assert_eq!(ran.len() + killed.len(), jobs.len());
+            for j in &jobs {
+                prop_assert!(j.header.state.load().is_final());
+            }
+            let st = s.stats();
+            prop_assert_eq!(st.completed + st.failed, ran.len() as u64);
+            prop_assert_eq!(st.killed, killed.len() as u64);
+            prop_assert_eq!(st.waiting + st.admitted + st.executing, 0);
+            prop_assert!(st.per_core.iter().all(|c| c.load == 0 && c.queue_depth == 0));
+            prop_assert_eq!(s.in_flight(), 0);
+        }
     }
 }

@@ -319,6 +319,39 @@ mod tests {
         assert_eq!(c.load(), Admitted);
     }
 
+    proptest::proptest! {
+        /// Random transition requests against a model: a request is applied exactly when the
+        /// model says it is legal from the current state, and the state never leaves a final one.
+        #[test]
+        fn random_requests_follow_the_model(reqs in proptest::collection::vec((0u8..7, 0u8..7, proptest::bool::ANY), 0..64)) {
+            let c = StateCell::default();
+            let mut model = Created;
+            for (from, to, is_kill) in reqs {
+                let (from, to) = (TokenState::ALL[from as usize], TokenState::ALL[to as usize]);
+                if is_kill {
+                    let r = c.kill();
+                    if model.can_become(Killed) {
+                        proptest::prop_assert_eq!(r, Ok((model, 0)));
+                        model = Killed;
+                    } else {
+                        proptest::prop_assert_eq!(r, Err(model));
+                    }
+                } else {
+                    let r = c.transition(from, to);
+                    if !from.can_become(to) {
+                        proptest::prop_assert_eq!(r, Err(TransitionError::Illegal { from, to }));
+                    } else if from != model {
+                        proptest::prop_assert_eq!(r, Err(TransitionError::Conflict { actual: model }));
+                    } else {
+                        proptest::prop_assert!(r.is_ok());
+                        model = to;
+                    }
+                }
+                proptest::prop_assert_eq!(c.load(), model);
+            }
+        }
+    }
+
     #[test]
     fn start_and_kill_race_has_one_winner() {
         use std::sync::Arc;
