@@ -1249,7 +1249,7 @@ mod tests {
             let mut jobs: Vec<Arc<TestJob>> = Vec::new();
             let mut ran: HashSet<u64> = HashSet::new();
             let mut killed: HashSet<u64> = HashSet::new();
-            let mut run = |s: &S, c: usize, w: usize, ran: &mut HashSet<u64>| -> bool {
+            let run = |s: &S, c: usize, w: usize, ran: &mut HashSet<u64>| -> bool {
                 match s.next_job(c, w) {
                     Some(j) => {
                         if s.start(c, w, &j.header) {
