@@ -737,7 +737,7 @@ def window_schedule(seconds: float, interval: float = 0.02, seed: int = 7) -> li
     """The mixed releases of the CONCURRENCY WINDOW, the same for every system.
 
     Every ``interval``: four sleeps of 5-40 ms (light, medium, heavy, random weight), one
-    sha256 over 1 MiB (GIL released) and one ~0.3 ms pure-Python loop (GIL held).
+    sha256 over 1 MiB (GIL released) and one ~0.4 ms pure-Python loop (GIL held).
     """
     rng = random.Random(seed)
     weights = ("light", "medium", "heavy")
