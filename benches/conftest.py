@@ -154,4 +154,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"{info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
         f"tokengate {info['tokengate']}"
     )
+    if config.getoption("benchmark_disable", False):
+        terminalreporter.write_line(
+            "--benchmark-disable: each benchmark ran once; these figures are not measurements"
+        )
     terminalreporter.write_line(bench.format_table(rows))
