@@ -16,7 +16,8 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use crate::errors::{internal_error_value, CoreError};
 use crate::router::{Priority, Weight};
 use crate::sched::{Config, Overflow, RejectReason, Rejected, Scheduler};
-use crate::token::{weight_member, Call, OpSpec, TaskToken};
+use crate::state::FLAG_WAITERS;
+use crate::token::{wake_key, weight_member, Call, OpSpec, TaskToken};
 
 /// Everything the worker threads and the tokens share.
 pub struct Shared {
@@ -154,7 +155,7 @@ pub(crate) fn help_one(py: Python<'_>, shared: &Arc<Shared>) -> bool {
     }
     match shared.sched.next_job(core, wi) {
         Some(job) => {
-            run_job(py, shared, core, wi, job);
+            wake_key(run_job(py, shared, core, wi, job));
             true
         }
         None => false,
@@ -171,12 +172,22 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Runs one job on worker `(core, wi)`: start, call, store the outcome, finish, wake waiters,
-/// run done callbacks. Never unwinds: a Rust panic fails the token with `InternalError`.
-fn run_job(py: Python<'_>, shared: &Arc<Shared>, core: usize, wi: usize, job: Py<TaskToken>) {
+/// Runs one job on worker `(core, wi)`: start, call, store the outcome, finish, run done
+/// callbacks. Never unwinds: a Rust panic fails the token with `InternalError`.
+///
+/// Waiters of a token without callbacks are not woken here: the returned key is woken by the
+/// caller, after it released the GIL if it has nothing else to run, so the woken waiter finds
+/// the GIL free instead of sleeping a second time for it.
+fn run_job(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    core: usize,
+    wi: usize,
+    job: Py<TaskToken>,
+) -> Option<usize> {
     let tok = job.get();
     if !shared.sched.start(core, wi, &tok.header) {
-        return; // killed while queued
+        return None; // killed while queued
     }
     add_running(1);
     let res = catch_unwind(AssertUnwindSafe(|| {
@@ -211,11 +222,18 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, core: usize, wi: usize, job: Py
     });
     let ok = outcome.is_ok();
     tok.set_outcome(outcome);
-    if let Some(flags) = shared.sched.finish(core, wi, &tok.header, ok) {
-        tok.wake_waiters(flags);
-    }
-    TaskToken::run_callbacks(job.bind(py));
+    let flags = shared.sched.finish(core, wi, &tok.header, ok).unwrap_or(0);
+    let key = (flags & FLAG_WAITERS != 0).then(|| tok.header.state.key());
+    let callbacks = tok.take_callbacks();
+    let deferred = if callbacks.is_empty() {
+        key
+    } else {
+        wake_key(key); // a slow callback must not delay the waiters
+        TaskToken::call_callbacks(job.bind(py), callbacks);
+        None
+    };
     shared.sched.release(core, wi);
+    deferred
 }
 
 fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
@@ -238,17 +256,25 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
     });
     while let Some(job) = shared.sched.wait_for_work(core, wi, &parker) {
         let mut first = Some(job);
+        let mut deferred = None;
         // Attach once and run jobs while there are any; detach only to wait.
         let attached = Python::try_attach(|py| {
             let mut job = first.take().expect("job present");
             loop {
-                run_job(py, &shared, core, wi, job);
+                let wake = run_job(py, &shared, core, wi, job);
                 match shared.sched.next_job(core, wi) {
-                    Some(j) => job = j,
-                    None => break,
+                    Some(j) => {
+                        wake_key(wake);
+                        job = j;
+                    }
+                    None => {
+                        deferred = wake;
+                        break;
+                    }
                 }
             }
         });
+        wake_key(deferred); // the GIL is released now
         if attached.is_none() {
             // The interpreter is finalizing: nothing can run or be released any more.
             std::mem::forget(first);

@@ -55,6 +55,16 @@ impl Job for Py<TaskToken> {
     }
 }
 
+/// Wakes the threads parked on a token's state cell (`key` from `StateCell::key`).
+pub(crate) fn wake_key(key: Option<usize>) {
+    if let Some(key) = key {
+        // SAFETY: the key is the address of a token's state cell, only used as a key.
+        unsafe {
+            parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN);
+        }
+    }
+}
+
 /// How long a waiter parks before it re-attaches to check for signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 /// How long a worker that waits on a nested token parks before looking for work to help with.
@@ -89,22 +99,25 @@ impl TaskToken {
 
     pub(crate) fn wake_waiters(&self, flags: u8) {
         if flags & FLAG_WAITERS != 0 {
-            // SAFETY: the key is the address of this token's state cell, only used as a key.
-            unsafe {
-                parking_lot_core::unpark_all(
-                    self.header.state.key(),
-                    parking_lot_core::DEFAULT_UNPARK_TOKEN,
-                );
-            }
+            wake_key(Some(self.header.state.key()));
+        }
+    }
+
+    /// Takes the done callbacks; call after the token became final.
+    pub(crate) fn take_callbacks(&self) -> Vec<Py<PyAny>> {
+        std::mem::take(&mut self.slot.lock().callbacks)
+    }
+
+    pub(crate) fn call_callbacks(slf: &Bound<'_, TaskToken>, cbs: Vec<Py<PyAny>>) {
+        for cb in cbs {
+            call_callback(slf, cb.bind(slf.py()));
         }
     }
 
     /// Runs (and empties) the done callbacks; call after the token became final.
     pub(crate) fn run_callbacks(slf: &Bound<'_, TaskToken>) {
-        let cbs = std::mem::take(&mut slf.get().slot.lock().callbacks);
-        for cb in cbs {
-            call_callback(slf, cb.bind(slf.py()));
-        }
+        let cbs = slf.get().take_callbacks();
+        TaskToken::call_callbacks(slf, cbs);
     }
 
     /// Parks (GIL released by the caller) until final or `dur` passes.
