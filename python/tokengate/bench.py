@@ -14,6 +14,7 @@ Run it directly with ``python -m tokengate.bench [--full] [--json PATH]``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import hashlib
@@ -1147,22 +1148,25 @@ def run_quick(
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+BENCH_DESCRIPTION = (
+    "Run every benchmark workload on TokenGate and its peers (same worker counts) and print one "
+    "table with each figure's ratio to ThreadPoolExecutor's. Quick by default (under a minute "
+    "on 2 cores)."
+)
 
-    p = argparse.ArgumentParser(
-        prog="python -m tokengate.bench",
-        description="Run every benchmark workload on TokenGate and its peers (same worker "
-        "counts) and print one table with each figure's ratio to ThreadPoolExecutor's. "
-        "Quick by default (under a minute on 2 cores).",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tokengate bench`` / ``python -m tokengate.bench``."""
     p.add_argument("--full", action="store_true", help="full sizes (several minutes)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--window-seconds", type=float, help="CONCURRENCY WINDOW length")
     p.add_argument(
         "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (threadpool always runs)"
     )
-    a = p.parse_args(argv)
+
+
+def run_from_args(a: argparse.Namespace) -> int:
+    """Run the benchmarks as the parsed options say and print the table."""
     info = machine_info()
     print(
         f"# {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
@@ -1178,6 +1182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(rows))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokengate.bench", description=BENCH_DESCRIPTION)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

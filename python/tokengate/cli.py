@@ -145,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
-    # Room for `tokengate bench`: add its subparser here with set_defaults(handler=_cmd_bench).
+    from . import bench
+
+    bench_p = sub.add_parser(
+        "bench",
+        help="compare TokenGate with ThreadPoolExecutor, asyncio.to_thread and Dask",
+        description=bench.BENCH_DESCRIPTION,
+    )
+    bench.add_arguments(bench_p)
+    bench_p.set_defaults(handler=bench.run_from_args)
     return parser
 
 
