@@ -1,7 +1,8 @@
 //! `TaskToken`: the Python handle of one call. The scheduler carries `Py<TaskToken>` itself,
 //! so a queued token is one Python object (no second allocation).
 
-use std::sync::{Arc, OnceLock};
+use std::cell::UnsafeCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -9,6 +10,7 @@ use pyo3::exceptions::PyBaseException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::CoreError;
 use crate::router::{Priority, Weight};
@@ -38,6 +40,36 @@ struct Slot {
 
 type Outcome = Result<Py<PyAny>, Py<PyBaseException>>;
 
+/// The result slot: written once, read without a lock, cleared only by the garbage collector.
+///
+/// Invariants that make the `Sync` impl sound:
+/// - it is written exactly once, by the worker that moved the token to EXECUTING, before the
+///   EXECUTING → COMPLETED/FAILED transition (a release store on the state);
+/// - it is read only after a COMPLETED/FAILED state was observed (an acquire load);
+/// - `clear` runs only from `__clear__`, when the garbage collector found the token unreachable
+///   (so nobody can be reading it) and the interpreter is attached.
+struct OutcomeCell(UnsafeCell<Option<Outcome>>);
+
+// SAFETY: see the invariants above; `Outcome` itself is Send + Sync.
+unsafe impl Sync for OutcomeCell {}
+
+impl OutcomeCell {
+    fn set(&self, o: Outcome) {
+        // SAFETY: the only writer, before the state is published (see above).
+        unsafe { *self.0.get() = Some(o) }
+    }
+
+    fn get(&self) -> Option<&Outcome> {
+        // SAFETY: readers come after the final state is published; nobody writes then.
+        unsafe { (*self.0.get()).as_ref() }
+    }
+
+    fn clear(&self) {
+        // SAFETY: only from __clear__ on an unreachable token (see above).
+        unsafe { *self.0.get() = None }
+    }
+}
+
 /// A handle on one call of a guarded function: identity, state, timings and its result.
 #[pyclass(frozen, module = "tokengate._core", name = "TaskToken")]
 pub struct TaskToken {
@@ -45,7 +77,7 @@ pub struct TaskToken {
     pub(crate) op: Arc<OpSpec>,
     pub(crate) rt: Arc<Shared>,
     slot: Mutex<Slot>,
-    outcome: OnceLock<Outcome>,
+    outcome: OutcomeCell,
 }
 
 impl Job for Py<TaskToken> {
@@ -80,7 +112,7 @@ impl TaskToken {
                 call: Some(call),
                 callbacks: Vec::new(),
             }),
-            outcome: OnceLock::new(),
+            outcome: OutcomeCell(UnsafeCell::new(None)),
         }
     }
 
@@ -90,7 +122,7 @@ impl TaskToken {
 
     pub(crate) fn set_outcome(&self, o: Outcome) {
         // Only the worker that moved the token to EXECUTING gets here, once.
-        let _ = self.outcome.set(o);
+        self.outcome.set(o);
     }
 
     pub(crate) fn wants_panic(&self) -> bool {
@@ -289,6 +321,46 @@ pub(crate) fn weight_member(py: Python<'_>, w: Weight) -> PyResult<Bound<'_, PyA
 
 #[pymethods]
 impl TaskToken {
+    /// The objects this token owns alone (its arguments, result and callbacks), so reference
+    /// cycles through it (e.g. an exception whose traceback holds the token) are collected.
+    /// The function and tags are shared by every call and belong to the decorator.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if matches!(
+            self.header.state.load(),
+            TokenState::Completed | TokenState::Failed
+        ) {
+            match self.outcome.get() {
+                Some(Ok(v)) => visit.call(v)?,
+                Some(Err(e)) => visit.call(e)?,
+                None => {}
+            }
+        }
+        // A worker holds the slot lock only for a moment; never block inside the collector.
+        if let Some(slot) = self.slot.try_lock() {
+            if let Some(call) = &slot.call {
+                visit.call(&call.args)?;
+                if let Some(kw) = &call.kwargs {
+                    visit.call(kw)?;
+                }
+            }
+            for cb in &slot.callbacks {
+                visit.call(cb)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        if self.header.state.load().is_final() {
+            self.outcome.clear();
+        }
+        let (call, cbs) = {
+            let mut slot = self.slot.lock();
+            (slot.call.take(), std::mem::take(&mut slot.callbacks))
+        };
+        drop((call, cbs));
+    }
+
     /// Unique id (per coordinator, increasing from 1).
     #[getter]
     fn token_id(&self) -> u64 {
