@@ -25,6 +25,7 @@ pub struct Shared {
     cpu_map: Vec<usize>,
     pin: bool,
     pin_failures: AtomicUsize,
+    internal_errors: AtomicUsize,
     submit_timeout: Option<f64>,
     threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
@@ -211,6 +212,7 @@ fn run_job(
     }));
     add_running(-1);
     let outcome = res.unwrap_or_else(|p| {
+        shared.internal_errors.fetch_add(1, Ordering::Relaxed);
         Err(internal_error_value(
             py,
             format!(
@@ -236,6 +238,44 @@ fn run_job(
     deferred
 }
 
+/// One wait-then-run round of a worker; false once the worker should exit.
+fn worker_round(
+    shared: &Arc<Shared>,
+    core: usize,
+    wi: usize,
+    parker: &crossbeam_utils::sync::Parker,
+) -> bool {
+    let Some(job) = shared.sched.wait_for_work(core, wi, parker) else {
+        return false;
+    };
+    let mut first = Some(job);
+    let mut deferred = None;
+    // Attach once and run jobs while there are any; detach only to wait.
+    let attached = Python::try_attach(|py| {
+        let mut job = first.take().expect("job present");
+        loop {
+            let wake = run_job(py, shared, core, wi, job);
+            match shared.sched.next_job(core, wi) {
+                Some(j) => {
+                    wake_key(wake);
+                    job = j;
+                }
+                None => {
+                    deferred = wake;
+                    break;
+                }
+            }
+        }
+    });
+    wake_key(deferred); // the GIL is released now
+    if attached.is_none() {
+        // The interpreter is finalizing: nothing can run or be released any more.
+        std::mem::forget(first);
+        return false;
+    }
+    true
+}
+
 fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
     let Some(parker) = shared.sched.take_parker(core, wi) else {
         return;
@@ -254,31 +294,17 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
             running: Cell::new(0),
         })
     });
-    while let Some(job) = shared.sched.wait_for_work(core, wi, &parker) {
-        let mut first = Some(job);
-        let mut deferred = None;
-        // Attach once and run jobs while there are any; detach only to wait.
-        let attached = Python::try_attach(|py| {
-            let mut job = first.take().expect("job present");
-            loop {
-                let wake = run_job(py, &shared, core, wi, job);
-                match shared.sched.next_job(core, wi) {
-                    Some(j) => {
-                        wake_key(wake);
-                        job = j;
-                    }
-                    None => {
-                        deferred = wake;
-                        break;
-                    }
-                }
+    // A panic outside a token (a bug in the scheduler itself) must not kill the worker and
+    // strand the tokens in its mailbox: it is counted and the loop goes on.
+    loop {
+        match catch_unwind(AssertUnwindSafe(|| {
+            worker_round(&shared, core, wi, &parker)
+        })) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => {
+                shared.internal_errors.fetch_add(1, Ordering::Relaxed);
             }
-        });
-        wake_key(deferred); // the GIL is released now
-        if attached.is_none() {
-            // The interpreter is finalizing: nothing can run or be released any more.
-            std::mem::forget(first);
-            break;
         }
     }
     WORKER.with(|w| w.borrow_mut().take());
@@ -462,6 +488,7 @@ impl Runtime {
                 cpu_map,
                 pin: pin_workers && cfg!(any(target_os = "linux", target_os = "android")),
                 pin_failures: AtomicUsize::new(0),
+                internal_errors: AtomicUsize::new(0),
                 submit_timeout,
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
@@ -686,6 +713,10 @@ impl Runtime {
         d.set_item("failed", st.failed)?;
         d.set_item("killed", st.killed)?;
         d.set_item("illegal_transitions", st.illegal_transitions)?;
+        d.set_item(
+            "internal_errors",
+            self.shared.internal_errors.load(Ordering::Relaxed),
+        )?;
         d.set_item("pool_len", st.pool_len)?;
         d.set_item("cores", self.shared.sched.cores())?;
         d.set_item("workers_per_core", cfg.workers_per_core)?;
