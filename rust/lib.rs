@@ -11,6 +11,7 @@ pub mod sched;
 pub mod state;
 
 mod errors;
+mod exitguard;
 mod guarded;
 mod runtime;
 mod token;

@@ -203,10 +203,7 @@ fn run_job(
         };
         let func = tok.op.func.bind(py);
         let args = call.args.bind(py);
-        let r = match (&call.kwargs, args.is_empty()) {
-            (None, true) => func.call0(),
-            (kw, _) => func.call(args, kw.as_ref().map(|k| k.bind(py))),
-        };
+        let r = crate::exitguard::call(func, args, call.kwargs.as_ref().map(|k| k.bind(py)));
         drop(call);
         r.map(Bound::unbind).map_err(|e| e.into_value(py))
     }));
@@ -498,7 +495,7 @@ impl Runtime {
     }
 
     /// Starts the worker threads and makes this runtime the target of decorated calls.
-    fn start(&self) -> PyResult<()> {
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
         if self.shared.started.swap(true, Ordering::AcqRel) {
             return Err(CoreError::Config(
                 "this runtime was already started; \
@@ -516,7 +513,18 @@ impl Runtime {
                 }
             }
         }
-        s.spawn_workers(slots)?;
+        if let Err(e) = s.spawn_workers(slots) {
+            // Don't leave the workers that did start behind.
+            s.sched.close();
+            s.sched.shutdown();
+            let started: Vec<_> = std::mem::take(&mut *s.threads.lock());
+            py.detach(|| {
+                for (_, h) in started {
+                    let _ = h.join();
+                }
+            });
+            return Err(e.into_pyerr(py));
+        }
         register(&self.shared);
         Ok(())
     }

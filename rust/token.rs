@@ -256,7 +256,9 @@ impl TaskToken {
 }
 
 fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) {
-    if let Err(e) = cb.call1((tok,)) {
+    let args = PyTuple::new(tok.py(), [tok]);
+    let r = args.and_then(|a| crate::exitguard::call(cb, &a, None));
+    if let Err(e) = r {
         log_callback_error(tok.py(), cb, e);
     }
 }

@@ -198,9 +198,9 @@ class OperationsCoordinator:
             _running.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         rt.close()
-        rt.unpause()
         if not wait:
-            rt.kill_pending()
+            rt.kill_pending()  # before unpause, so nothing paused in the pool starts meanwhile
+        rt.unpause()
         if not rt.wait_quiet(timeout):
             killed = rt.kill_pending()
             log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
