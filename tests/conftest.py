@@ -24,6 +24,13 @@ from _support import SAFETY, Latch
 from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stress: full-size stress run (1 000 000 tokens); skipped unless TOKENGATE_STRESS_FULL=1",
+    )
+
+
 @pytest.fixture
 def latches() -> Iterator[list[Latch]]:
     created: list[Latch] = []

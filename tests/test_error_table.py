@@ -1,0 +1,615 @@
+"""One test per row of docs/errors.md: trigger the error, check its class, its builtin base and a
+stable part of its message. The row ids here and in the document must match one to one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tokengate
+import tokengate.errors
+from _support import SAFETY
+from tokengate import (
+    AdmissionClosed,
+    ConfigurationError,
+    CoordinatorForked,
+    CoordinatorNotRunning,
+    GuardedFunction,
+    InternalError,
+    InvalidDecoration,
+    InvalidTag,
+    OperationsCoordinator,
+    PoolFull,
+    TokenGateError,
+    TokenKilled,
+    TokenTimeout,
+    task_token_guard,
+)
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+
+@dataclass
+class Row:
+    id: str
+    cls: type[BaseException]
+    base: type[BaseException]
+    fragment: str
+    trigger: Callable[[Any], Any]
+
+
+@dataclass
+class Ctx:
+    make_coord: Callable[..., OperationsCoordinator]
+    make_latch: Callable[..., Any]
+    child: Callable[[str], dict]
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def _decorated_without_coordinator(ctx):
+    task_token_guard(operation_type="orphan")(lambda: 1)()
+
+
+def _submit_before_start(ctx):
+    OperationsCoordinator(cores=1, workers_per_core=1).submit(print)
+
+
+def _stats_never_started(ctx):
+    OperationsCoordinator(cores=1, workers_per_core=1).stats()
+
+
+def _control_loop_not_running(ctx):
+    OperationsCoordinator(cores=1, workers_per_core=1).loop  # noqa: B018
+
+
+def _submit_after_drain(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.drain(timeout=SAFETY)
+    coord.submit(print)
+
+
+def _pool_full_reject(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1, pool_capacity=3, overflow="reject")
+    coord.pause()
+    for _ in range(3):
+        coord.submit(print)
+    coord.submit(print)
+
+
+def _pool_full_timeout(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1, pool_capacity=2, submit_timeout=0.01)
+    coord.pause()
+    for _ in range(2):
+        coord.submit(print)
+    coord.submit(print)
+
+
+def _get_killed(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.pause()
+    token = coord.submit(print)
+    assert token.kill()
+    token.get()
+
+
+def _get_timeout(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1)
+    latch = ctx.make_latch()
+    token = task_token_guard(operation_type="held")(latch.enter)()
+    assert latch.wait_entered(1)
+    token.get(timeout=0.01)
+
+
+def _decorate(**kwargs):
+    def trigger(ctx):
+        task_token_guard(**kwargs)
+
+    return trigger
+
+
+def _decorate_coroutine(ctx):
+    async def coro():
+        return 1
+
+    task_token_guard()(coro)
+
+
+def _decorate_staticmethod(ctx):
+    task_token_guard()(staticmethod(print))
+
+
+def _decorate_non_callable(ctx):
+    task_token_guard()(42)
+
+
+def _config(**kwargs):
+    def trigger(ctx):
+        OperationsCoordinator(**kwargs)
+
+    return trigger
+
+
+def _stop_timeout_string(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.stop(timeout="soon")
+
+
+def _drain_negative(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.drain(timeout=-1)
+
+
+def _start_twice(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.start()
+
+
+def _bad_core(ctx):
+    coord = ctx.make_coord(cores=2, workers_per_core=1)
+    coord.set_active_workers(3, 1)
+
+
+def _bad_active(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=2, max_workers_per_core=4)
+    coord.set_active_workers(1, 5)
+
+
+def _token_wait(method: str, timeout):
+    def trigger(ctx):
+        coord = ctx.make_coord(cores=1, workers_per_core=1)
+        coord.pause()  # the token is not final, so the timeout is looked at
+        token = coord.submit(print)
+        getattr(token, method)(timeout=timeout)
+
+    return trigger
+
+
+def _guarded_bad_index(ctx):
+    GuardedFunction(print, "x", 7)
+
+
+def _panic(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.pause()
+    token = coord.submit(print)
+    tokengate._core._debug_panic_on_run(token)
+    coord.resume()
+    token.get(timeout=SAFETY)
+
+
+def _submit_non_callable(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1).submit(42)
+
+
+def _callback_non_callable(ctx):
+    token = ctx.make_coord(cores=1, workers_per_core=1).submit(print)
+    token.add_done_callback(42)
+
+
+def _guarded_non_callable(ctx):
+    GuardedFunction(42, "x", 1)
+
+
+def _negative_count(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1).set_active_workers(1, -1)
+
+
+_FORK_CHILD = """
+import json, os, sys, threading
+from tokengate import OperationsCoordinator, task_token_guard
+
+coord = OperationsCoordinator(cores=1, workers_per_core=1)
+coord.start()
+pid = os.fork()
+if pid == 0:
+    out = {}
+    def capture(name, fn):
+        try:
+            fn()
+        except BaseException as exc:
+            out[name] = {"cls": type(exc).__name__, "message": str(exc)}
+    capture("forked", lambda: coord.submit(print))
+    capture("forked-start", coord.start)
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+coord.stop()
+"""
+
+_SPAWN_CHILD = """
+import json, resource
+from tokengate import OperationsCoordinator
+
+# leave ~64 MiB of address space: thread stacks run out long before 256 workers start
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))
+coord = OperationsCoordinator(cores=4, workers_per_core=64, pin_workers=False)
+out = {}
+try:
+    coord.start()
+except BaseException as exc:
+    out["internal-spawn"] = {"cls": type(exc).__name__, "message": str(exc)}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _in_child(script: str, row_id: str):
+    def trigger(ctx):
+        return ctx.child(script)[row_id]
+
+    return trigger
+
+
+ROWS = [
+    Row(
+        "not-running-decorated",
+        CoordinatorNotRunning,
+        RuntimeError,
+        "no OperationsCoordinator is running: start one with",
+        _decorated_without_coordinator,
+    ),
+    Row(
+        "not-running-method",
+        CoordinatorNotRunning,
+        RuntimeError,
+        "this OperationsCoordinator is not running: call start()",
+        _submit_before_start,
+    ),
+    Row(
+        "never-started",
+        CoordinatorNotRunning,
+        RuntimeError,
+        "this OperationsCoordinator was never started",
+        _stats_never_started,
+    ),
+    Row(
+        "no-control-loop",
+        CoordinatorNotRunning,
+        RuntimeError,
+        "the control loop runs only while the coordinator does",
+        _control_loop_not_running,
+    ),
+    Row(
+        "forked",
+        CoordinatorForked,
+        RuntimeError,
+        "this coordinator was started before os.fork(): its workers live in the parent process",
+        _in_child(_FORK_CHILD, "forked"),
+    ),
+    Row(
+        "forked-start",
+        CoordinatorForked,
+        RuntimeError,
+        "this coordinator was started before os.fork(); create a new OperationsCoordinator",
+        _in_child(_FORK_CHILD, "forked-start"),
+    ),
+    Row(
+        "admission-closed",
+        AdmissionClosed,
+        Exception,
+        "admission is closed (drain() or stop() was called); call resume() to reopen it",
+        _submit_after_drain,
+    ),
+    Row(
+        "pool-full-reject",
+        PoolFull,
+        Exception,
+        "token pool is full (3 tokens waiting) and overflow='reject'",
+        _pool_full_reject,
+    ),
+    Row(
+        "pool-full-timeout",
+        PoolFull,
+        Exception,
+        "token pool is full (2 tokens waiting) and no room freed within submit_timeout=0.01 s",
+        _pool_full_timeout,
+    ),
+    Row("killed", TokenKilled, Exception, "was killed before it ran", _get_killed),
+    Row("timeout", TokenTimeout, TimeoutError, "(held) did not finish within 0.01 s", _get_timeout),
+    Row(
+        "tag-weight",
+        InvalidTag,
+        ValueError,
+        "tags['weight'] must be one of 'light', 'medium', 'heavy' (any case), got 'huge'",
+        _decorate(tags={"weight": "huge"}),
+    ),
+    Row(
+        "tag-storage",
+        InvalidTag,
+        ValueError,
+        "tags['storage_speed'] must be one of 'SLOW', 'MODERATE', 'FAST', 'INSANE'",
+        _decorate(tags={"storage_speed": "warp"}),
+    ),
+    Row(
+        "tag-priority",
+        InvalidTag,
+        ValueError,
+        "tags['priority'] must be one of 'high', 'normal', 'low' (any case), got 'urgent'",
+        _decorate(tags={"priority": "urgent"}),
+    ),
+    Row(
+        "tags-not-dict",
+        InvalidTag,
+        ValueError,
+        "tags must be a dict (or None), got list",
+        _decorate(tags=["weight"]),
+    ),
+    Row(
+        "tag-name",
+        InvalidTag,
+        ValueError,
+        "tag names must be strings, got 1",
+        _decorate(tags={1: "x"}),
+    ),
+    Row(
+        "operation-type",
+        InvalidTag,
+        ValueError,
+        "operation_type must be a non-empty string or None, got '  '",
+        _decorate(operation_type="  "),
+    ),
+    Row(
+        "decorate-coroutine",
+        InvalidDecoration,
+        TypeError,
+        "task_token_guard cannot guard the coroutine function",
+        _decorate_coroutine,
+    ),
+    Row(
+        "decorate-descriptor",
+        InvalidDecoration,
+        TypeError,
+        "apply @task_token_guard below @staticmethod/@classmethod",
+        _decorate_staticmethod,
+    ),
+    Row(
+        "decorate-non-callable",
+        InvalidDecoration,
+        TypeError,
+        "task_token_guard needs a function, got int",
+        _decorate_non_callable,
+    ),
+    Row(
+        "config-int",
+        ConfigurationError,
+        ValueError,
+        "workers_per_core must be an int, got float",
+        _config(workers_per_core=2.0),
+    ),
+    Row(
+        "config-range",
+        ConfigurationError,
+        ValueError,
+        "cores must be between 1 and 4096, got 0",
+        _config(cores=0),
+    ),
+    Row(
+        "config-overflow",
+        ConfigurationError,
+        ValueError,
+        "overflow must be 'block' or 'reject', got 'drop'",
+        _config(overflow="drop"),
+    ),
+    Row(
+        "config-seconds",
+        ConfigurationError,
+        ValueError,
+        "timeout must be a number of seconds or None, got 'soon'",
+        _stop_timeout_string,
+    ),
+    Row(
+        "config-negative-seconds",
+        ConfigurationError,
+        ValueError,
+        "timeout must be >= 0, got -1",
+        _drain_negative,
+    ),
+    Row(
+        "already-running",
+        ConfigurationError,
+        ValueError,
+        "this coordinator is already running",
+        _start_twice,
+    ),
+    Row(
+        "core-range",
+        ConfigurationError,
+        ValueError,
+        "core must be between 1 and 2, got 3",
+        _bad_core,
+    ),
+    Row(
+        "active-workers-range",
+        ConfigurationError,
+        ValueError,
+        "active workers must be between 1 and 4 (max_workers_per_core), got 5",
+        _bad_active,
+    ),
+    Row(
+        "token-timeout-value",
+        ConfigurationError,
+        ValueError,
+        "timeout must be a number of seconds >= 0 or None, got -1",
+        _token_wait("get", -1.0),
+    ),
+    Row(
+        "guarded-index",
+        ConfigurationError,
+        ValueError,
+        "weight index must be 0, 1 or 2, got 7",
+        _guarded_bad_index,
+    ),
+    Row(
+        "internal-panic",
+        InternalError,
+        Exception,
+        "internal error in the tokengate core while running token 1: ",
+        _panic,
+    ),
+    Row(
+        "internal-spawn",
+        InternalError,
+        Exception,
+        "could not start a worker thread: ",
+        _in_child(_SPAWN_CHILD, "internal-spawn"),
+    ),
+    Row(
+        "submit-non-callable",
+        TypeError,
+        TypeError,
+        "submit() needs a callable, got int",
+        _submit_non_callable,
+    ),
+    Row(
+        "callback-non-callable",
+        TypeError,
+        TypeError,
+        "add_done_callback needs a callable, got int",
+        _callback_non_callable,
+    ),
+    Row(
+        "guarded-non-callable", TypeError, TypeError, "func must be callable", _guarded_non_callable
+    ),
+    Row(
+        "timeout-type",
+        TypeError,
+        TypeError,
+        "must be real number, not str",
+        _token_wait("get", "soon"),
+    ),
+    Row(
+        "negative-count",
+        OverflowError,
+        OverflowError,
+        "can't convert negative int to unsigned",
+        _negative_count,
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def child_results(tmp_path_factory) -> Callable[[str], dict]:
+    """Runs each subprocess script once per module and caches what it printed."""
+    cache: dict[str, dict] = {}
+
+    def run(script: str) -> dict:
+        if script not in cache:
+            path = tmp_path_factory.mktemp("errors") / "child.py"
+            path.write_text(textwrap.dedent(script))
+            try:
+                proc = subprocess.run(
+                    [sys.executable, str(path)], capture_output=True, text=True, timeout=60
+                )
+            except subprocess.TimeoutExpired as exc:
+                pytest.fail(f"child hung: {exc}")
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            assert proc.returncode == 0 and len(lines) == 1, (proc.stdout, proc.stderr)
+            cache[script] = json.loads(lines[0][len("RESULT ") :])
+        return cache[script]
+
+    return run
+
+
+@pytest.fixture
+def ctx(make_coord, make_latch, child_results) -> Ctx:
+    return Ctx(make_coord, make_latch, child_results)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_error_row(row: Row, ctx: Ctx):
+    assert issubclass(row.cls, row.base)
+    if issubclass(row.cls, TokenGateError):
+        assert row.cls.__module__ == "tokengate.errors"
+        assert getattr(tokengate, row.cls.__name__) is row.cls
+    try:
+        described = row.trigger(ctx)
+    except BaseException as exc:
+        assert type(exc) is row.cls, (type(exc), exc)
+        assert isinstance(exc, row.base)
+        assert isinstance(exc, TokenGateError) == issubclass(row.cls, TokenGateError)
+        message = str(exc)
+    else:
+        # raised in a subprocess: compare what it reported
+        assert described is not None, f"{row.id}: nothing was raised"
+        assert described["cls"] == row.cls.__name__, described
+        message = described["message"]
+    assert row.fragment in message, (row.fragment, message)
+
+
+def test_other_waits_check_the_timeout_value_too(make_coord):
+    """``result``, ``exception`` and ``wait`` validate ``timeout`` like ``get`` (row
+    ``token-timeout-value``)."""
+    coord = make_coord(cores=1, workers_per_core=1)
+    coord.pause()
+    token = coord.submit(print)
+    for method in ("result", "exception", "wait"):
+        for bad in (-0.5, math.nan):
+            with pytest.raises(ConfigurationError, match="timeout must be a number of seconds"):
+                getattr(token, method)(timeout=bad)
+    assert not token.done()
+
+
+def test_run_control_when_not_running_is_row_no_control_loop():
+    coord = OperationsCoordinator(cores=1, workers_per_core=1)
+    coro = asyncio.sleep(0)
+    try:
+        with pytest.raises(CoordinatorNotRunning, match="the control loop runs only"):
+            coord.run_control(coro)
+    finally:
+        coro.close()
+
+
+def _doc_row_ids() -> list[str]:
+    ids, in_rows = [], False
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| row id |"):
+            in_rows = True
+            continue
+        if not line.startswith("|"):
+            in_rows = False
+            continue
+        m = re.match(r"\| `([a-z0-9-]+)` \|", line)
+        if in_rows and m:
+            ids.append(m.group(1))
+    return ids
+
+
+def test_the_document_and_the_tests_list_the_same_rows():
+    doc_ids = _doc_row_ids()
+    assert len(doc_ids) == len(set(doc_ids)), "duplicate row id in docs/errors.md"
+    assert doc_ids == [r.id for r in ROWS]
+
+
+def test_the_document_lists_every_error_class_with_its_base():
+    text = DOC.read_text()
+    classes = [getattr(tokengate.errors, name) for name in tokengate.errors.__all__]
+    assert TokenGateError in classes and CoordinatorForked in classes
+    for cls in classes:
+        m = re.search(rf"^\| `{cls.__name__}` \| (.+) \|$", text, re.MULTILINE)
+        assert m, f"{cls.__name__} is missing from the hierarchy table"
+        assert issubclass(cls, TokenGateError)
+        for base in (RuntimeError, TimeoutError, ValueError, TypeError):
+            if base in cls.__bases__:
+                assert f"`{base.__name__}`" in m.group(1), (cls, m.group(1))
+        # every class that can be raised has at least one row (TokenGateError is the root)
+        if cls is not TokenGateError:
+            assert any(r.cls is cls for r in ROWS), f"no row raises {cls.__name__}"
