@@ -478,7 +478,12 @@ def test_task_calling_drain_on_its_own_coordinator(tmp_path, layout):
     assert r["state"] == "COMPLETED"
     report = r["result"]["report"]
     assert report["timed_out"] is False
-    assert report["completed"] == 20  # the queued tokens were run (helped along) meanwhile
+    if layout == (1, 1):
+        # the only worker is the drainer's: it ran the queued tokens itself, inside drain()
+        assert report["completed"] == 20
+    else:
+        # other workers may have finished some (or all) before drain() took its first count
+        assert 0 <= report["completed"] <= 20
     assert report["failed"] == report["killed"] == 0
     assert report["remaining"] == 1  # the draining token itself is still executing
     assert r["result"]["inside"] == "AdmissionClosed"
