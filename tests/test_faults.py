@@ -966,6 +966,28 @@ def test_fork_while_other_threads_use_the_coordinator(tmp_path):
     assert "FAILURES []" in out, (out, err)
 
 
+_local = threading.local()
+
+
+def _remember(value: int) -> tuple[int | None, int]:
+    previous = getattr(_local, "value", None)
+    _local.value = value
+    return previous, threading.get_ident()
+
+
+def test_a_worker_keeps_its_python_thread_state_between_tokens(make_coord):
+    """Per-thread Python state (``threading.local``: cached connections, RNGs, ...) set by one
+    token must still be there for the next token on the same worker, as on any thread pool,
+    even when the worker went idle in between (here: every time, since each token is waited
+    for before the next is submitted). A worker that drops its Python thread state whenever it
+    waits loses that data, and re-creating the state for every burst is what keeps CPython's
+    runtime lock busy enough to hang forked children (see the fork test above)."""
+    coord = make_coord(cores=1, workers_per_core=1)
+    seen = [coord.submit(_remember, i).get(timeout=SAFETY) for i in range(20)]
+    assert len({ident for _, ident in seen}) == 1  # one worker thread ran them all
+    assert [previous for previous, _ in seen] == [None, *range(19)]
+
+
 # =============================================================== many coordinators in a loop
 
 
