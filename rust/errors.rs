@@ -58,14 +58,14 @@ impl CoreError {
                 capacity,
                 waited: None,
             } => format!(
-                "token pool is full ({capacity} tokens waiting) and overflow='reject'; \
+                "token pool is full (pool_capacity={capacity}) and overflow='reject'; \
                  raise pool_capacity or use overflow='block'"
             ),
             CoreError::PoolFull {
                 capacity,
                 waited: Some(s),
             } => format!(
-                "token pool is full ({capacity} tokens waiting) and no room freed within \
+                "token pool is full (pool_capacity={capacity}) and no room freed within \
                  submit_timeout={s} s"
             ),
             CoreError::Killed { id, operation } => {

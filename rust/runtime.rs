@@ -291,19 +291,25 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
             running: Cell::new(0),
         })
     });
-    // A panic outside a token (a bug in the scheduler itself) must not kill the worker and
-    // strand the tokens in its mailbox: it is counted and the loop goes on.
-    loop {
-        match catch_unwind(AssertUnwindSafe(|| {
-            worker_round(&shared, core, wi, &parker)
-        })) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(_) => {
-                shared.internal_errors.fetch_add(1, Ordering::Relaxed);
+    let sh = shared.clone();
+    let run = move || {
+        // A panic outside a token (a bug in the scheduler itself) must not kill the worker
+        // and strand the tokens in its mailbox: it is counted and the loop goes on.
+        loop {
+            match catch_unwind(AssertUnwindSafe(|| worker_round(&sh, core, wi, &parker))) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    sh.internal_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-    }
+    };
+    // Create this thread's Python thread state once and keep it while the worker lives: every
+    // later attach only takes the GIL. Creating and deleting a thread state per burst of work
+    // costs time and widens the window in which os.fork() in another thread can catch the
+    // interpreter's thread-state lock held (CPython gh-112275: the child then hangs).
+    Python::try_attach(|py| py.detach(run));
     WORKER.with(|w| w.borrow_mut().take());
 }
 
@@ -430,6 +436,32 @@ fn allowed_cpus() -> Vec<usize> {
         ids.push(0);
     }
     ids
+}
+
+/// `value` as an int in `lo..=hi`, `None` if it is an int outside it (however large); a
+/// non-int raises the usual TypeError.
+fn int_in(value: &Bound<'_, PyAny>, lo: usize, hi: usize) -> PyResult<Option<usize>> {
+    let v: i128 = match value.extract::<i128>() {
+        Ok(v) => v,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(value.py()) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((v >= lo as i128 && v <= hi as i128).then_some(v as usize))
+}
+
+impl Runtime {
+    /// 0-based index of 1-based `core`, or a `ConfigurationError` naming the valid range.
+    fn core_index(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let n = self.shared.sched.cores();
+        match int_in(core, 1, n)? {
+            Some(c) => Ok(c - 1),
+            None => {
+                Err(CoreError::Config(format!("core must be between 1 and {n}, got {core}")).into())
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -685,11 +717,18 @@ impl Runtime {
     }
 
     /// Sets how many workers of 1-based `core` receive new work (starting threads if needed).
-    fn set_active_workers(&self, core: usize, n: usize) -> PyResult<()> {
+    fn set_active_workers(&self, core: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<()> {
+        let core = self.core_index(core)?;
+        let max = self.shared.sched.config().max_workers_per_core;
+        let n = int_in(n, 1, max)?.ok_or_else(|| {
+            CoreError::Config(format!(
+                "active workers must be between 1 and {max} (max_workers_per_core), got {n}"
+            ))
+        })?;
         let slots = self
             .shared
             .sched
-            .set_active(core.wrapping_sub(1), n)
+            .set_active(core, n)
             .map_err(CoreError::Config)?;
         if self.shared.started.load(Ordering::Acquire) && !self.shared.sched.is_shutdown() {
             self.shared.spawn_workers(slots)?;
@@ -697,15 +736,8 @@ impl Runtime {
         Ok(())
     }
 
-    fn active_workers(&self, core: usize) -> PyResult<usize> {
-        if core < 1 || core > self.shared.sched.cores() {
-            return Err(CoreError::Config(format!(
-                "core must be between 1 and {}, got {core}",
-                self.shared.sched.cores()
-            ))
-            .into());
-        }
-        Ok(self.shared.sched.active(core - 1))
+    fn active_workers(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {
+        Ok(self.shared.sched.active(self.core_index(core)?))
     }
 
     /// Counters and per-core distribution.

@@ -71,7 +71,7 @@ impl OutcomeCell {
 }
 
 /// A handle on one call of a guarded function: identity, state, timings and its result.
-#[pyclass(frozen, module = "tokengate._core", name = "TaskToken")]
+#[pyclass(frozen, weakref, module = "tokengate._core", name = "TaskToken")]
 pub struct TaskToken {
     pub(crate) header: Header,
     pub(crate) op: Arc<OpSpec>,

@@ -324,7 +324,8 @@ class OperationsCoordinator:
 
     @property
     def running(self) -> bool:
-        return self._rt is not None
+        """Whether this coordinator's workers are running (in this process)."""
+        return self._rt is not None and not self._forked
 
     @property
     def paused(self) -> bool:
@@ -359,6 +360,7 @@ class OperationsCoordinator:
     def run_control(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the control loop; returns a concurrent future."""
         if self._control is None:
+            coro.close()  # it will never run: don't leave it "never awaited"
             raise CoordinatorNotRunning("the control loop runs only while the coordinator does")
         return self._control.submit(coro)
 
