@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -108,6 +109,9 @@ def _run_stress(coord: OperationsCoordinator, total: int) -> Run:
         rng = random.Random(1234)
         try:
             while not run.submitters_done.is_set():
+                # A yield, not a wait: a pure-Python loop would otherwise hold the GIL for
+                # whole switch intervals and starve the submitters it is meant to race with.
+                time.sleep(0)
                 n = len(run.submitted)
                 if n == 0:
                     continue

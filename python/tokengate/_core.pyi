@@ -5,6 +5,16 @@ from typing import Any, Literal, final
 
 from ._types import TaskWeight, TokenState
 
+__all__ = [
+    "GuardedFunction",
+    "Runtime",
+    "TaskToken",
+    "__version__",
+    "_after_fork_in_child",
+    "_debug_panic_on_run",
+    "monotonic",
+]
+
 __version__: str
 
 def monotonic() -> float:
@@ -50,7 +60,7 @@ class TaskToken:
     def result(self, timeout: float | None = None) -> Any: ...
     def exception(self, timeout: float | None = None) -> BaseException | None: ...
     def kill(self) -> bool: ...
-    def add_done_callback(self, func: Callable[[TaskToken], object], /) -> None: ...
+    def add_done_callback(self, func: Callable[[TaskToken], object]) -> None: ...
     def __await__(self) -> Generator[Any, None, Any]: ...
 
 @final
@@ -60,17 +70,17 @@ class GuardedFunction:
     __wrapped__: Callable[..., Any]
     __name__: str
     __qualname__: str
-    def __init__(
-        self,
+    def __new__(
+        cls,
         func: Callable[..., Any],
         operation_type: str,
         weight: int,
         priority: int = 1,
         storage_speed: int | None = None,
         tags: dict[str, Any] | None = None,
-    ) -> None: ...
+    ) -> GuardedFunction: ...
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken: ...
-    def __get__(self, obj: object, objtype: type | None = None) -> Any: ...
+    def __get__(self, obj: object, objtype: type | None = None, /) -> Any: ...
     @property
     def operation_type(self) -> str: ...
     @property
@@ -86,8 +96,8 @@ class GuardedFunction:
 class Runtime:
     """The native runtime behind an ``OperationsCoordinator``."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         cores: int | None = None,
         workers_per_core: int = 4,
@@ -97,7 +107,7 @@ class Runtime:
         overflow: Literal["block", "reject"] = "block",
         submit_timeout: float | None = None,
         pin_workers: bool = True,
-    ) -> None: ...
+    ) -> Runtime: ...
     def start(self) -> None: ...
     def submit(
         self,

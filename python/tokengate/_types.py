@@ -37,13 +37,11 @@ class TaskWeight(enum.StrEnum):
     MEDIUM = "medium"
     LIGHT = "light"
 
-    @property
-    def index(self) -> int:
-        """The core's index for this weight (0 heavy, 1 medium, 2 light)."""
-        return _WEIGHT_INDEX[self]
 
-
-_WEIGHT_INDEX: Final = {TaskWeight.HEAVY: 0, TaskWeight.MEDIUM: 1, TaskWeight.LIGHT: 2}
+#: The core's index of each weight.
+WEIGHT_INDEX: Final = MappingProxyType(
+    {TaskWeight.HEAVY: 0, TaskWeight.MEDIUM: 1, TaskWeight.LIGHT: 2}
+)
 
 #: Concurrency permits per storage tier (used by the storage throttle).
 STORAGE_SPEEDS: Final = MappingProxyType({"SLOW": 10, "MODERATE": 25, "FAST": 50, "INSANE": 70})

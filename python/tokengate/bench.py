@@ -640,7 +640,8 @@ def decorator_call_cost(
     # the same loop around a plain Python call: the floor of this measurement
     t0 = perf()
     for _ in range(batches):
-        [noop() for _ in rng]
+        for _ in rng:
+            noop()
     plain = (perf() - t0) / (batches * batch) * 1e6
     return {
         "median_us": statistics.median(per_call),
@@ -1059,7 +1060,7 @@ def run_quick(
             )  # warm up: threads started, code paths hot
             # asyncio.to_thread costs ~100 us a task: 100 000 would take 10 s a round
             n = 100_000 if full or name != "asyncio.to_thread" else 20_000
-            r = _median_rounds(lambda s=s, n=n: noop_throughput(s, n), 3 if full else 1, 0)
+            r = _median_rounds(partial(noop_throughput, s, n), 3 if full else 1, 0)
             rows.append(row("no-op throughput", name, r["us_per_task"], "us/task", n=r["n"]))
             r = round_trip(s, 5_000 if full else 2_000)
             rows.append(row("round trip median", name, r["median_us"], "us", p95_us=r["p95_us"]))
@@ -1079,7 +1080,7 @@ def run_quick(
             continue  # the remaining workloads route by weight: decorated functions only
         say(f"{name}: sleep fan-out")
         with open_system(name, fanout_layout(32)) as s:
-            r = _median_rounds(lambda s=s: sleep_fanout(s), rounds)
+            r = _median_rounds(partial(sleep_fanout, s), rounds)
             rows.append(
                 row(
                     "sleep fan-out concurrency",
@@ -1092,7 +1093,7 @@ def run_quick(
             )
         say(f"{name}: GIL-releasing CPU")
         with open_system(name, cpu_layout()) as s:
-            r = _median_rounds(lambda s=s: cpu_hash(s, serial_s=serial_s), rounds)
+            r = _median_rounds(partial(cpu_hash, s, serial_s=serial_s), rounds)
             rows.append(
                 row(
                     "GIL-releasing CPU concurrency",
@@ -1106,7 +1107,7 @@ def run_quick(
             )
         say(f"{name}: concurrency burst, window, series saturation")
         with open_system(name, default_layout()) as s:
-            r = _median_rounds(lambda s=s: burst(s), rounds)
+            r = _median_rounds(partial(burst, s), rounds)
             rows.append(row("burst wall", name, r["wall_s"], "s", ideal_s=r["ideal_wall_s"]))
             rows.append(row("burst duration spread", name, r["duration_spread_ms"], "ms"))
             rows.append(row("burst completion spread", name, r["completion_spread_ms"], "ms"))

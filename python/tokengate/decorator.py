@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from ._core import GuardedFunction
-from ._types import PRIORITIES, STORAGE_SPEEDS, TaskWeight
+from ._types import PRIORITIES, STORAGE_SPEEDS, WEIGHT_INDEX, TaskWeight
 from .errors import InvalidDecoration, InvalidTag
 
 __all__ = ["GuardedFunction", "task_token_guard"]
@@ -85,7 +85,7 @@ def _guard(
     guarded = GuardedFunction(
         fn,
         name,
-        weight.index,
+        WEIGHT_INDEX[weight],
         priority,
         None if storage is None else storage[1],
         tags,

@@ -554,7 +554,7 @@ def _build_report(
             )
         }
         by_weight = {
-            w: sum(o["count"] for o in operations.values() if o["weight"] == w) for w in WEIGHTS
+            w: sum(op.count for op in tracker.ops.values() if op.weight == w) for w in WEIGHTS
         }
         violations = {
             f"{weight} on core {core}": n
