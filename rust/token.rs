@@ -356,11 +356,14 @@ impl TaskToken {
         if self.header.state.load().is_final() {
             self.outcome.clear();
         }
-        let (call, cbs) = {
-            let mut slot = self.slot.lock();
-            (slot.call.take(), std::mem::take(&mut slot.callbacks))
-        };
-        drop((call, cbs));
+        // Unreachable tokens are not in any worker's hands, so the lock is free, except in a
+        // forked child where a parent thread may have held it at fork time: never block here.
+        if let Some(mut slot) = self.slot.try_lock() {
+            let call = slot.call.take();
+            let cbs = std::mem::take(&mut slot.callbacks);
+            drop(slot);
+            drop((call, cbs));
+        }
     }
 
     /// Unique id (per coordinator, increasing from 1).
@@ -475,6 +478,9 @@ impl TaskToken {
     /// `TokenKilled`. Returns False if it is already executing or final.
     fn kill(slf: &Bound<'_, Self>) -> bool {
         let tok = slf.get();
+        if tok.rt.forked() {
+            return false; // the token lives in the parent process
+        }
         match tok.rt.sched.kill(&tok.header) {
             Ok(flags) => {
                 drop(tok.take_call());
@@ -494,6 +500,10 @@ impl TaskToken {
                 "add_done_callback needs a callable, got {}",
                 func.get_type().name()?
             )));
+        }
+        if slf.get().rt.forked() && !slf.get().header.state.load().is_final() {
+            // It would never run here: the token finishes (or not) in the parent process.
+            return Err(CoreError::Forked.into_pyerr(slf.py()));
         }
         {
             let mut slot = slf.get().slot.lock();

@@ -814,6 +814,7 @@ def in_child():
     r["exception"] = probe(lambda: held.exception())
     r["done"] = probe(held.done)
     r["kill"] = probe(held.kill)
+    r["add_done_callback"] = probe(lambda: held.add_done_callback(print))
     r["drain"] = probe(lambda: coord.drain(timeout=30))
     r["stats"] = probe(coord.stats)
     r["start_again"] = probe(coord.start)
@@ -864,6 +865,7 @@ def test_fork_after_start(tmp_path):
         "wait",
         "result",
         "exception",
+        "add_done_callback",
         "drain",
         "stats",
         "start_again",
