@@ -813,8 +813,14 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _memory_child(name: str, n: int, cores: int, workers_per_core: int) -> None:
-    """Runs in a subprocess: park every worker, queue ``n`` no-ops, print the RSS delta."""
+def _memory_child(
+    name: str, n: int, cores: int, workers_per_core: int
+) -> tuple[dict[str, Any], threading.Event]:
+    """Runs in a subprocess: park every worker, queue ``n`` no-ops, measure the RSS delta.
+
+    Returns the figures and the event that releases the parked workers; the caller reports
+    the figures and leaves with ``os._exit`` (running a million queued no-ops to exit is
+    pointless)."""
     kwargs: dict[str, Any] = {}
     if name in TOKENGATE_SYSTEMS:
         kwargs["pool_capacity"] = n + 10 * cores * workers_per_core + 1_000
@@ -846,25 +852,19 @@ def _memory_child(name: str, n: int, cores: int, workers_per_core: int) -> None:
             ran = system.coord.stats().get("completed")  # type: ignore[attr-defined]
         except Exception:
             ran = None
-    print(
-        json.dumps(
-            {
-                "system": name,
-                "n": n,
-                "bytes_per_token": (after - before) / n,
-                "rss_before": before,
-                "rss_after": after,
-                "submit_s": submit_s,
-                "mode": mode,
-                "completed_meanwhile": ran,
-                "workers": system.workers,
-            }
-        ),
-        flush=True,
-    )
+    result = {
+        "system": name,
+        "n": n,
+        "bytes_per_token": (after - before) / n,
+        "rss_before": before,
+        "rss_after": after,
+        "submit_s": submit_s,
+        "mode": mode,
+        "completed_meanwhile": ran,
+        "workers": system.workers,
+    }
     del make_warm
-    release.set()
-    os._exit(0)  # do not run a million queued no-ops just to exit
+    return result, release
 
 
 def memory_per_token(
@@ -880,8 +880,11 @@ def memory_per_token(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     code = (
-        "import sys, tokengate.bench as b; "
-        "b._memory_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
+        "import json, os, sys, tokengate.bench as b\n"
+        "r, release = b._memory_child(sys.argv[1], *map(int, sys.argv[2:5]))\n"
+        "print(json.dumps(r), flush=True)\n"
+        "release.set()\n"
+        "os._exit(0)\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, name, str(n), str(cores), str(wpc)],
@@ -1166,29 +1169,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_from_args(a: argparse.Namespace) -> int:
-    """Run the benchmarks as the parsed options say and print the table."""
-    info = machine_info()
-    print(
-        f"# {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
-        f"tokengate {info['tokengate']}",
-        flush=True,
-    )
-    rows = run_quick(
-        a.json,
-        full=a.full,
-        window_seconds=a.window_seconds,
-        systems=a.systems.split(",") if a.systems else None,
-        progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True),
-    )
-    print(format_table(rows))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tokengate.bench", description=BENCH_DESCRIPTION)
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    """``python -m tokengate.bench``: the same as ``tokengate bench``."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -61,6 +61,26 @@ def _cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    info = bench.machine_info()
+    print(
+        f"# {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+        f"tokengate {info['tokengate']}",
+        flush=True,
+    )
+    rows = bench.run_quick(
+        args.json,
+        full=args.full,
+        window_seconds=args.window_seconds,
+        systems=args.systems.split(",") if args.systems else None,
+        progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True),
+    )
+    print(bench.format_table(rows))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     # Imported here so that `tokengate topology` and `--help` do not load the workload.
     from tokengate.demo import format_report, run_demo
@@ -153,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=bench.BENCH_DESCRIPTION,
     )
     bench.add_arguments(bench_p)
-    bench_p.set_defaults(handler=bench.run_from_args)
+    bench_p.set_defaults(handler=_cmd_bench)
     return parser
 
 
