@@ -201,9 +201,17 @@ class OperationsCoordinator:
         if not wait:
             rt.kill_pending()  # before unpause, so nothing paused in the pool starts meanwhile
         rt.unpause()
-        if not rt.wait_quiet(timeout):
-            killed = rt.kill_pending()
-            log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
+        try:
+            if not rt.wait_quiet(timeout):
+                killed = rt.kill_pending()
+                log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
+        except BaseException:
+            # Interrupted (Ctrl-C) while waiting: still leave nothing running behind.
+            rt.kill_pending()
+            rt.shutdown(_INTERRUPT_GRACE)
+            if control is not None:
+                control.stop()
+            raise
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         joined = rt.shutdown(remaining)
         rt.kill_pending()  # anything that raced in after the workers left
