@@ -17,7 +17,7 @@ use crate::errors::{internal_error_value, CoreError};
 use crate::router::{Priority, Weight};
 use crate::sched::{Config, Overflow, RejectReason, Rejected, Scheduler};
 use crate::state::FLAG_WAITERS;
-use crate::token::{wake_key, weight_member, Call, OpSpec, TaskToken};
+use crate::token::{wake_key, Call, OpSpec, TaskToken};
 
 /// Everything the worker threads and the tokens share.
 pub struct Shared {
@@ -818,14 +818,5 @@ impl Runtime {
     #[getter]
     fn shut_down(&self) -> bool {
         self.shared.sched.is_shutdown()
-    }
-
-    /// Whether the calling thread is one of this runtime's workers.
-    fn on_worker_thread(&self) -> bool {
-        current_worker(&self.shared).is_some()
-    }
-
-    fn weight_of<'py>(&self, py: Python<'py>, w: &str) -> PyResult<Bound<'py, PyAny>> {
-        weight_member(py, parse_weight(w)?)
     }
 }

@@ -727,7 +727,7 @@ impl<J: Job> Scheduler<J> {
             }
             Err(e) => {
                 self.note_transition_error(e);
-                self.release_load(core, wi);
+                self.release(core, wi);
                 false
             }
         }
@@ -763,12 +763,9 @@ impl<J: Job> Scheduler<J> {
         flags
     }
 
-    /// The worker is done with the job it finished (callbacks included).
+    /// The worker is done with the job it finished (callbacks included), or a queued job it
+    /// took out was discarded: its place no longer counts toward the load.
     pub fn release(&self, core: usize, wi: usize) {
-        self.release_load(core, wi);
-    }
-
-    fn release_load(&self, core: usize, wi: usize) {
         let cs = &self.cores[core];
         cs.load.fetch_sub(1, Ordering::AcqRel);
         cs.workers[wi].load.fetch_sub(1, Ordering::AcqRel);
@@ -823,11 +820,6 @@ impl<J: Job> Scheduler<J> {
         if let TransitionError::Illegal { .. } = e {
             self.illegal.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Counts an illegal transition attempted outside the scheduler.
-    pub fn count_illegal(&self) {
-        self.illegal.fetch_add(1, Ordering::Relaxed);
     }
 
     // ---- quiescence -------------------------------------------------------------------
