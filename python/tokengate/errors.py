@@ -17,6 +17,7 @@ __all__ = [
     "InvalidTag",
     "PoolFull",
     "TokenGateError",
+    "TokenDeadlock",
     "TokenKilled",
     "TokenTimeout",
 ]
@@ -50,6 +51,11 @@ class TokenKilled(TokenGateError):
 
 class TokenTimeout(TokenGateError, TimeoutError):
     """A wait on a token (``get``, ``result``, ``exception``) ran out of time."""
+
+
+class TokenDeadlock(TokenGateError, RuntimeError):
+    """A task waited on a token that can never finish while it waits: its own token, a token
+    it is running inline beneath itself, or one whose waiters (transitively) wait on it."""
 
 
 class InvalidTag(TokenGateError, ValueError):
