@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import time
@@ -41,13 +42,19 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
 
 
 def _check_timeout(name: str, value: object) -> float | None:
+    """A number of seconds >= 0, or None for "no limit". An infinite value (``math.inf``, or
+    an int too large for a float) also means no limit and becomes None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ConfigurationError(f"{name} must be a number of seconds or None, got {value!r}")
     if value < 0:
         raise ConfigurationError(f"{name} must be >= 0, got {value}")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return None if seconds == math.inf else seconds
 
 
 class _ControlLoop:
