@@ -203,6 +203,10 @@ def _guarded_non_callable(ctx):
     GuardedFunction(42, "x", 1)
 
 
+def _run_control_non_coroutine(ctx):
+    OperationsCoordinator(cores=1, workers_per_core=1).run_control(42)
+
+
 _FORK_CHILD = """
 import json, os, sys, threading
 from tokengate import OperationsCoordinator, task_token_guard
@@ -485,6 +489,13 @@ ROWS = [
         TypeError,
         "must be real number, not str",
         _token_wait("get", "soon"),
+    ),
+    Row(
+        "run-control-non-coroutine",
+        TypeError,
+        TypeError,
+        "run_control() needs a coroutine object, got int",
+        _run_control_non_coroutine,
     ),
 ]
 

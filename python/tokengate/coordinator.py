@@ -30,6 +30,9 @@ _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
 _SAMPLE_EVERY = 0.5
 #: How long leaving a `with` block on Ctrl-C (or interpreter exit) waits for running tokens.
 _INTERRUPT_GRACE = 1.0
+#: The core's limits (sized so its queue indices and counters cannot overflow).
+_MAX_MAILBOX_CAPACITY = 2**24
+_MAX_POOL_CAPACITY = 2**40
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -99,10 +102,10 @@ class OperationsCoordinator:
 
     Args:
         workers_per_core: worker threads started per core.
-        mailbox_capacity: bounded FIFO size of each worker's mailbox.
+        mailbox_capacity: bounded FIFO size of each worker's mailbox (1 to 2**24).
         cores: virtual cores to route over (default: the CPUs this process may use; more
             than there are map round-robin onto them).
-        pool_capacity: how many tokens may wait in the pool.
+        pool_capacity: how many tokens may wait in the pool (1 to 2**40).
         overflow: ``"block"`` (the caller waits for room, GIL released) or ``"reject"``
             (raises :class:`PoolFull`).
         submit_timeout: with ``"block"``, the longest a submission waits before
@@ -123,9 +126,11 @@ class OperationsCoordinator:
         max_workers_per_core: int | None = None,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
-        self._mailbox_capacity = _check_int("mailbox_capacity", mailbox_capacity, 1)
+        self._mailbox_capacity = _check_int(
+            "mailbox_capacity", mailbox_capacity, 1, _MAX_MAILBOX_CAPACITY
+        )
         self._cores = None if cores is None else _check_int("cores", cores, 1, 4096)
-        self._pool_capacity = _check_int("pool_capacity", pool_capacity, 1)
+        self._pool_capacity = _check_int("pool_capacity", pool_capacity, 1, _MAX_POOL_CAPACITY)
         if overflow not in ("block", "reject"):
             raise ConfigurationError(f"overflow must be 'block' or 'reject', got {overflow!r}")
         self._overflow = overflow
@@ -374,10 +379,13 @@ class OperationsCoordinator:
 
     def run_control(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the control loop; returns a concurrent future."""
-        if self._control is None:
+        if not asyncio.iscoroutine(coro):
+            raise TypeError(f"run_control() needs a coroutine object, got {type(coro).__name__}")
+        control = self._control
+        if control is None:
             coro.close()  # it will never run: don't leave it "never awaited"
             raise CoordinatorNotRunning("the control loop runs only while the coordinator does")
-        return self._control.submit(coro)
+        return control.submit(coro)
 
     async def _sample_rate(self) -> None:
         last_done, last_t = 0, time.monotonic()

@@ -62,6 +62,33 @@ def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str,
     return clean, weight, storage, priority
 
 
+def _name_of(fn: object) -> str:
+    """The name a callable goes by: its ``__qualname__``, else its ``__name__`` (when either is
+    a non-blank str; some callables set them to other objects), else its type's name."""
+    for attr in ("__qualname__", "__name__"):
+        name = getattr(fn, attr, None)
+        if isinstance(name, str) and name.strip():
+            return name
+    return type(fn).__name__
+
+
+def _coroutine_target(fn: object) -> object | None:
+    """The coroutine (or async generator) function that calling ``fn`` would run instead of
+    doing the work, if any: ``fn`` itself when it is an ``async def`` function or method, the
+    function inside a ``functools.partial``, or an object's ``async def __call__``."""
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner):
+        return inner
+    if inspect.isroutine(inner) or isinstance(inner, type):
+        return None
+    call = inspect.getattr_static(type(inner), "__call__", None)
+    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        return call
+    return None
+
+
 def _guard(
     fn: Callable[..., Any],
     operation_type: str | None,
@@ -70,18 +97,19 @@ def _guard(
     storage: tuple[str, int] | None,
     priority: int,
 ) -> GuardedFunction:
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise InvalidDecoration(
-            f"task_token_guard cannot guard the coroutine function {fn.__qualname__!r}: "
-            "tokens run on worker threads, so decorate a plain `def` (await the token instead)"
-        )
     if isinstance(fn, (staticmethod, classmethod)):
         raise InvalidDecoration(
             "apply @task_token_guard below @staticmethod/@classmethod, directly on the function"
         )
+    target = _coroutine_target(fn)
+    if target is not None:
+        raise InvalidDecoration(
+            f"task_token_guard cannot guard the coroutine function {_name_of(target)!r}: "
+            "tokens run on worker threads, so decorate a plain `def` (await the token instead)"
+        )
     if not callable(fn):
         raise InvalidDecoration(f"task_token_guard needs a function, got {type(fn).__name__}")
-    name = operation_type or getattr(fn, "__qualname__", None) or type(fn).__name__
+    name = operation_type or _name_of(fn)
     guarded = GuardedFunction(
         fn,
         name,
@@ -122,7 +150,11 @@ def task_token_guard(
 
     Usable as ``@task_token_guard`` or ``@task_token_guard(operation_type=..., tags=...)``.
     """
-    if callable(operation_type) and not isinstance(operation_type, str):
+    if isinstance(operation_type, (staticmethod, classmethod)) or (
+        callable(operation_type) and not isinstance(operation_type, str)
+    ):
+        # The bare form, @task_token_guard. (A classmethod object is not callable, but it
+        # means the decorator was put above @classmethod; _guard says so.)
         clean, weight, storage, priority = _validate_tags(tags)
         return _guard(operation_type, None, clean, weight, storage, priority)
     if operation_type is not None and (
