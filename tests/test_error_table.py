@@ -334,11 +334,11 @@ ROWS = [
         _decorate(tags={"storage_speed": "warp"}),
     ),
     Row(
-        "tag-priority",
-        InvalidTag,
+        "priority",
+        ConfigurationError,
         ValueError,
-        "tags['priority'] must be one of 'high', 'normal', 'low' (any case), got 'urgent'",
-        _decorate(tags={"priority": "urgent"}),
+        "priority must be one of 'high', 'normal', 'low' (any case), got 'urgent'",
+        _decorate(priority="urgent"),
     ),
     Row(
         "tags-not-dict",

@@ -9,7 +9,7 @@ from typing import Any, overload
 
 from ._core import GuardedFunction
 from ._types import PRIORITIES, STORAGE_SPEEDS, WEIGHT_INDEX, TaskWeight
-from .errors import InvalidDecoration, InvalidTag
+from .errors import ConfigurationError, InvalidDecoration, InvalidTag
 
 __all__ = ["GuardedFunction", "task_token_guard"]
 
@@ -39,12 +39,12 @@ def _parse_storage(value: object) -> tuple[str, int] | None:
 def _parse_priority(value: object) -> int:
     if isinstance(value, str) and value.lower() in PRIORITIES:
         return PRIORITIES[value.lower()]
-    raise InvalidTag(
-        f"tags['priority'] must be one of 'high', 'normal', 'low' (any case), got {value!r}"
+    raise ConfigurationError(
+        f"priority must be one of 'high', 'normal', 'low' (any case), got {value!r}"
     )
 
 
-def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str, int] | None, int]:
+def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str, int] | None]:
     if tags is None:
         tags = {}
     if not isinstance(tags, Mapping):
@@ -55,11 +55,10 @@ def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str,
     clean = dict(tags)
     weight = _parse_weight(clean.get("weight", "medium"))
     storage = _parse_storage(clean.get("storage_speed"))
-    priority = _parse_priority(clean.get("priority", "normal"))
     clean["weight"] = weight.value
     if storage is not None:
         clean["storage_speed"] = storage[0]
-    return clean, weight, storage, priority
+    return clean, weight, storage
 
 
 def _name_of(fn: object) -> str:
@@ -126,6 +125,8 @@ def _guard(
 def task_token_guard(
     operation_type: Callable[..., Any],
     tags: None = None,
+    *,
+    priority: str = "normal",
 ) -> GuardedFunction: ...
 
 
@@ -133,39 +134,49 @@ def task_token_guard(
 def task_token_guard(
     operation_type: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    *,
+    priority: str = "normal",
 ) -> Callable[[Callable[..., Any]], GuardedFunction]: ...
 
 
 def task_token_guard(
     operation_type: str | Callable[..., Any] | None = None,
     tags: Mapping[str, Any] | None = None,
+    *,
+    priority: str = "normal",
 ) -> GuardedFunction | Callable[[Callable[..., Any]], GuardedFunction]:
     """Turn every call of the decorated function into a :class:`TaskToken`.
 
     ``operation_type`` names the operation (default: the function's ``__qualname__``).
-    ``tags`` may hold ``weight`` (``light``/``medium``/``heavy``, default ``medium``),
-    ``storage_speed`` (``SLOW``/``MODERATE``/``FAST``/``INSANE``) and ``priority``
-    (``high``/``normal``/``low``), all case-insensitive, plus any free-form keys.
-    Invalid values raise :class:`InvalidTag` here, at decoration time.
+    ``tags`` may hold ``weight`` (``light``/``medium``/``heavy``, default ``medium``) and
+    ``storage_speed`` (``SLOW``/``MODERATE``/``FAST``/``INSANE``), both case-insensitive,
+    plus any free-form keys (kept as metadata). Invalid values raise :class:`InvalidTag`
+    here, at decoration time.
 
-    Usable as ``@task_token_guard`` or ``@task_token_guard(operation_type=..., tags=...)``.
+    ``priority`` (keyword-only: ``high``/``normal``/``low``, case-insensitive, default
+    ``normal``) picks the queue lane of the tokens; an invalid value raises
+    :class:`ConfigurationError`.
+
+    Usable as ``@task_token_guard`` or
+    ``@task_token_guard(operation_type=..., tags=..., priority=...)``.
     """
+    lane = _parse_priority(priority)
     if isinstance(operation_type, (staticmethod, classmethod)) or (
         callable(operation_type) and not isinstance(operation_type, str)
     ):
         # The bare form, @task_token_guard. (A classmethod object is not callable, but it
         # means the decorator was put above @classmethod; _guard says so.)
-        clean, weight, storage, priority = _validate_tags(tags)
-        return _guard(operation_type, None, clean, weight, storage, priority)
+        clean, weight, storage = _validate_tags(tags)
+        return _guard(operation_type, None, clean, weight, storage, lane)
     if operation_type is not None and (
         not isinstance(operation_type, str) or not operation_type.strip()
     ):
         raise InvalidTag(
             f"operation_type must be a non-empty string or None, got {operation_type!r}"
         )
-    clean, weight, storage, priority = _validate_tags(tags)
+    clean, weight, storage = _validate_tags(tags)
 
     def decorate(fn: Callable[..., Any]) -> GuardedFunction:
-        return _guard(fn, operation_type, clean, weight, storage, priority)
+        return _guard(fn, operation_type, clean, weight, storage, lane)
 
     return decorate
