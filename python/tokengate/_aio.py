@@ -18,7 +18,9 @@ def await_token(token: TaskToken) -> Generator[Any, None, Any]:
     """The iterator behind ``TaskToken.__await__``.
 
     The token's done callback hops onto the awaiting loop with ``call_soon_threadsafe``.
-    Cancelling the awaiting task kills the token if it has not started yet.
+    Cancelling the awaiting task (``asyncio.wait_for`` timing out, a ``TaskGroup`` being
+    cancelled, ...) ends only this await, like ``get(timeout=...)`` passing: the token still
+    runs and its other waiters get its result. ``token.kill()`` is the way to cancel it.
     """
     if not token.done():
         loop = asyncio.get_running_loop()
@@ -31,9 +33,5 @@ def await_token(token: TaskToken) -> Generator[Any, None, Any]:
                 pass
 
         token.add_done_callback(on_done)
-        try:
-            yield from fut
-        except asyncio.CancelledError:
-            token.kill()
-            raise
+        yield from fut
     return token.get()
