@@ -2,9 +2,45 @@
 //! `tokengate.errors.TokenGateError` (the classes live in Python so they can also subclass
 //! `RuntimeError`, `TimeoutError` or `ValueError`).
 
+use std::time::{Duration, Instant};
+
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
+
+/// Longer waits than this (about 31 years, `inf` included) mean "no limit".
+const FOREVER_SECS: f64 = 1e9;
+
+/// The instant `secs` seconds from now; `None` (no limit) for `None`, `inf` or any wait too
+/// long to represent. Never panics (negative and NaN count as 0; callers validate first).
+pub(crate) fn deadline_in(secs: Option<f64>) -> Option<Instant> {
+    let s = secs?;
+    if s.is_nan() {
+        return Some(Instant::now());
+    }
+    if s >= FOREVER_SECS {
+        return None;
+    }
+    Instant::now().checked_add(Duration::from_secs_f64(s.max(0.0)))
+}
+
+/// Seconds as a person would write them: `0.2`, `1.5`, `30`, `1e-300`.
+pub(crate) fn fmt_secs(s: f64) -> String {
+    if s == 0.0 || (1e-3..1e9).contains(&s) {
+        let t = format!("{s:.3}");
+        let t = t.trim_end_matches('0').trim_end_matches('.');
+        t.to_string()
+    } else {
+        let t = format!("{s:.3e}");
+        match t.split_once('e') {
+            Some((m, e)) => {
+                let m = m.trim_end_matches('0').trim_end_matches('.');
+                format!("{m}e{e}")
+            }
+            None => t,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum CoreError {
@@ -24,6 +60,8 @@ pub enum CoreError {
         operation: String,
         seconds: f64,
     },
+    /// A task waited on a token that cannot finish while it waits.
+    Deadlock(String),
     Config(String),
     Internal(String),
 }
@@ -37,6 +75,7 @@ impl CoreError {
             CoreError::PoolFull { .. } => "PoolFull",
             CoreError::Killed { .. } => "TokenKilled",
             CoreError::Timeout { .. } => "TokenTimeout",
+            CoreError::Deadlock(_) => "TokenDeadlock",
             CoreError::Config(_) => "ConfigurationError",
             CoreError::Internal(_) => "InternalError",
         }
@@ -66,7 +105,8 @@ impl CoreError {
                 waited: Some(s),
             } => format!(
                 "token pool is full (pool_capacity={capacity}) and no room freed within \
-                 submit_timeout={s} s"
+                 submit_timeout={} s",
+                fmt_secs(*s)
             ),
             CoreError::Killed { id, operation } => {
                 format!("token {id} ({operation}) was killed before it ran")
@@ -75,8 +115,11 @@ impl CoreError {
                 id,
                 operation,
                 seconds,
-            } => format!("token {id} ({operation}) did not finish within {seconds} s"),
-            CoreError::Config(m) | CoreError::Internal(m) => m.clone(),
+            } => format!(
+                "token {id} ({operation}) did not finish within {} s",
+                fmt_secs(*seconds)
+            ),
+            CoreError::Deadlock(m) | CoreError::Config(m) | CoreError::Internal(m) => m.clone(),
         }
     }
 
@@ -106,4 +149,31 @@ pub fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyTy
 /// An `InternalError` instance (not raised), for storing as a token's failure.
 pub fn internal_error_value(py: Python<'_>, msg: String) -> Py<pyo3::exceptions::PyBaseException> {
     CoreError::Internal(msg).into_pyerr(py).into_value(py)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_read_well() {
+        assert_eq!(fmt_secs(0.2), "0.2");
+        assert_eq!(fmt_secs(30.0), "30");
+        assert_eq!(fmt_secs(1.25), "1.25");
+        assert_eq!(fmt_secs(0.0), "0");
+        assert_eq!(fmt_secs(1e-300), "1e-300");
+        assert_eq!(fmt_secs(2.5e12), "2.5e12");
+    }
+
+    #[test]
+    fn huge_waits_have_no_deadline_and_never_panic() {
+        assert!(deadline_in(None).is_none());
+        assert!(deadline_in(Some(f64::INFINITY)).is_none());
+        assert!(deadline_in(Some(1e300)).is_none());
+        assert!(deadline_in(Some(1e19)).is_none());
+        let soon = deadline_in(Some(0.5)).unwrap();
+        assert!(soon > Instant::now());
+        assert!(deadline_in(Some(-1.0)).unwrap() <= Instant::now());
+        assert!(deadline_in(Some(f64::NAN)).is_some());
+    }
 }

@@ -5,14 +5,25 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::CoreError;
 use crate::router::{Priority, Weight};
 use crate::runtime::{current_runtime, submit_token};
-use crate::token::{weight_member, OpSpec, TaskToken};
+use crate::token::{no_panic, weight_member, OpSpec, TaskToken};
 
 /// A function whose every call becomes a `TaskToken` on the running coordinator.
-#[pyclass(frozen, dict, module = "tokengate._core", name = "GuardedFunction")]
+///
+/// Like the function it replaces it takes part in the garbage collector (a nested decorated
+/// function that calls itself, or a method using `__class__`, forms a cycle), accepts weak
+/// references, and pickles by reference (module and qualified name).
+#[pyclass(
+    frozen,
+    dict,
+    weakref,
+    module = "tokengate._core",
+    name = "GuardedFunction"
+)]
 pub struct GuardedFunction {
     op: Arc<OpSpec>,
 }
@@ -25,8 +36,8 @@ impl GuardedFunction {
     fn new(
         func: Bound<'_, PyAny>,
         operation_type: Bound<'_, PyString>,
-        weight: u8,
-        priority: u8,
+        weight: i64,
+        priority: i64,
         storage_speed: Option<u8>,
         tags: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
@@ -35,15 +46,18 @@ impl GuardedFunction {
                 "func must be callable",
             ));
         }
-        let weight = Weight::from_index(weight).ok_or_else(|| {
+        let index = |v: i64| u8::try_from(v).ok();
+        let weight = index(weight).and_then(Weight::from_index).ok_or_else(|| {
             CoreError::Config(format!("weight index must be 0, 1 or 2, got {weight}"))
         })?;
-        let priority = Priority::from_index(priority).ok_or_else(|| {
-            CoreError::Config(format!("priority index must be 0, 1 or 2, got {priority}"))
-        })?;
+        let priority = index(priority)
+            .and_then(Priority::from_index)
+            .ok_or_else(|| {
+                CoreError::Config(format!("priority index must be 0, 1 or 2, got {priority}"))
+            })?;
         Ok(GuardedFunction {
             op: Arc::new(OpSpec {
-                func: func.unbind(),
+                func: Some(func.unbind()),
                 operation_type: operation_type.unbind(),
                 weight,
                 priority,
@@ -61,13 +75,38 @@ impl GuardedFunction {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, TaskToken>> {
         let shared = current_runtime().map_err(|e| e.into_pyerr(py))?;
-        submit_token(
-            py,
-            &shared,
-            &self.op,
-            args.clone().unbind(),
-            kwargs.map(|k| k.clone().unbind()),
-        )
+        no_panic(py, || {
+            submit_token(
+                py,
+                &shared,
+                &self.op,
+                None,
+                args.clone().unbind(),
+                kwargs.map(|k| k.clone().unbind()),
+            )
+        })
+    }
+
+    /// The function and tags it holds (the instance `__dict__` is visited by PyO3).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(f) = &self.op.func {
+            visit.call(f)?;
+        }
+        if let Some(t) = &self.op.tags {
+            visit.call(t)?;
+        }
+        Ok(())
+    }
+
+    /// Nothing of its own to clear (the function and tags are shared with every token of
+    /// it); PyO3 clears the instance `__dict__`, and the function, cells or class on a cycle
+    /// through it clear themselves.
+    fn __clear__(&self) {}
+
+    /// Pickles by reference, like a function: `copy`, `pickle` and `multiprocessing` find it
+    /// again as `module.qualname` (a nested function fails with the usual PicklingError).
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.getattr("__qualname__")
     }
 
     /// Binds like a function when looked up on an instance.
@@ -109,7 +148,10 @@ impl GuardedFunction {
     /// The plain function (also available as `__wrapped__`).
     #[getter]
     fn func(&self, py: Python<'_>) -> Py<PyAny> {
-        self.op.func.clone_ref(py)
+        self.op
+            .func
+            .as_ref()
+            .map_or_else(|| py.None(), |f| f.clone_ref(py))
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -9,6 +9,8 @@ pub mod mailbox;
 pub mod router;
 pub mod sched;
 pub mod state;
+pub mod sync;
+pub mod waits;
 
 mod errors;
 mod exitguard;

@@ -7,7 +7,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
+use std::sync::Mutex;
+
+use crate::sync::lock;
 
 use crate::router::Priority;
 
@@ -79,12 +81,12 @@ impl<T> Mailbox<T> {
 
     #[inline]
     pub fn push_reserved(&self, item: T, prio: Priority) {
-        self.lanes.lock()[prio as usize].push_back(item);
+        lock(&self.lanes)[prio as usize].push_back(item);
     }
 
     /// Pushes several reserved items under one lock.
     pub fn push_reserved_all(&self, items: impl IntoIterator<Item = (T, Priority)>) {
-        let mut lanes = self.lanes.lock();
+        let mut lanes = lock(&self.lanes);
         for (item, prio) in items {
             lanes[prio as usize].push_back(item);
         }
@@ -106,7 +108,7 @@ impl<T> Mailbox<T> {
         if self.is_empty() {
             return None;
         }
-        let mut lanes = self.lanes.lock();
+        let mut lanes = lock(&self.lanes);
         let item = lanes.iter_mut().find_map(|lane| lane.pop_front());
         if item.is_some() {
             self.len.fetch_sub(1, Ordering::AcqRel);
@@ -116,7 +118,7 @@ impl<T> Mailbox<T> {
 
     /// Removes everything queued (reservations in flight stay counted).
     pub fn drain(&self) -> Vec<T> {
-        let mut lanes = self.lanes.lock();
+        let mut lanes = lock(&self.lanes);
         let out: Vec<T> = lanes.iter_mut().flat_map(|l| l.drain(..)).collect();
         self.len.fetch_sub(out.len(), Ordering::AcqRel);
         out

@@ -2,31 +2,41 @@
 //! class the Python `OperationsCoordinator` drives, and the submit path shared with
 //! `GuardedFunction.__call__`.
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
-use crate::errors::{internal_error_value, CoreError};
+use crate::errors::{deadline_in, internal_error_value, CoreError};
 use crate::router::{Priority, Weight};
 use crate::sched::{Config, Overflow, RejectReason, Rejected, Scheduler};
-use crate::state::FLAG_WAITERS;
-use crate::token::{wake_key, Call, OpSpec, TaskToken};
+use crate::sync::lock;
+use crate::token::{no_panic, wake_threads, Call, OpSpec, TaskToken};
+use crate::waits::{Deadlock, Target, WaitGraph};
+
+/// Stack size of a worker thread when none is given (what a `threading.Thread` gets on Linux).
+const DEFAULT_STACK: usize = 8 << 20;
+const MIN_STACK: usize = 64 << 10;
+const MAX_STACK: usize = 1 << 30;
 
 /// Everything the worker threads and the tokens share.
 pub struct Shared {
     pub(crate) sched: Scheduler<Py<TaskToken>>,
+    /// Tasks blocked inside a wait (for deadlock checks and `drain()` from a task).
+    waits: WaitGraph,
     cpu_map: Vec<usize>,
     pin: bool,
     pin_failures: AtomicUsize,
     internal_errors: AtomicUsize,
+    spawn_failures: AtomicUsize,
+    inline_runs: AtomicU64,
     submit_timeout: Option<f64>,
+    stack_size: usize,
     threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
     fork_gen: u64,
@@ -66,7 +76,12 @@ static FORKED_WITH_RUNTIMES: AtomicBool = AtomicBool::new(false);
 
 /// The runtime decorated calls go to.
 pub(crate) fn current_runtime() -> Result<Arc<Shared>, CoreError> {
-    match CURRENT.lock().read().last() {
+    match CURRENT
+        .lock()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .last()
+    {
         Some(s) => Ok(s.clone()),
         None if FORKED_WITH_RUNTIMES.load(Ordering::Relaxed) => Err(CoreError::Forked),
         None => Err(CoreError::NotRunning),
@@ -74,13 +89,13 @@ pub(crate) fn current_runtime() -> Result<Arc<Shared>, CoreError> {
 }
 
 fn register(shared: &Arc<Shared>) {
-    let mut cur = CURRENT.lock().write();
+    let mut cur = CURRENT.lock().write().unwrap_or_else(|e| e.into_inner());
     cur.push(shared.clone());
     REGISTERED.store(cur.len(), Ordering::Release);
 }
 
 fn unregister(shared: &Arc<Shared>) {
-    let mut cur = CURRENT.lock().write();
+    let mut cur = CURRENT.lock().write().unwrap_or_else(|e| e.into_inner());
     cur.retain(|s| !Arc::ptr_eq(s, shared));
     REGISTERED.store(cur.len(), Ordering::Release);
 }
@@ -104,66 +119,191 @@ impl Shared {
     }
 }
 
+/// What a worker thread knows about itself.
 struct WorkerCtx {
-    shared: *const Shared,
+    shared: Arc<Shared>,
     core: usize,
     wi: usize,
-    /// Tokens executing on this thread's stack (nested waits run queued work).
-    running: Cell<u64>,
+    /// A unique id of this thread in the wait graph.
+    waiter: u64,
+    /// Ids of the tokens executing on this thread: the one it took from its mailbox, then any
+    /// token it waits for and runs inline.
+    stack: RefCell<Vec<u64>>,
 }
 
 thread_local! {
     static WORKER: RefCell<Option<WorkerCtx>> = const { RefCell::new(None) };
 }
 
-/// How deep a worker may nest helping runs inside a blocked `get()`.
-const MAX_HELP_DEPTH: u64 = 64;
+static NEXT_WAITER: AtomicU64 = AtomicU64::new(1);
 
-/// `(core, worker)` if this thread is a worker of `shared`.
-pub(crate) fn current_worker(shared: &Arc<Shared>) -> Option<(usize, usize)> {
+/// Whether this thread is a worker of `shared`.
+fn is_worker_of(shared: &Arc<Shared>) -> bool {
     WORKER.with(|w| {
         w.borrow()
             .as_ref()
-            .and_then(|c| std::ptr::eq(c.shared, Arc::as_ptr(shared)).then_some((c.core, c.wi)))
+            .is_some_and(|c| Arc::ptr_eq(&c.shared, shared))
     })
 }
 
-fn running_here(shared: &Arc<Shared>) -> u64 {
+/// Whether this thread is a worker of any runtime.
+pub(crate) fn on_any_worker() -> bool {
+    WORKER.with(|w| w.borrow().is_some())
+}
+
+/// A copy of this worker thread's context.
+struct Snapshot {
+    shared: Arc<Shared>,
+    core: usize,
+    wi: usize,
+    waiter: u64,
+    stack: Vec<u64>,
+}
+
+fn worker_snapshot() -> Option<Snapshot> {
     WORKER.with(|w| {
-        w.borrow()
-            .as_ref()
-            .filter(|c| std::ptr::eq(c.shared, Arc::as_ptr(shared)))
-            .map_or(0, |c| c.running.get())
+        w.borrow().as_ref().map(|c| Snapshot {
+            shared: c.shared.clone(),
+            core: c.core,
+            wi: c.wi,
+            waiter: c.waiter,
+            stack: c.stack.borrow().clone(),
+        })
     })
 }
 
-fn add_running(delta: i64) {
+/// The token stack of this thread if it is a worker of `shared` (empty otherwise).
+fn stack_for(shared: &Arc<Shared>) -> Vec<u64> {
+    WORKER.with(|w| match w.borrow().as_ref() {
+        Some(c) if Arc::ptr_eq(&c.shared, shared) => c.stack.borrow().clone(),
+        _ => Vec::new(),
+    })
+}
+
+fn push_stack(id: u64) {
     WORKER.with(|w| {
         if let Some(c) = w.borrow().as_ref() {
-            c.running.set((c.running.get() as i64 + delta) as u64);
+            c.stack.borrow_mut().push(id);
         }
     })
 }
 
-/// A worker blocked on another token runs one queued job of its own core. Returns whether
-/// it ran one.
-pub(crate) fn help_one(py: Python<'_>, shared: &Arc<Shared>) -> bool {
-    let Some((core, wi)) = current_worker(shared) else {
-        return false;
-    };
-    if running_here(shared) >= MAX_HELP_DEPTH {
-        return false;
-    }
-    match shared.sched.next_job(core, wi) {
-        Some(job) => {
-            wake_key(run_job(py, shared, core, wi, job));
-            true
+fn pop_stack() {
+    WORKER.with(|w| {
+        if let Some(c) = w.borrow().as_ref() {
+            c.stack.borrow_mut().pop();
         }
-        None => false,
+    })
+}
+
+/// What a task is about to wait for.
+pub(crate) enum WaitFor<'a, 'py> {
+    Token(&'a Bound<'py, TaskToken>),
+    Quiet(&'a Arc<Shared>),
+    PoolRoom,
+}
+
+/// A worker's place handed to a compensating worker for as long as it waits (see
+/// `enter_blocking`); dropping it takes the place back.
+pub(crate) struct Blocked {
+    shared: Arc<Shared>,
+    core: usize,
+    wi: usize,
+    waiter: u64,
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        self.shared.sched.unblock(self.core, self.wi);
+        self.shared.waits.leave(self.waiter);
     }
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+fn deadlock_error(
+    py: Python<'_>,
+    d: Deadlock,
+    stack: &[u64],
+    what: &Bound<'_, TaskToken>,
+) -> CoreError {
+    let me = stack.last().copied().unwrap_or(0);
+    let op = what.get().op.operation_type.bind(py).to_string();
+    CoreError::Deadlock(match d {
+        Deadlock::OwnStack { token } if token == me => {
+            format!("token {token} ({op}) waits on itself: a task cannot wait on its own token")
+        }
+        Deadlock::OwnStack { token } => format!(
+            "token {me} waits on token {token} ({op}), which runs beneath it on the same \
+             worker thread and waits for it: neither can finish"
+        ),
+        Deadlock::Cycle { token, chain } => {
+            let via: Vec<String> = chain.iter().map(u64::to_string).collect();
+            format!(
+                "token {me} waits on token {token} ({op}), which waits (through token(s) {}) \
+                 on token {me} itself: neither can finish",
+                via.join(", ")
+            )
+        }
+    })
+}
+
+/// Called by a worker thread about to block inside a task: records the wait (refusing one
+/// that can never end with `TokenDeadlock`) and hands the worker's place on its core to a
+/// compensating worker, started if its slot has no thread yet. `None` off worker threads.
+pub(crate) fn enter_blocking(py: Python<'_>, what: WaitFor<'_, '_>) -> PyResult<Option<Blocked>> {
+    let Some(Snapshot {
+        shared,
+        core,
+        wi,
+        waiter,
+        stack,
+    }) = worker_snapshot()
+    else {
+        return Ok(None);
+    };
+    let target = match &what {
+        WaitFor::Token(t) if Arc::ptr_eq(&t.get().rt, &shared) => Target::Token(t.get().header.id),
+        WaitFor::Quiet(rt) if Arc::ptr_eq(rt, &shared) => Target::Quiet,
+        _ => Target::Other,
+    };
+    if let Err(d) = shared.waits.enter(waiter, &stack, target) {
+        let WaitFor::Token(t) = what else {
+            unreachable!("only token waits can deadlock")
+        };
+        return Err(deadlock_error(py, d, &stack, t).into_pyerr(py));
+    }
+    let guard = Blocked {
+        shared: shared.clone(),
+        core,
+        wi,
+        waiter,
+    };
+    if let Some(slot) = shared.sched.block(core, wi) {
+        shared.start_compensator(slot);
+    }
+    Ok(Some(guard))
+}
+
+/// A worker waiting (without a timeout) on `tok` of its own runtime runs it here if it has not
+/// started, whatever its weight, instead of blocking on work queued behind it. Returns whether
+/// it did (the token is final then).
+pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool {
+    let Some((shared, core, wi)) = WORKER.with(|w| {
+        w.borrow()
+            .as_ref()
+            .filter(|c| Arc::ptr_eq(&c.shared, &tok.get().rt))
+            .map(|c| (c.shared.clone(), c.core, c.wi))
+    }) else {
+        return false;
+    };
+    if !shared.sched.claim_inline(core, wi, &tok.get().header) {
+        return false;
+    }
+    shared.inline_runs.fetch_add(1, Ordering::Relaxed);
+    wake_threads(run_started(py, &shared, core, wi, tok.clone().unbind()));
+    true
+}
+
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -176,21 +316,32 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 /// Runs one job on worker `(core, wi)`: start, call, store the outcome, finish, run done
 /// callbacks. Never unwinds: a Rust panic fails the token with `InternalError`.
 ///
-/// Waiters of a token without callbacks are not woken here: the returned key is woken by the
-/// caller, after it released the GIL if it has nothing else to run, so the woken waiter finds
-/// the GIL free instead of sleeping a second time for it.
+/// Waiters of a token without callbacks are not woken here: the returned threads are woken by
+/// the caller, after it released the GIL if it has nothing else to run, so the woken waiter
+/// finds the GIL free instead of sleeping a second time for it.
 fn run_job(
     py: Python<'_>,
     shared: &Arc<Shared>,
     core: usize,
     wi: usize,
     job: Py<TaskToken>,
-) -> Option<usize> {
-    let tok = job.get();
-    if !shared.sched.start(core, wi, &tok.header) {
-        return None; // killed while queued
+) -> Vec<Thread> {
+    if !shared.sched.start(core, wi, &job.get().header) {
+        return Vec::new(); // killed while queued, or run inline by its waiter
     }
-    add_running(1);
+    run_started(py, shared, core, wi, job)
+}
+
+/// The part of `run_job` after the token became EXECUTING on `(core, wi)`.
+fn run_started(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    core: usize,
+    wi: usize,
+    job: Py<TaskToken>,
+) -> Vec<Thread> {
+    let tok = job.get();
+    push_stack(tok.header.id);
     let res = catch_unwind(AssertUnwindSafe(|| {
         if tok.wants_panic() {
             panic!("test hook: panic while running token {}", tok.header.id);
@@ -201,13 +352,26 @@ fn run_job(
                 format!("token {} has no call to run", tok.header.id),
             ));
         };
-        let func = tok.op.func.bind(py);
+        let func = match (&call.func, &tok.op.func) {
+            (Some(f), _) | (None, Some(f)) => f.bind(py),
+            (None, None) => {
+                return Err(internal_error_value(
+                    py,
+                    format!("token {} has no function to call", tok.header.id),
+                ))
+            }
+        };
         let args = call.args.bind(py);
         let r = crate::exitguard::call(func, args, call.kwargs.as_ref().map(|k| k.bind(py)));
         drop(call);
         r.map(Bound::unbind).map_err(|e| e.into_value(py))
     }));
-    add_running(-1);
+    pop_stack();
+    if shared.forked() {
+        // The task called os.fork() and returned (or raised) in the child, into a worker loop
+        // whose runtime lives in the parent: nothing else may run here.
+        exit_forked_child(py, matches!(res, Ok(Ok(_))));
+    }
     let outcome = res.unwrap_or_else(|p| {
         shared.internal_errors.fetch_add(1, Ordering::Relaxed);
         Err(internal_error_value(
@@ -222,17 +386,44 @@ fn run_job(
     let ok = outcome.is_ok();
     tok.set_outcome(outcome);
     let flags = shared.sched.finish(core, wi, &tok.header, ok).unwrap_or(0);
-    let key = (flags & FLAG_WAITERS != 0).then(|| tok.header.state.key());
+    let waiters = tok.take_waiters(flags);
     let callbacks = tok.take_callbacks();
     let deferred = if callbacks.is_empty() {
-        key
+        waiters
     } else {
-        wake_key(key); // a slow callback must not delay the waiters
-        TaskToken::call_callbacks(job.bind(py), callbacks);
-        None
+        wake_threads(waiters); // a slow callback must not delay the waiters
+                               // Callbacks on a worker thread log whatever they raise.
+        let _ = TaskToken::call_callbacks(job.bind(py), callbacks);
+        Vec::new()
     };
     shared.sched.release(core, wi);
     deferred
+}
+
+/// Ends a forked child whose only thread came back from a task into the worker loop.
+fn exit_forked_child(py: Python<'_>, ok: bool) -> ! {
+    let code = if ok { 0 } else { 1 };
+    let _ =
+        (|| -> PyResult<()> {
+            py.import("logging")?
+            .call_method1("getLogger", ("tokengate",))?
+            .call_method1(
+                "warning",
+                ("a task called os.fork() and returned in the child process; the child exits \
+                  now (status %d) instead of running the parent's queued tokens: end the \
+                  child with os._exit() or use multiprocessing",
+                 code),
+            )?;
+            let sys = py.import("sys")?;
+            for name in ["stdout", "stderr"] {
+                if let Ok(f) = sys.getattr(name) {
+                    let _ = f.call_method0("flush");
+                }
+            }
+            py.import("os")?.call_method1("_exit", (code,))?;
+            Ok(())
+        })();
+    std::process::exit(code)
 }
 
 /// One wait-then-run round of a worker; false once the worker should exit.
@@ -246,7 +437,7 @@ fn worker_round(
         return false;
     };
     let mut first = Some(job);
-    let mut deferred = None;
+    let mut deferred = Vec::new();
     // Attach once and run jobs while there are any; detach only to wait.
     let attached = Python::try_attach(|py| {
         let mut job = first.take().expect("job present");
@@ -254,7 +445,7 @@ fn worker_round(
             let wake = run_job(py, shared, core, wi, job);
             match shared.sched.next_job(core, wi) {
                 Some(j) => {
-                    wake_key(wake);
+                    wake_threads(wake);
                     job = j;
                 }
                 None => {
@@ -264,7 +455,7 @@ fn worker_round(
             }
         }
     });
-    wake_key(deferred); // the GIL is released now
+    wake_threads(deferred); // the GIL is released now
     if attached.is_none() {
         // The interpreter is finalizing: nothing can run or be released any more.
         std::mem::forget(first);
@@ -285,10 +476,11 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
     }
     WORKER.with(|w| {
         *w.borrow_mut() = Some(WorkerCtx {
-            shared: Arc::as_ptr(&shared),
+            shared: shared.clone(),
             core,
             wi,
-            running: Cell::new(0),
+            waiter: NEXT_WAITER.fetch_add(1, Ordering::Relaxed),
+            stack: RefCell::new(Vec::new()),
         })
     });
     let sh = shared.clone();
@@ -314,19 +506,50 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
 }
 
 impl Shared {
-    fn spawn_workers(self: &Arc<Self>, slots: Vec<(usize, usize)>) -> Result<(), CoreError> {
-        let mut threads = self.threads.lock();
-        for (core, wi) in slots {
+    /// Starts one thread per slot, in order; on the first failure the slots not started are
+    /// returned (still claimed) with the error.
+    fn spawn_workers(
+        self: &Arc<Self>,
+        slots: Vec<(usize, usize)>,
+    ) -> Result<(), (CoreError, Vec<(usize, usize)>)> {
+        let mut threads = lock(&self.threads);
+        for (i, &(core, wi)) in slots.iter().enumerate() {
             let me = self.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("tokengate-c{}-w{}", core + 1, wi))
-                .spawn(move || worker_main(me, core, wi))
-                .map_err(|e| {
-                    CoreError::Internal(format!("could not start a worker thread: {e}"))
-                })?;
-            threads.push((handle.thread().id(), handle));
+                .stack_size(self.stack_size)
+                .spawn(move || worker_main(me, core, wi));
+            match handle {
+                Ok(h) => threads.push((h.thread().id(), h)),
+                Err(e) => {
+                    self.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err((
+                        CoreError::Internal(format!("could not start a worker thread: {e}")),
+                        slots[i..].to_vec(),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Starts the thread of a compensating worker; if that fails, the next free slot of the
+    /// core is tried, until one starts or none is left (the core then runs one worker short
+    /// while the task waits; `stats()` counts it).
+    fn start_compensator(self: &Arc<Self>, mut slot: (usize, usize)) {
+        loop {
+            if self.sched.is_shutdown() {
+                self.sched.unclaim_spawn(slot.0, slot.1);
+                return;
+            }
+            match self.spawn_workers(vec![slot]) {
+                Ok(()) => return,
+                Err(_) => match self.sched.spawn_failed(slot.0, slot.1) {
+                    Some(next) => slot = next,
+                    None => return,
+                },
+            }
+        }
     }
 }
 
@@ -336,6 +559,7 @@ pub(crate) fn submit_token<'py>(
     py: Python<'py>,
     shared: &Arc<Shared>,
     op: &Arc<OpSpec>,
+    func: Option<Py<PyAny>>,
     args: Py<PyTuple>,
     kwargs: Option<Py<PyDict>>,
 ) -> PyResult<Bound<'py, TaskToken>> {
@@ -345,10 +569,11 @@ pub(crate) fn submit_token<'py>(
     let id = shared.sched.next_id();
     let tok = Bound::new(
         py,
-        TaskToken::new(id, op.clone(), shared.clone(), Call { args, kwargs }),
+        TaskToken::new(id, op.clone(), shared.clone(), Call { func, args, kwargs }),
     )?;
     let mut job = tok.clone().unbind();
-    let mut deadline: Option<Instant> = None;
+    let mut deadline: Option<Option<Instant>> = None;
+    let mut _blocked = None;
     loop {
         match shared.sched.try_submit(job) {
             Ok(()) => return Ok(tok),
@@ -369,13 +594,11 @@ pub(crate) fn submit_token<'py>(
                     .into_pyerr(py));
                 }
                 job = back;
-                if let (None, Some(t)) = (deadline, shared.submit_timeout) {
-                    deadline = Some(Instant::now() + Duration::from_secs_f64(t));
-                }
-                // A worker submitting into a full pool runs queued work instead of waiting
-                // for room only other workers could make.
-                if help_one(py, shared) {
-                    continue;
+                let deadline = *deadline.get_or_insert_with(|| deadline_in(shared.submit_timeout));
+                if _blocked.is_none() {
+                    // A task waiting for room gives its worker's place to a compensating
+                    // worker, which makes the room by running queued tokens.
+                    _blocked = enter_blocking(py, WaitFor::PoolRoom)?;
                 }
                 let chunk = deadline.map_or(Duration::from_millis(50), |d| {
                     d.saturating_duration_since(Instant::now())
@@ -469,7 +692,7 @@ impl Runtime {
     #[new]
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
-        pin_workers=true))]
+        pin_workers=true, first_token_id=1, worker_stack_size=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -480,6 +703,8 @@ impl Runtime {
         overflow: &str,
         submit_timeout: Option<f64>,
         pin_workers: bool,
+        first_token_id: u64,
+        worker_stack_size: Option<usize>,
     ) -> PyResult<Self> {
         let cpus = allowed_cpus();
         let n = cores.unwrap_or(cpus.len());
@@ -501,6 +726,14 @@ impl Runtime {
                 .into());
             }
         }
+        let stack_size = worker_stack_size.unwrap_or(DEFAULT_STACK);
+        if !(MIN_STACK..=MAX_STACK).contains(&stack_size) {
+            return Err(CoreError::Config(format!(
+                "worker_stack_size must be between {MIN_STACK} and {MAX_STACK} bytes, \
+                 got {stack_size}"
+            ))
+            .into());
+        }
         let cfg = Config {
             cores: n,
             workers_per_core,
@@ -508,17 +741,22 @@ impl Runtime {
             mailbox_capacity,
             pool_capacity,
             overflow,
+            first_id: first_token_id,
         };
         let sched = Scheduler::new(cfg).map_err(CoreError::Config)?;
         let cpu_map = (0..n).map(|i| cpus[i % cpus.len()]).collect();
         Ok(Runtime {
             shared: Arc::new(Shared {
                 sched,
+                waits: WaitGraph::new(),
                 cpu_map,
                 pin: pin_workers && cfg!(any(target_os = "linux", target_os = "android")),
                 pin_failures: AtomicUsize::new(0),
                 internal_errors: AtomicUsize::new(0),
+                spawn_failures: AtomicUsize::new(0),
+                inline_runs: AtomicU64::new(0),
                 submit_timeout,
+                stack_size,
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
                 fork_gen: FORK_GEN.load(Ordering::SeqCst),
@@ -539,17 +777,17 @@ impl Runtime {
         let s = &self.shared;
         let mut slots = Vec::new();
         for core in 0..s.sched.cores() {
-            for wi in 0..s.sched.config().workers_per_core {
+            for wi in 0..s.sched.active(core) {
                 if s.sched.claim_spawn(core, wi) {
                     slots.push((core, wi));
                 }
             }
         }
-        if let Err(e) = s.spawn_workers(slots) {
+        if let Err((e, _)) = s.spawn_workers(slots) {
             // Don't leave the workers that did start behind.
             s.sched.close();
             s.sched.shutdown();
-            let started: Vec<_> = std::mem::take(&mut *s.threads.lock());
+            let started: Vec<_> = std::mem::take(&mut *lock(&s.threads));
             py.detach(|| {
                 for (_, h) in started {
                     let _ = h.join();
@@ -589,20 +827,23 @@ impl Runtime {
                 .unwrap_or_else(|_| PyString::new(py, "callable")),
         };
         let op = Arc::new(OpSpec {
-            func: func.unbind(),
+            func: None,
             operation_type: operation_type.unbind(),
             weight: parse_weight(weight)?,
             priority: parse_priority(priority)?,
             storage_speed: None,
             tags: None,
         });
-        submit_token(
-            py,
-            &self.shared,
-            &op,
-            args.unbind(),
-            kwargs.map(Bound::unbind),
-        )
+        no_panic(py, || {
+            submit_token(
+                py,
+                &self.shared,
+                &op,
+                Some(func.unbind()),
+                args.unbind(),
+                kwargs.map(Bound::unbind),
+            )
+        })
     }
 
     /// New tokens wait in the pool; admitted ones still run.
@@ -624,35 +865,51 @@ impl Runtime {
     }
 
     /// Waits (GIL released) until every accepted token is final; False on timeout. Called
-    /// from inside a task, the tokens running on the calling thread are not waited for.
+    /// from inside a task, the tokens that cannot finish before it returns are not waited
+    /// for: those running on the calling thread, those of tasks waiting on them (directly or
+    /// through others), and those of other tasks that wait for quiescence too.
     #[pyo3(signature = (timeout=None))]
     fn wait_quiet(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         if self.shared.forked() {
             return Err(CoreError::Forked.into_pyerr(py));
         }
-        let limit = running_here(&self.shared);
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
-        loop {
-            if help_one(py, &self.shared) {
-                continue;
-            }
-            let chunk = deadline.map_or(Duration::from_millis(50), |d| {
-                d.saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(50))
-            });
-            let chunk = if current_worker(&self.shared).is_some() {
-                chunk.min(Duration::from_millis(1))
-            } else {
-                chunk
+        no_panic(py, || {
+            let deadline = deadline_in(timeout.map(|t| t.max(0.0)));
+            let stack = stack_for(&self.shared);
+            let in_task = on_any_worker();
+            let quiet = |s: &Shared| {
+                s.waits
+                    .with_excluded(&stack, |n| (s.sched.in_flight() <= n, n))
             };
-            if py.detach(|| self.shared.sched.wait_quiet(limit, chunk)) {
+            if quiet(&self.shared).0 {
                 return Ok(true);
             }
-            py.check_signals()?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
+            let _blocked = if in_task {
+                enter_blocking(py, WaitFor::Quiet(&self.shared))?
+            } else {
+                None
+            };
+            loop {
+                let (reached, limit) = quiet(&self.shared);
+                if reached {
+                    return Ok(true);
+                }
+                // Inside a task, what is excluded can change without a token finishing.
+                let slice = if in_task {
+                    Duration::from_millis(2)
+                } else {
+                    Duration::from_millis(50)
+                };
+                let chunk = deadline.map_or(slice, |d| {
+                    d.saturating_duration_since(Instant::now()).min(slice)
+                });
+                py.detach(|| self.shared.sched.wait_quiet(limit, chunk));
+                py.check_signals()?;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(quiet(&self.shared).0);
+                }
             }
-        }
+        })
     }
 
     /// Accepted tokens that are not final yet.
@@ -660,27 +917,39 @@ impl Runtime {
         self.shared.sched.in_flight()
     }
 
-    /// Kills every token that has not started (pool and mailboxes); returns how many.
-    fn kill_pending(&self, py: Python<'_>) -> usize {
+    /// Kills every token that has not started (pool and mailboxes); returns how many. Their
+    /// done callbacks run here; a `KeyboardInterrupt` raised in one is re-raised after all ran.
+    fn kill_pending(&self, py: Python<'_>) -> PyResult<usize> {
         if self.shared.forked() {
-            return 0;
+            return Ok(0);
         }
-        let pending = self.shared.sched.take_pending();
-        let mut killed = 0;
-        for job in pending {
-            let b = job.bind(py);
-            if let Ok(flags) = self.shared.sched.kill(&b.get().header) {
-                drop(b.get().take_call());
-                b.get().wake_waiters(flags);
-                TaskToken::run_callbacks(b);
-                killed += 1;
+        no_panic(py, || {
+            let pending = self.shared.sched.take_pending();
+            let mut killed = Vec::new();
+            for job in pending {
+                let b = job.bind(py);
+                if let Ok(flags) = self.shared.sched.kill(&b.get().header) {
+                    drop(b.get().take_call());
+                    b.get().wake_waiters(flags);
+                    killed.push(job);
+                }
             }
-        }
-        killed
+            // Every waiter is released before any callback runs.
+            let mut interrupt = None;
+            for job in &killed {
+                if let Err(e) = TaskToken::run_callbacks(job.bind(py)) {
+                    interrupt.get_or_insert(e);
+                }
+            }
+            interrupt.map_or(Ok(killed.len()), Err)
+        })
     }
 
-    /// Stops the workers once they find no work and joins them (GIL released). Returns
-    /// False if some did not exit within `timeout`. Decorated calls stop coming here.
+    /// Stops the workers once they find no work and joins those that exit within `timeout`
+    /// (GIL released). Returns False while some are still running; they are kept, and a later
+    /// call joins them. Called from one of its own workers (`stop()` inside a task) it only
+    /// tells the workers to stop and returns True: they exit by themselves once idle, and a
+    /// task waiting on the caller could never let them. Decorated calls stop coming here.
     #[pyo3(signature = (timeout=None))]
     fn shutdown(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         if self.shared.forked() {
@@ -688,36 +957,46 @@ impl Runtime {
         }
         unregister(&self.shared);
         self.shared.sched.shutdown();
-        let me = std::thread::current().id();
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
-        let handles: Vec<_> = std::mem::take(&mut *self.shared.threads.lock());
-        let mut all = true;
-        let mut pending = Vec::new();
-        for (tid, h) in handles {
-            if tid == me {
-                continue; // stop() called from inside a task: this thread exits by itself
-            }
-            pending.push(h);
+        if is_worker_of(&self.shared) {
+            return Ok(true);
         }
-        for h in pending {
-            loop {
-                if h.is_finished() {
+        let deadline = deadline_in(timeout.map(|t| t.max(0.0)));
+        let mut remaining: Vec<_> = std::mem::take(&mut *lock(&self.shared.threads));
+        let result = loop {
+            let mut i = 0;
+            while i < remaining.len() {
+                if remaining[i].1.is_finished() {
+                    let (_, h) = remaining.swap_remove(i);
                     let _ = h.join();
-                    break;
+                } else {
+                    i += 1;
                 }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    all = false;
-                    break;
-                }
-                py.detach(|| std::thread::sleep(Duration::from_millis(1)));
-                py.check_signals()?;
             }
-        }
-        Ok(all)
+            if remaining.is_empty() {
+                break Ok(true);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Ok(false);
+            }
+            py.detach(|| std::thread::sleep(Duration::from_millis(1)));
+            if let Err(e) = py.check_signals() {
+                break Err(e);
+            }
+        };
+        // Threads not joined yet (and any started meanwhile) stay for the next call.
+        lock(&self.shared.threads).extend(remaining);
+        result
     }
 
-    /// Sets how many workers of 1-based `core` receive new work (starting threads if needed).
-    fn set_active_workers(&self, core: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Sets how many workers of 1-based `core` receive new work, starting their threads
+    /// first. If a thread cannot be started, nothing changes (the threads that did start stay
+    /// idle until asked for again) and `InternalError` is raised.
+    fn set_active_workers(
+        &self,
+        py: Python<'_>,
+        core: &Bound<'_, PyAny>,
+        n: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let core = self.core_index(core)?;
         let max = self.shared.sched.config().max_workers_per_core;
         let n = int_in(n, 1, max)?.ok_or_else(|| {
@@ -725,14 +1004,20 @@ impl Runtime {
                 "active workers must be between 1 and {max} (max_workers_per_core), got {n}"
             ))
         })?;
-        let slots = self
-            .shared
-            .sched
-            .set_active(core, n)
-            .map_err(CoreError::Config)?;
-        if self.shared.started.load(Ordering::Acquire) && !self.shared.sched.is_shutdown() {
-            self.shared.spawn_workers(slots)?;
+        let sched = &self.shared.sched;
+        if sched.is_shutdown() {
+            return Err(CoreError::NotRunning.into_pyerr(py));
         }
+        if self.shared.started.load(Ordering::Acquire) {
+            let slots = sched.claim_for_active(core, n).map_err(CoreError::Config)?;
+            if let Err((e, unstarted)) = self.shared.spawn_workers(slots) {
+                for (c, wi) in unstarted {
+                    sched.unclaim_spawn(c, wi);
+                }
+                return Err(e.into_pyerr(py));
+            }
+        }
+        sched.set_active(core, n).map_err(CoreError::Config)?;
         Ok(())
     }
 
@@ -757,6 +1042,15 @@ impl Runtime {
             "internal_errors",
             self.shared.internal_errors.load(Ordering::Relaxed),
         )?;
+        d.set_item(
+            "spawn_failures",
+            self.shared.spawn_failures.load(Ordering::Relaxed),
+        )?;
+        d.set_item(
+            "inline_runs",
+            self.shared.inline_runs.load(Ordering::Relaxed),
+        )?;
+        d.set_item("blocked_waits", self.shared.waits.len())?;
         d.set_item("pool_len", st.pool_len)?;
         d.set_item("cores", self.shared.sched.cores())?;
         d.set_item("workers_per_core", cfg.workers_per_core)?;
@@ -769,6 +1063,9 @@ impl Runtime {
             cd.set_item("cpu", self.shared.cpu_map[i])?;
             cd.set_item("active_workers", c.active_workers)?;
             cd.set_item("spawned_workers", c.spawned_workers)?;
+            cd.set_item("blocked_workers", c.blocked_workers)?;
+            cd.set_item("compensations", c.compensations)?;
+            cd.set_item("uncompensated", c.uncompensated)?;
             cd.set_item("queue_depth", c.queue_depth)?;
             cd.set_item("executing", c.executing)?;
             cd.set_item("load", c.load)?;
@@ -818,5 +1115,22 @@ impl Runtime {
     #[getter]
     fn shut_down(&self) -> bool {
         self.shared.sched.is_shutdown()
+    }
+
+    /// The id the next token submitted here will get.
+    #[getter]
+    fn next_token_id(&self) -> u64 {
+        self.shared.sched.peek_next_id()
+    }
+
+    /// Stack size in bytes of each worker thread.
+    #[getter]
+    fn worker_stack_size(&self) -> usize {
+        self.shared.stack_size
+    }
+
+    /// Whether the calling thread is one of this runtime's workers (i.e. inside a task).
+    fn on_worker_thread(&self) -> bool {
+        is_worker_of(&self.shared)
     }
 }

@@ -11,13 +11,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::{Condvar, Mutex};
+
 use crossbeam_utils::sync::{Parker, Unparker};
-use parking_lot::{Condvar, Mutex};
 
 use crate::clock::now_ns;
 use crate::mailbox::Mailbox;
 use crate::router::{self, Priority, Weight};
 use crate::state::{Header, TokenState, TransitionError};
+use crate::sync::lock;
 
 /// Anything the scheduler can carry: it only needs the token header.
 pub trait Job: Send + Sync + 'static {
@@ -44,6 +46,8 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub pool_capacity: usize,
     pub overflow: Overflow,
+    /// The id of the first token (ids keep increasing across restarts of a coordinator).
+    pub first_id: u64,
 }
 
 impl Default for Config {
@@ -55,6 +59,7 @@ impl Default for Config {
             mailbox_capacity: 120,
             pool_capacity: 100_000,
             overflow: Overflow::Block,
+            first_id: 1,
         }
     }
 }
@@ -79,6 +84,13 @@ impl Config {
         )?;
         check("mailbox_capacity", self.mailbox_capacity, 1, 1 << 24)?;
         check("pool_capacity", self.pool_capacity, 1, 1 << 40)?;
+        if self.first_id == 0 || self.first_id > 1 << 62 {
+            return Err(format!(
+                "first_id must be between 1 and {}, got {}",
+                1u64 << 62,
+                self.first_id
+            ));
+        }
         Ok(())
     }
 }
@@ -109,6 +121,16 @@ const SPIN_FOR: Duration = Duration::from_micros(50);
 const MAX_SPINNERS: usize = 1;
 /// Safety net: a parked worker looks for work this often even if nobody wakes it.
 const PARK_TIMEOUT: Duration = Duration::from_millis(100);
+/// The same for a worker that receives no work (inactive, or a retired compensating worker):
+/// it is woken explicitly when it becomes a target again.
+const IDLE_PARK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `WorkerSlot::blocked` values.
+const SLOT_RUNNABLE: u8 = 0;
+/// Its thread waits inside a task (`get()`, `drain()`, a full pool) and gave its place away.
+const SLOT_BLOCKED: u8 = 1;
+/// No thread could be started for it: it never receives work.
+const SLOT_BROKEN: u8 = 2;
 
 struct WorkerSlot<J> {
     mailbox: Mailbox<J>,
@@ -116,6 +138,8 @@ struct WorkerSlot<J> {
     load: AtomicUsize,
     parked: AtomicBool,
     spawned: AtomicBool,
+    /// `SLOT_RUNNABLE`, `SLOT_BLOCKED` or `SLOT_BROKEN`.
+    blocked: AtomicU8,
     unparker: Unparker,
     parker: Mutex<Option<Parker>>,
     started: AtomicU64,
@@ -131,6 +155,7 @@ impl<J> WorkerSlot<J> {
             load: AtomicUsize::new(0),
             parked: AtomicBool::new(false),
             spawned: AtomicBool::new(false),
+            blocked: AtomicU8::new(SLOT_RUNNABLE),
             unparker: parker.unparker().clone(),
             parker: Mutex::new(Some(parker)),
             started: AtomicU64::new(0),
@@ -157,6 +182,12 @@ impl<J> WorkerSlot<J> {
 struct CoreSlot<J> {
     workers: Box<[WorkerSlot<J>]>,
     active: AtomicUsize,
+    /// Slots that are blocked or broken (skipped when counting the `active` targets).
+    blocked: AtomicUsize,
+    /// How often a blocked worker's place went to a compensating worker, and how often no
+    /// slot was left for one.
+    compensations: AtomicU64,
+    uncompensated: AtomicU64,
     load: AtomicUsize,
     routed: [AtomicU64; 3],
     accepts: [bool; 3],
@@ -220,6 +251,9 @@ pub struct Stats {
 pub struct CoreStats {
     pub active_workers: usize,
     pub spawned_workers: usize,
+    pub blocked_workers: usize,
+    pub compensations: u64,
+    pub uncompensated: u64,
     pub queue_depth: usize,
     pub executing: u64,
     pub load: usize,
@@ -260,11 +294,15 @@ impl<J: Job> Scheduler<J> {
                     .map(|_| WorkerSlot::new(cfg.mailbox_capacity))
                     .collect(),
                 active: AtomicUsize::new(cfg.workers_per_core),
+                blocked: AtomicUsize::new(0),
+                compensations: AtomicU64::new(0),
+                uncompensated: AtomicU64::new(0),
                 load: AtomicUsize::new(0),
                 routed: Default::default(),
                 accepts: router::weights_for_core(c, n),
             })
             .collect();
+        let first_id = cfg.first_id;
         Ok(Scheduler {
             cfg,
             cores,
@@ -274,7 +312,7 @@ impl<J: Job> Scheduler<J> {
             pool_cv: Condvar::new(),
             pool_waiters: AtomicUsize::new(0),
             gate: AtomicU8::new(0),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_id),
             in_submit: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             to_pool: AtomicU64::new(0),
@@ -297,10 +335,15 @@ impl<J: Job> Scheduler<J> {
         self.cores.len()
     }
 
-    /// A fresh token id (1, 2, 3, …).
+    /// A fresh token id (`first_id`, then increasing).
     #[inline]
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id the next token will get.
+    pub fn peek_next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
     }
 
     // ---- gate -------------------------------------------------------------------------
@@ -420,12 +463,13 @@ impl<J: Job> Scheduler<J> {
     /// Reserves a place in the least-loaded active worker's mailbox on `core` (0-based).
     fn reserve_on_core(&self, core: usize) -> Option<(usize, usize)> {
         let cs = &self.cores[core];
-        let active = cs.active.load(Ordering::Acquire).min(cs.workers.len());
+        let end = self.target_end(core);
         let cap = self.cfg.mailbox_capacity;
         for _ in 0..2 {
             let wi = router::pick_least_loaded(
-                cs.workers[..active].iter().map(|w| {
-                    if w.mailbox.len() >= cap {
+                cs.workers[..end].iter().map(|w| {
+                    if w.mailbox.len() >= cap || w.blocked.load(Ordering::Acquire) != SLOT_RUNNABLE
+                    {
                         usize::MAX
                     } else {
                         w.load.load(Ordering::Relaxed)
@@ -454,7 +498,7 @@ impl<J: Job> Scheduler<J> {
         let h = job.header();
         let w = h.weight as usize;
         {
-            let mut pool = self.pool.lock();
+            let mut pool = lock(&self.pool);
             if pool.len >= self.cfg.pool_capacity {
                 Self::purge_dead(&mut pool, &self.pool_len_w);
                 self.pool_len.store(pool.len, Ordering::Release);
@@ -505,9 +549,13 @@ impl<J: Job> Scheduler<J> {
     /// closes, a kill may have freed room, or `timeout` passes. Returns whether there is room.
     pub fn wait_pool_room(&self, timeout: Duration) -> bool {
         self.pool_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut pool = self.pool.lock();
+        let mut pool = lock(&self.pool);
         if pool.len >= self.cfg.pool_capacity && !self.is_closed() {
-            self.pool_cv.wait_for(&mut pool, timeout);
+            pool = self
+                .pool_cv
+                .wait_timeout(pool, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         let room = pool.len < self.cfg.pool_capacity;
         drop(pool);
@@ -518,7 +566,7 @@ impl<J: Job> Scheduler<J> {
     fn notify_pool_waiters(&self, take_lock: bool) {
         if self.pool_waiters.load(Ordering::SeqCst) > 0 {
             if take_lock {
-                drop(self.pool.lock());
+                drop(lock(&self.pool));
             }
             self.pool_cv.notify_all();
         }
@@ -528,7 +576,7 @@ impl<J: Job> Scheduler<J> {
 
     /// Hands the parker of worker `(core, wi)` to the thread that will run it (once).
     pub fn take_parker(&self, core: usize, wi: usize) -> Option<Parker> {
-        self.cores[core].workers[wi].parker.lock().take()
+        lock(&self.cores[core].workers[wi].parker).take()
     }
 
     /// Marks slot `(core, wi)` as having a thread; false if it already had one.
@@ -538,9 +586,14 @@ impl<J: Job> Scheduler<J> {
             .swap(true, Ordering::AcqRel)
     }
 
-    /// Sets how many workers of 0-based `core` receive work; returns the slots that need a
-    /// thread (`claim_spawn` already done for them).
-    pub fn set_active(&self, core: usize, n: usize) -> Result<Vec<(usize, usize)>, String> {
+    /// Gives slot `(core, wi)` back after its thread could not be started.
+    pub fn unclaim_spawn(&self, core: usize, wi: usize) {
+        self.cores[core].workers[wi]
+            .spawned
+            .store(false, Ordering::Release);
+    }
+
+    fn check_active(&self, core: usize, n: usize) -> Result<&CoreSlot<J>, String> {
         let cs = self.cores.get(core).ok_or_else(|| {
             format!(
                 "core must be between 1 and {}, got {}",
@@ -554,13 +607,37 @@ impl<J: Job> Scheduler<J> {
                 cs.workers.len()
             ));
         }
+        Ok(cs)
+    }
+
+    /// The slots of 0-based `core` that need a thread before `n` of them can receive work
+    /// (`claim_spawn` is done for them; `unclaim_spawn` those whose thread fails to start).
+    /// Call `set_active` once the threads exist, so no token is routed to a slot without one.
+    pub fn claim_for_active(&self, core: usize, n: usize) -> Result<Vec<(usize, usize)>, String> {
+        self.check_active(core, n)?;
+        let mut out = Vec::new();
+        let mut seen = 0;
+        for wi in 0..self.cores[core].workers.len() {
+            if seen == n {
+                break;
+            }
+            if self.cores[core].workers[wi].blocked.load(Ordering::Acquire) != SLOT_RUNNABLE {
+                continue; // a blocked slot has its thread; a broken one never gets one
+            }
+            seen += 1;
+            if self.claim_spawn(core, wi) {
+                out.push((core, wi));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets how many workers of 0-based `core` receive work (their threads must exist).
+    pub fn set_active(&self, core: usize, n: usize) -> Result<(), String> {
+        let cs = self.check_active(core, n)?;
         cs.active.store(n, Ordering::Release);
-        let spawn = (0..n)
-            .filter(|&wi| self.claim_spawn(core, wi))
-            .map(|wi| (core, wi))
-            .collect();
         self.wake_all();
-        Ok(spawn)
+        Ok(())
     }
 
     pub fn active(&self, core: usize) -> usize {
@@ -583,9 +660,37 @@ impl<J: Job> Scheduler<J> {
         self.steal(core, wi)
     }
 
+    /// One past the last slot of `core` that receives work: the first `active` slots that are
+    /// neither blocked nor broken lie below it.
+    #[inline]
+    fn target_end(&self, core: usize) -> usize {
+        let cs = &self.cores[core];
+        let active = cs.active.load(Ordering::Acquire).min(cs.workers.len());
+        if cs.blocked.load(Ordering::Acquire) == 0 {
+            return active;
+        }
+        let mut n = 0;
+        for (i, w) in cs.workers.iter().enumerate() {
+            if w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE {
+                n += 1;
+                if n >= active {
+                    return i + 1;
+                }
+            }
+        }
+        cs.workers.len()
+    }
+
+    /// Whether worker `(core, wi)` receives work (routing, refill from the pool, stealing).
+    #[inline]
+    pub fn is_target(&self, core: usize, wi: usize) -> bool {
+        wi < self.target_end(core)
+            && self.cores[core].workers[wi].blocked.load(Ordering::Acquire) == SLOT_RUNNABLE
+    }
+
     fn may_pull(&self, core: usize, wi: usize) -> bool {
         let cs = &self.cores[core];
-        wi < cs.active.load(Ordering::Acquire)
+        self.is_target(core, wi)
             && !self.is_paused()
             && (0..3).any(|w| cs.accepts[w] && self.pool_len_w[w].load(Ordering::Acquire) > 0)
     }
@@ -605,7 +710,7 @@ impl<J: Job> Scheduler<J> {
         let mut admitted = 0u64;
         let t = now_ns();
         {
-            let mut pool = self.pool.lock();
+            let mut pool = lock(&self.pool);
             while moved.len() < reserved {
                 let Some((w, p)) = pool.best_lane(&cs.accepts) else {
                     break;
@@ -642,7 +747,7 @@ impl<J: Job> Scheduler<J> {
 
     fn steal(&self, core: usize, wi: usize) -> Option<J> {
         let cs = &self.cores[core];
-        if wi >= cs.active.load(Ordering::Acquire) {
+        if !self.is_target(core, wi) {
             return None; // an inactive worker only finishes its own mailbox
         }
         for (vi, victim) in cs.workers.iter().enumerate() {
@@ -665,8 +770,7 @@ impl<J: Job> Scheduler<J> {
         let cs = &self.cores[core];
         !cs.workers[wi].mailbox.is_empty()
             || (self.pool_len.load(Ordering::Acquire) > 0 && self.may_pull(core, wi))
-            || (wi < cs.active.load(Ordering::Acquire)
-                && cs.workers.iter().any(|w| !w.mailbox.is_empty()))
+            || (self.is_target(core, wi) && cs.workers.iter().any(|w| !w.mailbox.is_empty()))
     }
 
     /// Blocks until worker `(core, wi)` has a job (call it with the GIL released). Spins
@@ -706,7 +810,11 @@ impl<J: Job> Scheduler<J> {
                 slot.parked.store(false, Ordering::SeqCst);
                 continue;
             }
-            parker.park_timeout(PARK_TIMEOUT);
+            parker.park_timeout(if self.is_target(core, wi) {
+                PARK_TIMEOUT
+            } else {
+                IDLE_PARK_TIMEOUT
+            });
             slot.parked.store(false, Ordering::SeqCst);
         }
     }
@@ -771,6 +879,152 @@ impl<J: Job> Scheduler<J> {
         cs.workers[wi].load.fetch_sub(1, Ordering::AcqRel);
     }
 
+    // ---- waits inside a task --------------------------------------------------------------
+
+    /// The 0-based index of the `n`-th (1-based) runnable slot of `core`.
+    fn nth_runnable(&self, core: usize, n: usize) -> Option<usize> {
+        let mut seen = 0;
+        for (i, w) in self.cores[core].workers.iter().enumerate() {
+            if w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE {
+                seen += 1;
+                if seen == n {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Worker `(core, wi)` is about to wait inside a task (on a token that runs elsewhere, for
+    /// quiescence, for pool room). Its place goes to the next slot of its core, a compensating
+    /// worker, so the core keeps `active` workers that run tokens while it waits. Returns a
+    /// slot whose thread must be started (already claimed; report a failure with
+    /// `spawn_failed`); a compensating slot that has a thread is woken. Pair with `unblock`.
+    pub fn block(&self, core: usize, wi: usize) -> Option<(usize, usize)> {
+        let cs = &self.cores[core];
+        let slot = &cs.workers[wi];
+        let was_target = self.is_target(core, wi);
+        if slot
+            .blocked
+            .compare_exchange(
+                SLOT_RUNNABLE,
+                SLOT_BLOCKED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return None;
+        }
+        cs.blocked.fetch_add(1, Ordering::AcqRel);
+        // The waiting token does not occupy the core while it waits.
+        cs.load.fetch_sub(1, Ordering::AcqRel);
+        slot.load.fetch_sub(1, Ordering::AcqRel);
+        if !slot.mailbox.is_empty() {
+            self.wake_core(core); // its queued tokens go to its siblings
+        }
+        if was_target {
+            self.compensate(core)
+        } else {
+            None // a retired worker's place is not needed: the core has its targets
+        }
+    }
+
+    /// Makes the slot that just became a target of `core` run: wakes its thread, or returns
+    /// it (claimed) when it has none yet.
+    pub fn compensate(&self, core: usize) -> Option<(usize, usize)> {
+        let cs = &self.cores[core];
+        let active = cs.active.load(Ordering::Acquire);
+        let Some(i) = self.nth_runnable(core, active) else {
+            cs.uncompensated.fetch_add(1, Ordering::Relaxed);
+            return None; // every slot is blocked: the core runs with fewer workers
+        };
+        cs.compensations.fetch_add(1, Ordering::Relaxed);
+        if self.claim_spawn(core, i) {
+            Some((core, i))
+        } else {
+            cs.workers[i].wake();
+            None
+        }
+    }
+
+    /// The thread of slot `(core, wi)` could not be started: the slot never receives work
+    /// again, whatever was routed to it goes to its siblings, and the next slot is returned
+    /// (claimed) to try instead, if there is one.
+    pub fn spawn_failed(&self, core: usize, wi: usize) -> Option<(usize, usize)> {
+        let cs = &self.cores[core];
+        let slot = &cs.workers[wi];
+        slot.spawned.store(false, Ordering::Release);
+        if slot
+            .blocked
+            .compare_exchange(
+                SLOT_RUNNABLE,
+                SLOT_BROKEN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            cs.blocked.fetch_add(1, Ordering::AcqRel);
+        }
+        self.wake_core(core);
+        self.compensate(core)
+    }
+
+    /// Worker `(core, wi)` stopped waiting: it receives work again (its compensating worker
+    /// finishes what it has and retires).
+    pub fn unblock(&self, core: usize, wi: usize) {
+        let cs = &self.cores[core];
+        let slot = &cs.workers[wi];
+        if slot
+            .blocked
+            .compare_exchange(
+                SLOT_BLOCKED,
+                SLOT_RUNNABLE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            cs.load.fetch_add(1, Ordering::AcqRel);
+            slot.load.fetch_add(1, Ordering::AcqRel);
+            cs.blocked.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Worker `(core, wi)` takes the token it waits for, to run it on its own stack: true if
+    /// the token had not started (it is EXECUTING now, counted on this worker), false if
+    /// another worker started it, it was killed, or it is final. Its queue entry is discarded
+    /// when popped, like a killed token's.
+    pub fn claim_inline(&self, core: usize, wi: usize, h: &Header) -> bool {
+        let cs = &self.cores[core];
+        match h.state.load() {
+            TokenState::Admitted => {
+                // `start` releases this on failure, like the load of a popped entry.
+                cs.load.fetch_add(1, Ordering::AcqRel);
+                cs.workers[wi].load.fetch_add(1, Ordering::AcqRel);
+                if self.start(core, wi, h) {
+                    h.set_placement(core, wi);
+                    true
+                } else {
+                    false
+                }
+            }
+            TokenState::Waiting => {
+                if h.state
+                    .transition(TokenState::Waiting, TokenState::Admitted)
+                    .is_err()
+                {
+                    return false;
+                }
+                self.admit_into(h, core, wi, now_ns());
+                self.pulled.fetch_add(1, Ordering::AcqRel);
+                self.start(core, wi, h)
+            }
+            _ => false,
+        }
+    }
+
     /// KILLED if the token has not started; returns the flags it carried, or the state that
     /// made it impossible.
     pub fn kill(&self, h: &Header) -> Result<u8, TokenState> {
@@ -794,7 +1048,7 @@ impl<J: Job> Scheduler<J> {
     pub fn take_pending(&self) -> Vec<J> {
         let mut out = Vec::new();
         {
-            let mut pool = self.pool.lock();
+            let mut pool = lock(&self.pool);
             for (w, lanes) in pool.lanes.iter_mut().enumerate() {
                 for lane in lanes.iter_mut() {
                     out.extend(lane.drain(..));
@@ -850,7 +1104,7 @@ impl<J: Job> Scheduler<J> {
 
     fn notify_quiet(&self) {
         if self.quiet_waiters.load(Ordering::SeqCst) > 0 {
-            let _g = self.quiet_lock.lock();
+            let _g = lock(&self.quiet_lock);
             self.quiet_cv.notify_all();
         }
     }
@@ -858,16 +1112,25 @@ impl<J: Job> Scheduler<J> {
     /// Waits (blocking: call it with the GIL released) until at most `limit` tokens are in
     /// flight, or `timeout` passes. Returns whether that point was reached.
     pub fn wait_quiet(&self, limit: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         self.quiet_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut g = self.quiet_lock.lock();
+        let mut g = lock(&self.quiet_lock);
         let reached = loop {
             if self.in_flight() <= limit {
                 break true;
             }
-            if self.quiet_cv.wait_until(&mut g, deadline).timed_out() {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if left.is_zero() {
                 break self.in_flight() <= limit;
             }
+            g = self
+                .quiet_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         };
         drop(g);
         self.quiet_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -880,10 +1143,19 @@ impl<J: Job> Scheduler<J> {
         let n = self.cores.len();
         for c in router::allowed_cores(w, n) {
             let cs = &self.cores[c - 1];
-            let active = cs.active.load(Ordering::Acquire).min(cs.workers.len());
-            if cs.workers[..active].iter().any(|w| w.wake()) {
+            let end = self.target_end(c - 1);
+            if cs.workers[..end]
+                .iter()
+                .any(|w| w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE && w.wake())
+            {
                 return;
             }
+        }
+    }
+
+    fn wake_core(&self, core: usize) {
+        for w in self.cores[core].workers.iter() {
+            w.wake();
         }
     }
 
@@ -919,6 +1191,13 @@ impl<J: Job> Scheduler<J> {
             per_core.push(CoreStats {
                 active_workers: cs.active.load(Ordering::Acquire),
                 spawned_workers: spawned,
+                blocked_workers: cs
+                    .workers
+                    .iter()
+                    .filter(|w| w.blocked.load(Ordering::Acquire) == SLOT_BLOCKED)
+                    .count(),
+                compensations: cs.compensations.load(Ordering::Relaxed),
+                uncompensated: cs.uncompensated.load(Ordering::Relaxed),
                 queue_depth: depth,
                 executing: c_exec,
                 load: cs.load.load(Ordering::Acquire),
@@ -979,6 +1258,7 @@ mod tests {
                 mailbox_capacity: mailbox,
                 pool_capacity: pool,
                 overflow,
+                first_id: 1,
             })
             .unwrap(),
         )
@@ -1199,11 +1479,146 @@ mod tests {
     fn set_active_bounds_and_spawn_list() {
         let s = sched(2, 1, 4, 10, Overflow::Block);
         assert!(s.claim_spawn(0, 0));
-        assert_eq!(s.set_active(0, 3).unwrap(), vec![(0, 1), (0, 2)]);
+        assert_eq!(s.claim_for_active(0, 3).unwrap(), vec![(0, 1), (0, 2)]);
+        assert_eq!(
+            s.active(0),
+            1,
+            "claiming threads does not route to them yet"
+        );
+        s.set_active(0, 3).unwrap();
         assert_eq!(s.active(0), 3);
         assert!(s.set_active(0, 0).is_err());
         assert!(s.set_active(0, 5).is_err());
         assert!(s.set_active(7, 1).is_err());
+    }
+
+    /// Runs whatever `(core, wi)` finds until it finds nothing.
+    fn drain_worker(s: &S, core: usize, wi: usize) -> Vec<u64> {
+        let mut ran = Vec::new();
+        while let Some(j) = s.next_job(core, wi) {
+            if s.start(core, wi, &j.header) {
+                ran.push(j.header.id);
+                s.finish(core, wi, &j.header, true).unwrap();
+                s.release(core, wi);
+            }
+        }
+        ran
+    }
+
+    #[test]
+    fn a_blocked_worker_hands_its_place_to_the_next_slot() {
+        let s = sched(1, 2, 4, 100, Overflow::Block);
+        assert!(s.claim_spawn(0, 0) && s.claim_spawn(0, 1));
+        // worker 0 runs a token and blocks inside it
+        let a = job(&s, Weight::Heavy);
+        s.try_submit(a.clone()).unwrap();
+        let got = s.next_job(0, 0).unwrap();
+        assert!(s.start(0, 0, &got.header));
+        assert_eq!(s.block(0, 0), Some((0, 2)), "slot 2 must get a thread");
+        assert!(!s.is_target(0, 0));
+        assert!(s.is_target(0, 1) && s.is_target(0, 2));
+        assert!(!s.is_target(0, 3));
+        let st = s.stats().per_core[0].clone();
+        assert_eq!((st.blocked_workers, st.compensations, st.load), (1, 1, 0));
+        // new work goes to the runnable targets only
+        let more: Vec<_> = (0..4).map(|_| job(&s, Weight::Heavy)).collect();
+        for j in &more {
+            s.try_submit(j.clone()).unwrap();
+        }
+        assert!(more
+            .iter()
+            .all(|j| matches!(j.header.placement(), Some((0, 1 | 2)))));
+        // worker 1 blocks too: slot 3 takes its place
+        assert_eq!(s.block(0, 1), Some((0, 3)));
+        // worker 0 resumes: slot 3 is no longer a target; it only finishes its own mailbox
+        s.unblock(0, 0);
+        assert!(s.is_target(0, 0) && s.is_target(0, 2) && !s.is_target(0, 3));
+        s.unblock(0, 1);
+        s.finish(0, 0, &got.header, true).unwrap();
+        s.release(0, 0);
+        let mut ran: Vec<u64> = (0..4).flat_map(|w| drain_worker(&s, 0, w)).collect();
+        ran.sort_unstable();
+        assert_eq!(ran, more.iter().map(|j| j.header.id).collect::<Vec<_>>());
+        let st = s.stats();
+        assert_eq!(st.per_core[0].load, 0);
+        assert_eq!(st.per_core[0].blocked_workers, 0);
+        assert_eq!(st.completed, 5);
+    }
+
+    #[test]
+    fn no_slot_left_means_no_compensation() {
+        let s: Arc<S> = Arc::new(
+            Scheduler::new(Config {
+                cores: 1,
+                workers_per_core: 1,
+                max_workers_per_core: 2,
+                ..Config::default()
+            })
+            .unwrap(),
+        );
+        assert!(s.claim_spawn(0, 0));
+        assert_eq!(s.block(0, 0), Some((0, 1)));
+        assert_eq!(s.block(0, 1), None);
+        let st = s.stats().per_core[0].clone();
+        assert_eq!((st.compensations, st.uncompensated), (1, 1));
+        // a slot whose thread cannot start is skipped for good
+        s.unblock(0, 1);
+        s.unblock(0, 0);
+        assert_eq!(
+            s.block(0, 0),
+            None,
+            "slot 1 has its thread already: it is woken"
+        );
+        assert_eq!(s.spawn_failed(0, 1), None);
+        assert!(!s.is_target(0, 1));
+    }
+
+    #[test]
+    fn a_waiter_claims_the_token_it_waits_for_unless_it_started() {
+        let s = sched(1, 2, 4, 100, Overflow::Block);
+        let queued = job(&s, Weight::Heavy);
+        s.try_submit(queued.clone()).unwrap();
+        let (c, w) = queued.header.placement().unwrap();
+        assert!(s.claim_inline(0, 1, &queued.header));
+        assert_eq!(queued.header.state.load(), TokenState::Executing);
+        assert_eq!(queued.header.placement(), Some((0, 1)));
+        assert!(!s.claim_inline(0, 1, &queued.header), "only once");
+        s.finish(0, 1, &queued.header, true).unwrap();
+        s.release(0, 1);
+        // its queue entry is discarded by whoever pops it
+        assert!(drain_worker(&s, c, w).is_empty());
+        // a token waiting in the pool (paused) is claimed the same way
+        s.pause();
+        let waiting = job(&s, Weight::Medium);
+        s.try_submit(waiting.clone()).unwrap();
+        assert_eq!(waiting.header.state.load(), TokenState::Waiting);
+        assert!(s.claim_inline(0, 0, &waiting.header));
+        s.finish(0, 0, &waiting.header, false).unwrap();
+        s.release(0, 0);
+        s.unpause();
+        assert!(drain_worker(&s, 0, 0).is_empty());
+        let st = s.stats();
+        assert_eq!((st.completed, st.failed), (1, 1));
+        assert_eq!(st.waiting + st.admitted + st.executing, 0);
+        assert!(st.per_core.iter().all(|c| c.load == 0));
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn ids_start_where_the_config_says() {
+        let s = Scheduler::<Arc<TestJob>>::new(Config {
+            first_id: 42,
+            ..Config::default()
+        })
+        .unwrap();
+        assert_eq!(s.peek_next_id(), 42);
+        assert_eq!(s.next_id(), 42);
+        assert_eq!(s.next_id(), 43);
+        assert!(Scheduler::<Arc<TestJob>>::new(Config {
+            first_id: 0,
+            ..Config::default()
+        })
+        .is_err());
     }
 
     #[test]

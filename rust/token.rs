@@ -2,25 +2,29 @@
 //! so a queued token is one Python object (no second allocation).
 
 use std::cell::UnsafeCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use pyo3::exceptions::PyBaseException;
+use pyo3::exceptions::{PyBaseException, PyException};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::errors::CoreError;
+use crate::errors::{deadline_in, CoreError};
 use crate::router::{Priority, Weight};
-use crate::runtime::{current_worker, help_one, Shared};
+use crate::runtime::{enter_blocking, on_any_worker, try_run_inline, Shared, WaitFor};
 use crate::sched::Job;
 use crate::state::{Header, TokenState, FLAG_PANIC, FLAG_WAITERS};
+use crate::sync::lock;
 
 /// What every call of one decorated function shares.
 pub struct OpSpec {
-    pub func: Py<PyAny>,
+    /// The decorated function; `None` for `submit(fn)`, whose function travels in the `Call`
+    /// (owned by that token alone, so the garbage collector sees it and it is released as
+    /// soon as the call ran).
+    pub func: Option<Py<PyAny>>,
     pub operation_type: Py<PyString>,
     pub weight: Weight,
     pub priority: Priority,
@@ -29,6 +33,8 @@ pub struct OpSpec {
 }
 
 pub(crate) struct Call {
+    /// The function of a `submit(fn)` token (decorated functions use `OpSpec::func`).
+    pub func: Option<Py<PyAny>>,
     pub args: Py<PyTuple>,
     pub kwargs: Option<Py<PyDict>>,
 }
@@ -36,6 +42,8 @@ pub(crate) struct Call {
 struct Slot {
     call: Option<Call>,
     callbacks: Vec<Py<PyAny>>,
+    /// Threads parked until the token is final (woken by whoever makes it final).
+    waiters: Vec<Thread>,
 }
 
 type Outcome = Result<Py<PyAny>, Py<PyBaseException>>;
@@ -87,20 +95,15 @@ impl Job for Py<TaskToken> {
     }
 }
 
-/// Wakes the threads parked on a token's state cell (`key` from `StateCell::key`).
-pub(crate) fn wake_key(key: Option<usize>) {
-    if let Some(key) = key {
-        // SAFETY: the key is the address of a token's state cell, only used as a key.
-        unsafe {
-            parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN);
-        }
+/// Wakes threads taken from a token's waiter list.
+pub(crate) fn wake_threads(threads: Vec<Thread>) {
+    for t in threads {
+        t.unpark();
     }
 }
 
 /// How long a waiter parks before it re-attaches to check for signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
-/// How long a worker that waits on a nested token parks before looking for work to help with.
-const HELP_POLL: Duration = Duration::from_micros(500);
 
 impl TaskToken {
     pub(crate) fn new(id: u64, op: Arc<OpSpec>, rt: Arc<Shared>, call: Call) -> Self {
@@ -111,13 +114,14 @@ impl TaskToken {
             slot: Mutex::new(Slot {
                 call: Some(call),
                 callbacks: Vec::new(),
+                waiters: Vec::new(),
             }),
             outcome: OutcomeCell(UnsafeCell::new(None)),
         }
     }
 
     pub(crate) fn take_call(&self) -> Option<Call> {
-        self.slot.lock().call.take()
+        lock(&self.slot).call.take()
     }
 
     pub(crate) fn set_outcome(&self, o: Outcome) {
@@ -129,102 +133,134 @@ impl TaskToken {
         self.header.state.raw() & FLAG_PANIC != 0
     }
 
-    pub(crate) fn wake_waiters(&self, flags: u8) {
+    /// The threads to wake after a transition to a final state that returned `flags`.
+    pub(crate) fn take_waiters(&self, flags: u8) -> Vec<Thread> {
         if flags & FLAG_WAITERS != 0 {
-            wake_key(Some(self.header.state.key()));
+            std::mem::take(&mut lock(&self.slot).waiters)
+        } else {
+            Vec::new()
         }
+    }
+
+    pub(crate) fn wake_waiters(&self, flags: u8) {
+        wake_threads(self.take_waiters(flags));
     }
 
     /// Takes the done callbacks; call after the token became final.
     pub(crate) fn take_callbacks(&self) -> Vec<Py<PyAny>> {
-        std::mem::take(&mut self.slot.lock().callbacks)
+        std::mem::take(&mut lock(&self.slot).callbacks)
     }
 
-    pub(crate) fn call_callbacks(slf: &Bound<'_, TaskToken>, cbs: Vec<Py<PyAny>>) {
+    /// Runs `cbs`. Every callback runs; an `Exception` one raises is logged. A `BaseException`
+    /// that is not an `Exception` (`KeyboardInterrupt`, `SystemExit`) raised on a thread that
+    /// is not a worker (a Ctrl-C reaching the main thread inside a callback run by `kill()` or
+    /// `stop(wait=False)`) is re-raised once they all ran, as `concurrent.futures` does.
+    pub(crate) fn call_callbacks(slf: &Bound<'_, TaskToken>, cbs: Vec<Py<PyAny>>) -> PyResult<()> {
+        let mut interrupt = None;
         for cb in cbs {
-            call_callback(slf, cb.bind(slf.py()));
+            if let Some(e) = call_callback(slf, cb.bind(slf.py())) {
+                interrupt.get_or_insert(e);
+            }
         }
+        interrupt.map_or(Ok(()), Err)
     }
 
     /// Runs (and empties) the done callbacks; call after the token became final.
-    pub(crate) fn run_callbacks(slf: &Bound<'_, TaskToken>) {
+    pub(crate) fn run_callbacks(slf: &Bound<'_, TaskToken>) -> PyResult<()> {
         let cbs = slf.get().take_callbacks();
-        TaskToken::call_callbacks(slf, cbs);
+        TaskToken::call_callbacks(slf, cbs)
     }
 
-    /// Parks (GIL released by the caller) until final or `dur` passes.
-    fn park_until_final(&self, dur: Duration) -> bool {
-        let deadline = Instant::now() + dur;
-        let key = self.header.state.key();
+    /// Puts this thread on the waiter list; false if the token is final already. The finisher
+    /// takes the list (its transition saw `FLAG_WAITERS`), so a waiter woken by it need not
+    /// remove itself; one that stops waiting early calls `unregister_waiter`.
+    fn register_waiter(&self) -> bool {
+        let mut slot = lock(&self.slot);
+        if self.header.state.load().is_final() {
+            return false;
+        }
+        slot.waiters.push(std::thread::current());
+        self.header.state.set_flags(FLAG_WAITERS);
+        if self.header.state.load().is_final() {
+            // Final before the flag was seen: nobody will take the list for us.
+            slot.waiters.pop();
+            return false;
+        }
+        true
+    }
+
+    fn unregister_waiter(&self) {
+        let me = std::thread::current().id();
+        lock(&self.slot).waiters.retain(|t| t.id() != me);
+    }
+
+    /// Parks (GIL released by the caller, registered as a waiter) until final or `until`.
+    fn park_until_final(&self, until: Instant) -> bool {
         loop {
-            self.header.state.set_flags(FLAG_WAITERS);
             if self.header.state.load().is_final() {
                 return true;
             }
-            // SAFETY: the validate closure only reads an atomic; no callback panics.
-            unsafe {
-                parking_lot_core::park(
-                    key,
-                    || !self.header.state.load().is_final(),
-                    || {},
-                    |_, _| {},
-                    parking_lot_core::DEFAULT_PARK_TOKEN,
-                    Some(deadline),
-                );
-            }
-            if self.header.state.load().is_final() {
-                return true;
-            }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= until {
                 return false;
             }
+            std::thread::park_timeout(until - now);
         }
     }
 
-    /// Waits for a final state; `Ok(false)` on timeout. The GIL is released while parked,
-    /// signals are checked between timed waits, and a worker thread helps with queued work.
-    pub(crate) fn wait_final(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        if self.header.state.load().is_final() {
+    /// Waits for a final state; `Ok(false)` on timeout. The GIL is released while parked and
+    /// signals are checked between timed waits.
+    ///
+    /// Inside a task, a token that has not started is run inline on this thread (when no
+    /// timeout is given), so a task never blocks on work queued behind it; otherwise the
+    /// worker hands its place to a compensating worker while it waits, and a wait that can
+    /// never end (its own token, a cycle of waits) raises `TokenDeadlock` at once.
+    pub(crate) fn wait_final(
+        slf: &Bound<'_, TaskToken>,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let tok = slf.get();
+        if tok.header.state.load().is_final() {
             return Ok(true);
         }
-        if self.rt.forked() {
+        if tok.rt.forked() {
             return Err(CoreError::Forked.into_pyerr(py));
         }
-        let deadline = match timeout {
-            Some(t) if t.is_nan() || t < 0.0 => {
+        if let Some(t) = timeout {
+            if t.is_nan() || t < 0.0 {
                 return Err(CoreError::Config(format!(
                     "timeout must be a number of seconds >= 0 or None, got {t}"
                 ))
-                .into_pyerr(py))
+                .into_pyerr(py));
             }
-            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t.min(1e9))),
-            None => None,
+        }
+        let deadline = deadline_in(timeout);
+        let on_worker = on_any_worker();
+        if on_worker && timeout.is_none() && try_run_inline(py, slf) {
+            return Ok(true);
+        }
+        let _blocked = if on_worker {
+            enter_blocking(py, WaitFor::Token(slf))?
+        } else {
+            None
         };
-        let helping = current_worker(&self.rt);
+        if !tok.register_waiter() {
+            return Ok(true);
+        }
         loop {
-            if helping.is_some() && help_one(py, &self.rt) {
-                if self.header.state.load().is_final() {
-                    return Ok(true);
-                }
-                continue;
-            }
-            let chunk = if helping.is_some() {
-                HELP_POLL
-            } else {
-                SIGNAL_CHECK
-            };
-            let chunk = match deadline {
-                Some(d) => chunk.min(d.saturating_duration_since(Instant::now())),
-                None => chunk,
-            };
-            if py.detach(|| self.park_until_final(chunk)) {
+            let until = Instant::now() + SIGNAL_CHECK;
+            let until = deadline.map_or(until, |d| d.min(until));
+            if py.detach(|| tok.park_until_final(until)) {
                 return Ok(true);
             }
-            py.check_signals()?;
-            if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    return Ok(self.header.state.load().is_final());
-                }
+            if let Err(e) = py.check_signals() {
+                tok.unregister_waiter();
+                return Err(e);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                tok.unregister_waiter();
+                return Ok(tok.header.state.load().is_final());
             }
         }
     }
@@ -237,30 +273,67 @@ impl TaskToken {
         .into_pyerr(py)
     }
 
-    fn wait_or_timeout(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        if self.wait_final(py, timeout)? {
+    fn wait_or_timeout(slf: &Bound<'_, TaskToken>, timeout: Option<f64>) -> PyResult<()> {
+        let py = slf.py();
+        if TaskToken::wait_final(slf, py, timeout)? {
             Ok(())
         } else {
+            let tok = slf.get();
             Err(CoreError::Timeout {
-                id: self.header.id,
-                operation: self.op.operation_type.bind(py).to_string(),
+                id: tok.header.id,
+                operation: tok.op.operation_type.bind(py).to_string(),
                 seconds: timeout.unwrap_or(0.0),
             }
             .into_pyerr(py))
         }
     }
 
+    /// The result or exception, once the token is COMPLETED or FAILED.
     fn outcome(&self) -> Option<&Outcome> {
-        self.outcome.get()
+        if matches!(
+            self.header.state.load(),
+            TokenState::Completed | TokenState::Failed
+        ) {
+            self.outcome.get()
+        } else {
+            None
+        }
     }
 }
 
-fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) {
-    let args = PyTuple::new(tok.py(), [tok]);
-    let r = args.and_then(|a| crate::exitguard::call(cb, &a, None));
-    if let Err(e) = r {
-        log_callback_error(tok.py(), cb, e);
+/// The value of a finished token, or its exception raised again.
+fn outcome_value(py: Python<'_>, o: &Outcome) -> PyResult<Py<PyAny>> {
+    match o {
+        Ok(v) => Ok(v.clone_ref(py)),
+        Err(e) => Err(PyErr::from_value(e.bind(py).clone().into_any())),
     }
+}
+
+/// Runs `f`, turning a Rust panic into an `InternalError` instead of letting it escape as
+/// `PanicException` (a `BaseException` that `except Exception` does not catch).
+pub(crate) fn no_panic<T>(py: Python<'_>, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(CoreError::Internal(format!(
+            "internal error in the tokengate core: {}",
+            crate::runtime::panic_message(&p)
+        ))
+        .into_pyerr(py)),
+    }
+}
+
+/// Runs one done callback; returns the interrupt to re-raise (see `call_callbacks`).
+fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) -> Option<PyErr> {
+    let py = tok.py();
+    let args = PyTuple::new(py, [tok]);
+    let e = args
+        .and_then(|a| crate::exitguard::call(cb, &a, None))
+        .err()?;
+    if !e.is_instance_of::<PyException>(py) && !on_any_worker() {
+        return Some(e);
+    }
+    log_callback_error(py, cb, e);
+    None
 }
 
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -338,8 +411,11 @@ impl TaskToken {
             }
         }
         // A worker holds the slot lock only for a moment; never block inside the collector.
-        if let Some(slot) = self.slot.try_lock() {
+        if let Ok(slot) = self.slot.try_lock() {
             if let Some(call) = &slot.call {
+                if let Some(f) = &call.func {
+                    visit.call(f)?;
+                }
                 visit.call(&call.args)?;
                 if let Some(kw) = &call.kwargs {
                     visit.call(kw)?;
@@ -358,7 +434,7 @@ impl TaskToken {
         }
         // Unreachable tokens are not in any worker's hands, so the lock is free, except in a
         // forked child where a parent thread may have held it at fork time: never block here.
-        if let Some(mut slot) = self.slot.try_lock() {
+        if let Ok(mut slot) = self.slot.try_lock() {
             let call = slot.call.take();
             let cbs = std::mem::take(&mut slot.callbacks);
             drop(slot);
@@ -441,54 +517,65 @@ impl TaskToken {
 
     /// Waits until the token is final; returns False if `timeout` seconds passed first.
     #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        self.wait_final(py, timeout)
+    fn wait(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<bool> {
+        no_panic(slf.py(), || TaskToken::wait_final(slf, slf.py(), timeout))
     }
 
     /// The task's return value. Re-raises the task's exception, raises `TokenKilled` if the
     /// token was killed and `TokenTimeout` if `timeout` seconds pass first.
     #[pyo3(signature = (timeout=None))]
-    fn get(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        self.wait_or_timeout(py, timeout)?;
-        match self.outcome() {
-            Some(Ok(v)) => Ok(v.clone_ref(py)),
-            Some(Err(e)) => Err(PyErr::from_value(e.bind(py).clone().into_any())),
-            None => Err(self.killed_error(py)),
+    fn get(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        if let Some(o) = slf.get().outcome() {
+            // Final already: one atomic load, no lock.
+            return outcome_value(py, o);
         }
+        no_panic(py, || {
+            TaskToken::wait_or_timeout(slf, timeout)?;
+            let tok = slf.get();
+            match tok.outcome() {
+                Some(o) => outcome_value(py, o),
+                None => Err(tok.killed_error(py)),
+            }
+        })
     }
 
     /// Same as `get`.
     #[pyo3(signature = (timeout=None))]
-    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        self.get(py, timeout)
+    fn result(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        TaskToken::get(slf, timeout)
     }
 
     /// The exception the task raised, or None if it returned.
     #[pyo3(signature = (timeout=None))]
-    fn exception(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
-        self.wait_or_timeout(py, timeout)?;
-        match self.outcome() {
-            Some(Ok(_)) => Ok(None),
-            Some(Err(e)) => Ok(Some(e.clone_ref(py).into_any())),
-            None => Err(self.killed_error(py)),
-        }
+    fn exception(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        let py = slf.py();
+        no_panic(py, || {
+            TaskToken::wait_or_timeout(slf, timeout)?;
+            let tok = slf.get();
+            match tok.outcome() {
+                Some(Ok(_)) => Ok(None),
+                Some(Err(e)) => Ok(Some(e.clone_ref(py).into_any())),
+                None => Err(tok.killed_error(py)),
+            }
+        })
     }
 
     /// Kills the token if it has not started: it becomes KILLED at once and its waiters get
     /// `TokenKilled`. Returns False if it is already executing or final.
-    fn kill(slf: &Bound<'_, Self>) -> bool {
+    fn kill(slf: &Bound<'_, Self>) -> PyResult<bool> {
         let tok = slf.get();
         if tok.rt.forked() {
-            return false; // the token lives in the parent process
+            return Ok(false); // the token lives in the parent process
         }
         match tok.rt.sched.kill(&tok.header) {
             Ok(flags) => {
                 drop(tok.take_call());
                 tok.wake_waiters(flags);
-                TaskToken::run_callbacks(slf);
-                true
+                TaskToken::run_callbacks(slf)?;
+                Ok(true)
             }
-            Err(_) => false,
+            Err(_) => Ok(false),
         }
     }
 
@@ -506,14 +593,13 @@ impl TaskToken {
             return Err(CoreError::Forked.into_pyerr(slf.py()));
         }
         {
-            let mut slot = slf.get().slot.lock();
+            let mut slot = lock(&slf.get().slot);
             if !slf.get().header.state.load().is_final() {
                 slot.callbacks.push(func.unbind());
                 return Ok(());
             }
         }
-        call_callback(slf, &func);
-        Ok(())
+        call_callback(slf, &func).map_or(Ok(()), Err)
     }
 
     fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
+
+from pytest import fail as _fail
 
 #: Upper bound for waits expected to finish "soon"; only reached when something is broken.
 SAFETY = 20.0
@@ -57,3 +63,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float = SAFETY) -> bool:
         if time.monotonic() >= deadline:
             return bool(predicate())
         idle.wait(0.001)
+
+
+def run_child(tmp_path, source: str, *args: str, timeout: float = 60.0):
+    """Run ``source`` as a script in a fresh interpreter; fail (not hang) past ``timeout``."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(source))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        _fail(f"child hung (killed after {timeout} s)\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
+def child_json(out: str) -> dict:
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, out
+    return json.loads(lines[0][len("RESULT ") :])

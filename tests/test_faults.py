@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import builtins
 import gc
-import json
 import logging
 import os
-import subprocess
 import sys
-import textwrap
 import threading
 import weakref
 
@@ -35,7 +32,7 @@ import psutil
 import pytest
 
 import tokengate
-from _support import SAFETY, wait_until
+from _support import SAFETY, child_json, run_child, wait_until
 from tokengate import (
     CoordinatorNotRunning,
     InternalError,
@@ -53,31 +50,6 @@ def os_threads() -> int:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def run_child(tmp_path, source: str, *args: str, timeout: float = 60.0):
-    """Run ``source`` as a script in a fresh interpreter; fail (not hang) past ``timeout``."""
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(source))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"child hung (killed after {timeout} s)\nstdout:\n{out}\nstderr:\n{err}")
-    return proc.returncode, out, err
-
-
-def child_json(out: str) -> dict:
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == 1, out
-    return json.loads(lines[0][len("RESULT ") :])
 
 
 # =============================================================== task exceptions of every type
@@ -593,9 +565,12 @@ def _tokengate_errors(caplog) -> list[logging.LogRecord]:
     ids=["RuntimeError", "KeyboardInterrupt", "SystemExit", "BaseException", "hostile-repr"],
 )
 def test_raising_callback_is_logged_on_every_path(make_coord, caplog, exc):
-    """A callback raising (even a BaseException) on the worker path (COMPLETED, FAILED), on the
-    kill path (runs in the killing thread) and when added after the end: logged to the
-    "tokengate" logger, the next callbacks still run, nothing propagates."""
+    """A callback raising (even a BaseException) on the worker path (COMPLETED, FAILED) is
+    logged to the "tokengate" logger and the next callbacks still run. On the kill path (runs
+    in the killing thread) and when added after the end, an Exception is logged the same way;
+    a BaseException that is not an Exception (Ctrl-C, SystemExit) reaches the caller, after
+    the other callbacks ran, as in concurrent.futures."""
+    propagates = not isinstance(exc, Exception)
     coord = make_coord(cores=1, workers_per_core=1)
     caplog.set_level(logging.ERROR, logger="tokengate")
     calls = []
@@ -616,18 +591,28 @@ def test_raising_callback_is_logged_on_every_path(make_coord, caplog, exc):
     for t in (ok, failing, killed):
         t.add_done_callback(bad)
         t.add_done_callback(good)
-    assert killed.kill() is True  # callbacks run here, in this thread; nothing propagates
+    if propagates:
+        with pytest.raises(type(exc)) as info:
+            killed.kill()  # callbacks run here, in this thread
+        assert info.value is exc
+        assert killed.state is TokenState.KILLED
+    else:
+        assert killed.kill() is True  # callbacks run here, in this thread; nothing propagates
     coord.resume()
     assert ok.get(timeout=SAFETY) == "ok"
     assert isinstance(failing.exception(timeout=SAFETY), Boom)
     for _ in range(3):
         assert fired.acquire(timeout=SAFETY)
-    ok.add_done_callback(bad)  # after the end: runs at once, still only logged
+    if propagates:
+        with pytest.raises(type(exc)):
+            ok.add_done_callback(bad)  # after the end: runs at once, in this thread
+    else:
+        ok.add_done_callback(bad)  # after the end: runs at once, still only logged
 
     for t in (ok, failing, killed):
         assert calls.index(("bad", t.token_id)) < calls.index(("good", t.token_id))
     errors = _tokengate_errors(caplog)
-    assert len(errors) == 4, [r.getMessage() for r in errors]
+    assert len(errors) == (2 if propagates else 4), [r.getMessage() for r in errors]
     assert all(r.exc_info and r.exc_info[1] is exc for r in errors)
     assert all("done callback" in r.msg for r in errors)
     # the worker is alive
