@@ -277,9 +277,7 @@ pub(crate) fn enter_blocking(py: Python<'_>, what: WaitFor<'_, '_>) -> PyResult<
         wi,
         waiter,
     };
-    if let Some(slot) = shared.sched.block(core, wi) {
-        shared.start_compensator(slot);
-    }
+    shared.start_compensators(shared.sched.block(core, wi));
     Ok(Some(guard))
 }
 
@@ -533,21 +531,17 @@ impl Shared {
         Ok(())
     }
 
-    /// Starts the thread of a compensating worker; if that fails, the next free slot of the
-    /// core is tried, until one starts or none is left (the core then runs one worker short
-    /// while the task waits; `stats()` counts it).
-    fn start_compensator(self: &Arc<Self>, mut slot: (usize, usize)) {
-        loop {
+    /// Starts the threads of compensating workers; a slot whose thread fails to start is
+    /// skipped for good and the next free slot of the core is tried, until none is left (the
+    /// core then runs short while the task waits; `stats()` counts it).
+    fn start_compensators(self: &Arc<Self>, mut slots: Vec<(usize, usize)>) {
+        while let Some((core, wi)) = slots.pop() {
             if self.sched.is_shutdown() {
-                self.sched.unclaim_spawn(slot.0, slot.1);
-                return;
+                self.sched.unclaim_spawn(core, wi);
+                continue;
             }
-            match self.spawn_workers(vec![slot]) {
-                Ok(()) => return,
-                Err(_) => match self.sched.spawn_failed(slot.0, slot.1) {
-                    Some(next) => slot = next,
-                    None => return,
-                },
+            if self.spawn_workers(vec![(core, wi)]).is_err() {
+                slots.extend(self.sched.spawn_failed(core, wi));
             }
         }
     }

@@ -881,26 +881,12 @@ impl<J: Job> Scheduler<J> {
 
     // ---- waits inside a task --------------------------------------------------------------
 
-    /// The 0-based index of the `n`-th (1-based) runnable slot of `core`.
-    fn nth_runnable(&self, core: usize, n: usize) -> Option<usize> {
-        let mut seen = 0;
-        for (i, w) in self.cores[core].workers.iter().enumerate() {
-            if w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE {
-                seen += 1;
-                if seen == n {
-                    return Some(i);
-                }
-            }
-        }
-        None
-    }
-
     /// Worker `(core, wi)` is about to wait inside a task (on a token that runs elsewhere, for
     /// quiescence, for pool room). Its place goes to the next slot of its core, a compensating
     /// worker, so the core keeps `active` workers that run tokens while it waits. Returns a
-    /// slot whose thread must be started (already claimed; report a failure with
+    /// the slots whose thread must be started (already claimed; report a failure with
     /// `spawn_failed`); a compensating slot that has a thread is woken. Pair with `unblock`.
-    pub fn block(&self, core: usize, wi: usize) -> Option<(usize, usize)> {
+    pub fn block(&self, core: usize, wi: usize) -> Vec<(usize, usize)> {
         let cs = &self.cores[core];
         let slot = &cs.workers[wi];
         let was_target = self.is_target(core, wi);
@@ -914,7 +900,7 @@ impl<J: Job> Scheduler<J> {
             )
             .is_err()
         {
-            return None;
+            return Vec::new();
         }
         cs.blocked.fetch_add(1, Ordering::AcqRel);
         // The waiting token does not occupy the core while it waits.
@@ -924,34 +910,46 @@ impl<J: Job> Scheduler<J> {
             self.wake_core(core); // its queued tokens go to its siblings
         }
         if was_target {
-            self.compensate(core)
+            self.compensate(core, wi)
         } else {
-            None // a retired worker's place is not needed: the core has its targets
+            Vec::new() // a retired worker's place is not needed: the core has its targets
         }
     }
 
-    /// Makes the slot that just became a target of `core` run: wakes its thread, or returns
-    /// it (claimed) when it has none yet.
-    pub fn compensate(&self, core: usize) -> Option<(usize, usize)> {
+    /// Makes every target of `core` run after slot `from` stopped being one: the slots that
+    /// became targets (all above `from`) are woken, or returned (claimed) when they have no
+    /// thread yet. Concurrent blocks on one core each see every new target this way.
+    fn compensate(&self, core: usize, from: usize) -> Vec<(usize, usize)> {
         let cs = &self.cores[core];
         let active = cs.active.load(Ordering::Acquire);
-        let Some(i) = self.nth_runnable(core, active) else {
-            cs.uncompensated.fetch_add(1, Ordering::Relaxed);
-            return None; // every slot is blocked: the core runs with fewer workers
-        };
-        cs.compensations.fetch_add(1, Ordering::Relaxed);
-        if self.claim_spawn(core, i) {
-            Some((core, i))
-        } else {
-            cs.workers[i].wake();
-            None
+        let mut spawn = Vec::new();
+        let mut seen = 0;
+        for (i, w) in cs.workers.iter().enumerate() {
+            if seen == active {
+                break;
+            }
+            if w.blocked.load(Ordering::Acquire) != SLOT_RUNNABLE {
+                continue;
+            }
+            seen += 1;
+            if self.claim_spawn(core, i) {
+                spawn.push((core, i));
+            } else if i > from {
+                w.wake();
+            }
         }
+        if seen < active {
+            cs.uncompensated.fetch_add(1, Ordering::Relaxed); // the core runs short
+        } else {
+            cs.compensations.fetch_add(1, Ordering::Relaxed);
+        }
+        spawn
     }
 
     /// The thread of slot `(core, wi)` could not be started: the slot never receives work
-    /// again, whatever was routed to it goes to its siblings, and the next slot is returned
-    /// (claimed) to try instead, if there is one.
-    pub fn spawn_failed(&self, core: usize, wi: usize) -> Option<(usize, usize)> {
+    /// again, whatever was routed to it goes to its siblings, and the slots to try instead
+    /// are returned (claimed), if there are any.
+    pub fn spawn_failed(&self, core: usize, wi: usize) -> Vec<(usize, usize)> {
         let cs = &self.cores[core];
         let slot = &cs.workers[wi];
         slot.spawned.store(false, Ordering::Release);
@@ -968,7 +966,7 @@ impl<J: Job> Scheduler<J> {
             cs.blocked.fetch_add(1, Ordering::AcqRel);
         }
         self.wake_core(core);
-        self.compensate(core)
+        self.compensate(core, wi)
     }
 
     /// Worker `(core, wi)` stopped waiting: it receives work again (its compensating worker
@@ -1514,7 +1512,7 @@ mod tests {
         s.try_submit(a.clone()).unwrap();
         let got = s.next_job(0, 0).unwrap();
         assert!(s.start(0, 0, &got.header));
-        assert_eq!(s.block(0, 0), Some((0, 2)), "slot 2 must get a thread");
+        assert_eq!(s.block(0, 0), vec![(0, 2)], "slot 2 must get a thread");
         assert!(!s.is_target(0, 0));
         assert!(s.is_target(0, 1) && s.is_target(0, 2));
         assert!(!s.is_target(0, 3));
@@ -1529,7 +1527,7 @@ mod tests {
             .iter()
             .all(|j| matches!(j.header.placement(), Some((0, 1 | 2)))));
         // worker 1 blocks too: slot 3 takes its place
-        assert_eq!(s.block(0, 1), Some((0, 3)));
+        assert_eq!(s.block(0, 1), vec![(0, 3)]);
         // worker 0 resumes: slot 3 is no longer a target; it only finishes its own mailbox
         s.unblock(0, 0);
         assert!(s.is_target(0, 0) && s.is_target(0, 2) && !s.is_target(0, 3));
@@ -1546,6 +1544,18 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_blocks_give_every_new_target_a_thread() {
+        let s = sched(1, 2, 4, 100, Overflow::Block);
+        assert!(s.claim_spawn(0, 0) && s.claim_spawn(0, 1));
+        // both workers are marked blocked before either looks for its compensating slot
+        let a = s.block(0, 0);
+        let b = s.block(0, 1);
+        let mut all: Vec<_> = a.into_iter().chain(b).collect();
+        all.sort_unstable();
+        assert_eq!(all, vec![(0, 2), (0, 3)]);
+    }
+
+    #[test]
     fn no_slot_left_means_no_compensation() {
         let s: Arc<S> = Arc::new(
             Scheduler::new(Config {
@@ -1557,8 +1567,8 @@ mod tests {
             .unwrap(),
         );
         assert!(s.claim_spawn(0, 0));
-        assert_eq!(s.block(0, 0), Some((0, 1)));
-        assert_eq!(s.block(0, 1), None);
+        assert_eq!(s.block(0, 0), vec![(0, 1)]);
+        assert_eq!(s.block(0, 1), vec![]);
         let st = s.stats().per_core[0].clone();
         assert_eq!((st.compensations, st.uncompensated), (1, 1));
         // a slot whose thread cannot start is skipped for good
@@ -1566,10 +1576,10 @@ mod tests {
         s.unblock(0, 0);
         assert_eq!(
             s.block(0, 0),
-            None,
+            vec![],
             "slot 1 has its thread already: it is woken"
         );
-        assert_eq!(s.spawn_failed(0, 1), None);
+        assert_eq!(s.spawn_failed(0, 1), vec![]);
         assert!(!s.is_target(0, 1));
     }
 
