@@ -33,6 +33,8 @@ _INTERRUPT_GRACE = 1.0
 #: The core's limits (sized so its queue indices and counters cannot overflow).
 _MAX_MAILBOX_CAPACITY = 2**24
 _MAX_POOL_CAPACITY = 2**40
+#: The longest stop() waits in one go, so that a concurrent stop(wait=False) is seen promptly.
+_STOP_SLICE = 0.05
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -96,6 +98,56 @@ class _ControlLoop:
                 self._thread.join()
 
 
+class _Stop:
+    """One ``stop()`` in progress. Concurrent ``stop()`` calls share it: they wait for its
+    result, and one with ``wait=False`` escalates it (everything queued is killed, now and
+    from then on, and its own timeout, if shorter, becomes the deadline)."""
+
+    def __init__(
+        self,
+        rt: _core.Runtime,
+        control: _ControlLoop | None,
+        wait: bool,
+        timeout: float | None,
+    ) -> None:
+        self.rt = rt
+        self.control = control
+        self.owner = threading.get_ident()
+        self.done = threading.Event()
+        self.result = False
+        self._lock = threading.Lock()
+        self._kill = not wait
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def killing(self) -> bool:
+        """Whether queued tokens are to be killed rather than run."""
+        with self._lock:
+            return self._kill
+
+    def escalate(self, timeout: float | None) -> None:
+        """A concurrent ``stop(wait=False, timeout=timeout)``: kill what is queued at once and
+        finish by ``timeout`` (when given) even if the first caller allowed more."""
+        with self._lock:
+            self._kill = True
+            if timeout is not None:
+                deadline = time.monotonic() + timeout
+                if self._deadline is None or deadline < self._deadline:
+                    self._deadline = deadline
+        self.rt.kill_pending()
+
+    def left(self) -> float | None:
+        """Seconds until the deadline (0.0 once it passed), None without one."""
+        with self._lock:
+            deadline = self._deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def slice(self) -> float:
+        """How long to wait before looking at the deadline and the kill flag again."""
+        left = self.left()
+        return _STOP_SLICE if left is None else min(_STOP_SLICE, left)
+
+
 class OperationsCoordinator:
     """Admits tokens, routes them by weight to per-core mailboxes and runs them on worker
     threads pinned to CPU cores.
@@ -145,6 +197,7 @@ class OperationsCoordinator:
         self._rt: _core.Runtime | None = None
         self._last_rt: _core.Runtime | None = None
         self._control: _ControlLoop | None = None
+        self._stopping: _Stop | None = None
         self._rate = 0.0
         self._forked = False
 
@@ -196,40 +249,100 @@ class OperationsCoordinator:
         token that has not started (its waiters get :class:`TokenKilled`) and lets running
         ones finish. With ``timeout``, tokens still queued when it passes are killed too.
         Returns False if some worker was still busy when ``timeout`` passed.
-        Stopping a coordinator that is not running does nothing.
+        Stopping a coordinator that is not running does nothing (returns True).
+
+        While one ``stop()`` is in progress, another one (from any thread) does not start a
+        second stop: it waits, up to its own ``timeout``, for the first and returns its
+        result (False if its ``timeout`` passed first). With ``wait=False`` it escalates the
+        first: every queued token is killed at once and the first finishes by this call's
+        ``timeout``. Called from inside a task of this coordinator, or from a done callback
+        run by the thread doing the stop, it does not wait for the stop in progress (which
+        waits for that task or that callback): it returns False at once, or the result if
+        that stop already finished.
         """
         timeout = _check_timeout("timeout", timeout)
         with self._lock:
-            rt, control = self._rt, self._control
-            if rt is None or self._forked:
+            rt, control, pending = self._rt, self._control, self._stopping
+            if self._forked:
                 # In a forked child the workers (and the control loop) live in the parent.
-                self._rt = self._control = None
+                self._rt = self._control = self._stopping = None
                 return True
-            self._rt = None
-            self._control = None
-            _running.discard(self)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        rt.close()
-        if not wait:
-            rt.kill_pending()  # before unpause, so nothing paused in the pool starts meanwhile
-        rt.unpause()
+            if rt is None:
+                if pending is None:
+                    return True
+            else:
+                self._rt = None
+                self._control = None
+                # Closed under the lock: a start() right after this reads the old runtime's
+                # next token id only once no new token can be accepted there.
+                rt.close()
+                pending = None
+                stop = self._stopping = _Stop(rt, control, wait, timeout)
+        if pending is not None:
+            return self._join_stop(pending, wait, timeout)
+        # This call does the stop (inline, so Ctrl-C lands in stop() itself).
+        rt = stop.rt
+        joined = False
         try:
-            if not rt.wait_quiet(timeout):
-                killed = rt.kill_pending()
-                log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
+            if stop.killing:
+                rt.kill_pending()  # before unpause, so nothing paused in the pool starts meanwhile
+            rt.unpause()
+            # Wait in slices: a concurrent stop(wait=False) may kill the queue or shorten the
+            # deadline meanwhile.
+            while not rt.wait_quiet(stop.slice()):
+                if stop.killing:
+                    rt.kill_pending()  # a submission that raced with close() got in
+                if stop.left() == 0.0:
+                    killed = rt.kill_pending()
+                    log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
+                    break
+            while True:
+                if rt.shutdown(stop.slice()):
+                    joined = True
+                    break
+                if stop.left() == 0.0:
+                    break
+            rt.kill_pending()  # anything that raced in after the workers left
         except BaseException:
             # Interrupted (Ctrl-C) while waiting: still leave nothing running behind.
-            rt.kill_pending()
-            rt.shutdown(_INTERRUPT_GRACE)
-            if control is not None:
-                control.stop()
+            try:
+                rt.kill_pending()
+                rt.shutdown(_INTERRUPT_GRACE)
+            finally:
+                self._finish_stop(stop, False)
             raise
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        joined = rt.shutdown(remaining)
-        rt.kill_pending()  # anything that raced in after the workers left
-        if control is not None:
-            control.stop()
-        return bool(joined)
+        self._finish_stop(stop, joined)
+        return joined
+
+    def _join_stop(self, pending: _Stop, wait: bool, timeout: float | None) -> bool:
+        """A stop() while another one is in progress: wait for it (escalate it first when
+        ``wait`` is False) and return its result."""
+        if not wait:
+            pending.escalate(timeout)
+        if pending.owner == threading.get_ident() or pending.rt.on_worker_thread():
+            # Inside one of its tasks (the stop in progress waits for this very task), or in
+            # a done callback the stopping thread runs: waiting here would never end.
+            return pending.result if pending.done.is_set() else False
+        try:
+            finished = pending.done.wait(timeout)
+        except BaseException:
+            # Ctrl-C while waiting for another thread's stop(): stop waiting for the queue.
+            pending.escalate(_INTERRUPT_GRACE)
+            raise
+        return pending.result if finished else False
+
+    def _finish_stop(self, stop: _Stop, result: bool) -> None:
+        try:
+            if stop.control is not None:
+                stop.control.stop()
+        finally:
+            with self._lock:
+                if self._stopping is stop:
+                    self._stopping = None
+                if self._rt is None:
+                    _running.discard(self)
+            stop.result = result
+            stop.done.set()
 
     def __enter__(self) -> OperationsCoordinator:
         return self.start()
