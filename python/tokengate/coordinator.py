@@ -368,7 +368,21 @@ class OperationsCoordinator:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.to_thread(self.stop)
+        if exc_type is not None and issubclass(
+            exc_type, (KeyboardInterrupt, asyncio.CancelledError)
+        ):
+            # Ctrl-C (asyncio.run turns it into a cancellation) or a cancelled task: as in
+            # the sync `with`, don't wait for queued work or a task that never ends.
+            wait, timeout = False, _INTERRUPT_GRACE
+        else:
+            wait, timeout = True, None
+        try:
+            await asyncio.to_thread(self.stop, wait, timeout)
+        except asyncio.CancelledError:
+            # Cancelled while stop() waits in its thread (a second Ctrl-C, the task being
+            # cancelled): escalate that stop, wait out the grace period, and leave.
+            self.stop(wait=False, timeout=_INTERRUPT_GRACE)
+            raise
 
     # -- admission -------------------------------------------------------------------
 
