@@ -213,6 +213,8 @@ class OperationsCoordinator:
                 )
             if self._rt is not None:
                 raise ConfigurationError("this coordinator is already running")
+            # Token ids keep increasing across stop() + start() of this coordinator.
+            first_id = 1 if self._last_rt is None else self._last_rt.next_token_id
             rt = _core.Runtime(
                 cores=self._cores,
                 workers_per_core=self._workers_per_core,
@@ -222,6 +224,7 @@ class OperationsCoordinator:
                 overflow=self._overflow,
                 submit_timeout=self._submit_timeout,
                 pin_workers=self._pin,
+                first_token_id=first_id,
             )
             rt.start()
             self._rt = rt
