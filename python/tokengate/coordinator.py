@@ -33,6 +33,10 @@ _INTERRUPT_GRACE = 1.0
 #: The core's limits (sized so its queue indices and counters cannot overflow).
 _MAX_MAILBOX_CAPACITY = 2**24
 _MAX_POOL_CAPACITY = 2**40
+#: Bounds of worker_stack_size, and its default when nothing else says (as on Linux).
+_MIN_STACK = 64 * 1024
+_MAX_STACK = 1024 * 1024 * 1024
+_FALLBACK_STACK = 8 * 1024 * 1024
 #: The longest stop() waits in one go, so that a concurrent stop(wait=False) is seen promptly.
 _STOP_SLICE = 0.05
 
@@ -60,6 +64,24 @@ def _check_timeout(name: str, value: object) -> float | None:
     except OverflowError:  # an int beyond the float range
         return None
     return None if seconds == math.inf else seconds
+
+
+def _default_stack_size() -> int:
+    """The stack a ``threading.Thread`` started now would get: ``threading.stack_size()`` if
+    set, else the soft ``RLIMIT_STACK`` when finite and >= 2 MiB, else 8 MiB; kept within
+    the bounds of ``worker_stack_size``."""
+    size = threading.stack_size()
+    if not size:
+        size = _FALLBACK_STACK
+        try:
+            import resource
+        except ImportError:  # not on Unix
+            pass
+        else:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_STACK)
+            if soft != resource.RLIM_INFINITY and soft >= 2 * 1024 * 1024:
+                size = soft
+    return min(max(size, _MIN_STACK), _MAX_STACK)
 
 
 class _ControlLoop:
@@ -164,6 +186,10 @@ class OperationsCoordinator:
             :class:`PoolFull` (None: no limit).
         pin_workers: pin each worker to its core's CPU (Linux).
         max_workers_per_core: the most workers :meth:`set_active_workers` may ask for.
+        worker_stack_size: stack size in bytes of each worker thread (64 KiB to 1 GiB).
+            Default: what a ``threading.Thread`` gets, i.e. ``threading.stack_size()`` if it
+            was set, else the soft ``RLIMIT_STACK`` when finite and at least 2 MiB, else
+            8 MiB (read at :meth:`start`).
     """
 
     def __init__(
@@ -176,6 +202,7 @@ class OperationsCoordinator:
         submit_timeout: float | None = None,
         pin_workers: bool = True,
         max_workers_per_core: int | None = None,
+        worker_stack_size: int | None = None,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -192,6 +219,11 @@ class OperationsCoordinator:
             None
             if max_workers_per_core is None
             else _check_int("max_workers_per_core", max_workers_per_core, workers_per_core, 1024)
+        )
+        self._stack_size = (
+            None
+            if worker_stack_size is None
+            else _check_int("worker_stack_size", worker_stack_size, _MIN_STACK, _MAX_STACK)
         )
         self._lock = threading.RLock()
         self._rt: _core.Runtime | None = None
@@ -225,6 +257,9 @@ class OperationsCoordinator:
                 submit_timeout=self._submit_timeout,
                 pin_workers=self._pin,
                 first_token_id=first_id,
+                worker_stack_size=(
+                    _default_stack_size() if self._stack_size is None else self._stack_size
+                ),
             )
             rt.start()
             self._rt = rt
