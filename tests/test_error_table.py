@@ -31,6 +31,7 @@ from tokengate import (
     InvalidTag,
     OperationsCoordinator,
     PoolFull,
+    TokenDeadlock,
     TokenGateError,
     TokenKilled,
     TokenTimeout,
@@ -111,6 +112,15 @@ def _get_timeout(ctx):
     token = task_token_guard(operation_type="held")(latch.enter)()
     assert latch.wait_entered(1)
     token.get(timeout=0.01)
+
+
+def _self_wait(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.pause()  # so the task runs only once it can find its own token
+    box = {}
+    box["me"] = coord.submit(lambda: box["me"].get(timeout=SAFETY))
+    coord.resume()
+    box["me"].get(timeout=SAFETY)  # re-raises what the task's own wait raised
 
 
 def _decorate(**kwargs):
@@ -319,6 +329,13 @@ ROWS = [
     ),
     Row("killed", TokenKilled, Exception, "was killed before it ran", _get_killed),
     Row("timeout", TokenTimeout, TimeoutError, "(held) did not finish within 0.01 s", _get_timeout),
+    Row(
+        "deadlock",
+        TokenDeadlock,
+        RuntimeError,
+        "waits on itself: a task cannot wait on its own token",
+        _self_wait,
+    ),
     Row(
         "tag-weight",
         InvalidTag,
