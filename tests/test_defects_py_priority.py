@@ -80,4 +80,4 @@ def test_priority_is_validated_in_the_bare_form_too():
 
 def test_priority_is_keyword_only():
     with pytest.raises(TypeError):
-        task_token_guard("op", None, "high")  # type: ignore[misc]
+        task_token_guard("op", None, "high")  # type: ignore[call-overload]

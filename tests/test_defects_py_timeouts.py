@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_submit_timeout_inf_blocks_until_room_frees(make_coord):
     )
     coord.pause()
     first = coord.submit(str, "first")  # the pool is full now (paused: nothing is admitted)
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Any] = {}
 
     def blocked_submit() -> None:
         try:
@@ -64,7 +65,7 @@ def test_submit_timeout_inf_blocks_until_room_frees(make_coord):
     assert "error" not in outcome, outcome.get("error")
     assert first.get(timeout=SAFETY) == "first"
     second = outcome["token"]
-    assert second.get(timeout=SAFETY) == "second"  # type: ignore[attr-defined]
+    assert second.get(timeout=SAFETY) == "second"
 
 
 def test_an_infinite_timeout_is_still_checked_for_sign():
