@@ -785,7 +785,11 @@ impl<J: Job> Scheduler<J> {
             if self.is_shutdown() {
                 return None;
             }
-            if self.spinners.fetch_add(1, Ordering::AcqRel) < MAX_SPINNERS {
+            // Spin only where it pays: a target on a core without waiting tasks (there,
+            // woken compensating workers would burn the CPU the running ones need).
+            let may_spin =
+                self.cores[core].blocked.load(Ordering::Acquire) == 0 && self.is_target(core, wi);
+            if may_spin && self.spinners.fetch_add(1, Ordering::AcqRel) < MAX_SPINNERS {
                 let until = Instant::now() + SPIN_FOR;
                 let mut found = false;
                 while Instant::now() < until {
@@ -801,7 +805,7 @@ impl<J: Job> Scheduler<J> {
                 if found {
                     continue;
                 }
-            } else {
+            } else if may_spin {
                 self.spinners.fetch_sub(1, Ordering::AcqRel);
             }
             slot.parked.store(true, Ordering::SeqCst);
@@ -917,11 +921,14 @@ impl<J: Job> Scheduler<J> {
     }
 
     /// Makes every target of `core` run after slot `from` stopped being one: the slots that
-    /// became targets (all above `from`) are woken, or returned (claimed) when they have no
-    /// thread yet. Concurrent blocks on one core each see every new target this way.
+    /// became targets (all above `from`) are returned (claimed) when they have no thread yet,
+    /// and woken if work is queued for the core (otherwise the next submission wakes them, as
+    /// it wakes any parked target). Concurrent blocks on one core each see every new target.
     fn compensate(&self, core: usize, from: usize) -> Vec<(usize, usize)> {
         let cs = &self.cores[core];
         let active = cs.active.load(Ordering::Acquire);
+        let queued = cs.workers.iter().any(|w| !w.mailbox.is_empty())
+            || (0..3).any(|w| cs.accepts[w] && self.pool_len_w[w].load(Ordering::Acquire) > 0);
         let mut spawn = Vec::new();
         let mut seen = 0;
         for (i, w) in cs.workers.iter().enumerate() {
@@ -934,7 +941,7 @@ impl<J: Job> Scheduler<J> {
             seen += 1;
             if self.claim_spawn(core, i) {
                 spawn.push((core, i));
-            } else if i > from {
+            } else if i > from && queued {
                 w.wake();
             }
         }
