@@ -16,8 +16,8 @@ __all__ = [
     "InvalidDecoration",
     "InvalidTag",
     "PoolFull",
-    "TokenGateError",
     "TokenDeadlock",
+    "TokenGateError",
     "TokenKilled",
     "TokenTimeout",
 ]
