@@ -615,6 +615,72 @@ def round_trip(system: System, iterations: int = 2_000, warmup: int = 100) -> di
     }
 
 
+def _nested_parent(system: System) -> Any:
+    """A task that submits a no-op child to its own system and waits for it."""
+    return system.submit(noop).result()
+
+
+def nested_round_trip(
+    system: System, iterations: int = 2_000, warmup: int = 100
+) -> dict[str, float]:
+    """Submit a task that submits one no-op child and waits for it (a nested wait), and wait
+    for the task: median and p95 microseconds per parent. Thread-based systems only."""
+    parent = partial(system.submit, _nested_parent, system)
+    for _ in range(warmup):
+        parent().result()
+    samples = []
+    for _ in range(iterations):
+        t0 = perf()
+        parent().result()
+        samples.append((perf() - t0) * 1e6)
+    return {"median_us": statistics.median(samples), "p95_us": percentile(samples, 95)}
+
+
+#: nested fan-out trees: ROOTS concurrent requests, each node with TREE_FANOUT children,
+#: TREE_DEPTH levels below the root
+TREE_ROOTS, TREE_DEPTH, TREE_FANOUT = 8, 3, 3
+
+
+def _tree_node(system: System, depth: int, fanout: int, timeout: float | None) -> int:
+    if depth == 0:
+        return 1
+    kids = [
+        system.submit(_tree_node, system, depth - 1, fanout, timeout, weight="heavy")
+        for _ in range(fanout)
+    ]
+    return sum(k.result(timeout) for k in kids)
+
+
+def tree_internal_nodes(
+    roots: int = TREE_ROOTS, depth: int = TREE_DEPTH, fanout: int = TREE_FANOUT
+) -> int:
+    """Tasks of a tree workload that wait on children: a pool needs more threads than this
+    to be sure never to deadlock (ThreadPoolExecutor is sized so)."""
+    return roots * sum(fanout**d for d in range(depth))
+
+
+def nested_tree(
+    system: System,
+    roots: int = TREE_ROOTS,
+    depth: int = TREE_DEPTH,
+    fanout: int = TREE_FANOUT,
+    timeout: float | None = None,
+) -> dict[str, float]:
+    """``roots`` concurrent fan-out trees; every internal node submits its children and
+    waits for them (``result(timeout)``). Wall time and microseconds per token."""
+    t0 = perf()
+    tops = [
+        system.submit(_tree_node, system, depth, fanout, timeout, weight="heavy")
+        for _ in range(roots)
+    ]
+    total = sum(t.result(120) for t in tops)
+    wall = perf() - t0
+    if total != roots * fanout**depth:
+        raise RuntimeError(f"tree workload returned {total}, expected {roots * fanout**depth}")
+    tokens = roots * sum(fanout**d for d in range(depth + 1))
+    return {"wall_s": wall, "tokens": tokens, "us_per_token": wall / tokens * 1e6}
+
+
 def decorator_call_cost(
     system: System, batches: int = 300, batch: int = 100, weight: str = "medium"
 ) -> dict[str, float]:
@@ -1079,6 +1145,32 @@ def run_quick(
                         plain_call_us=r["plain_call_us"],
                     )
                 )
+        if name not in ("asyncio.to_thread", "dask"):  # tasks submit through a handle
+            say(f"{name}: nested waits")
+            with open_system(name, default_layout()) as s:
+                r = nested_round_trip(s, 2_000 if full else 500)
+                rows.append(
+                    row("nested round trip median", name, r["median_us"], "us", p95_us=r["p95_us"])
+                )
+            # ThreadPoolExecutor deadlocks once every thread waits: it gets one per waiting task
+            layout = (
+                (1, tree_internal_nodes() + default_layout()[1])
+                if name == BASELINE
+                else default_layout()
+            )
+            with open_system(name, layout) as s:
+                for label, timeout in (("", None), (", get(timeout)", 60.0)):
+                    r = _median_rounds(partial(nested_tree, s, timeout=timeout), rounds)
+                    rows.append(
+                        row(
+                            f"nested fan-out tree wall{label}",
+                            name,
+                            r["wall_s"],
+                            "s",
+                            tokens=int(r["tokens"]),
+                            threads=s.workers,
+                        )
+                    )
         if name == "tokengate/submit":
             continue  # the remaining workloads route by weight: decorated functions only
         say(f"{name}: sleep fan-out")
