@@ -214,7 +214,18 @@ def _guarded_non_callable(ctx):
 
 
 def _run_control_non_coroutine(ctx):
-    OperationsCoordinator(cores=1, workers_per_core=1).run_control(42)
+    ctx.make_coord(cores=1, workers_per_core=1).run_control(42)
+
+
+class _OddlyNamed:
+    def __call__(self):
+        return 1
+
+
+def _decorate_unnamed(ctx):
+    odd = _OddlyNamed()
+    odd.__dict__["__qualname__"] = 42
+    task_token_guard(odd)
 
 
 _FORK_CHILD = """
@@ -391,6 +402,14 @@ ROWS = [
         TypeError,
         "apply @task_token_guard below @staticmethod/@classmethod",
         _decorate_staticmethod,
+    ),
+    Row(
+        "decorate-unnamed",
+        InvalidDecoration,
+        TypeError,
+        "task_token_guard cannot name '_OddlyNamed' (__qualname__=42: not a non-blank str): "
+        "pass operation_type='...'",
+        _decorate_unnamed,
     ),
     Row(
         "decorate-non-callable",

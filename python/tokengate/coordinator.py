@@ -544,12 +544,13 @@ class OperationsCoordinator:
 
     def run_control(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the control loop; returns a concurrent future."""
-        if not asyncio.iscoroutine(coro):
-            raise TypeError(f"run_control() needs a coroutine object, got {type(coro).__name__}")
         control = self._control
         if control is None:
-            coro.close()  # it will never run: don't leave it "never awaited"
+            if asyncio.iscoroutine(coro):
+                coro.close()  # it will never run: don't leave it "never awaited"
             raise CoordinatorNotRunning("the control loop runs only while the coordinator does")
+        if not asyncio.iscoroutine(coro):
+            raise TypeError(f"run_control() needs a coroutine object, got {type(coro).__name__}")
         return control.submit(coro)
 
     async def _sample_rate(self) -> None:

@@ -62,12 +62,21 @@ def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str,
 
 
 def _name_of(fn: object) -> str:
-    """The name a callable goes by: its ``__qualname__``, else its ``__name__`` (when either is
-    a non-blank str; some callables set them to other objects), else its type's name."""
+    """The name a callable goes by: its ``__qualname__``, else its ``__name__`` (the first that
+    is a non-blank str), else, when it has neither attribute, its type's name. A callable whose
+    name attributes exist but none is a usable str is refused: name the operation instead."""
+    odd = []
     for attr in ("__qualname__", "__name__"):
         name = getattr(fn, attr, None)
         if isinstance(name, str) and name.strip():
             return name
+        if name is not None or attr in getattr(fn, "__dict__", {}):
+            odd.append(f"{attr}={name!r}")
+    if odd:
+        raise InvalidDecoration(
+            f"task_token_guard cannot name {type(fn).__name__!r} ({', '.join(odd)}: not a "
+            "non-blank str): pass operation_type='...'"
+        )
     return type(fn).__name__
 
 
