@@ -7,15 +7,17 @@ interpreter exit with a running coordinator, and ``os.fork()`` after ``start()``
 
 Observed behaviour worth knowing (asserted below):
 
-* ``stop()`` called from inside a task returns True, finishes the queued tokens (helping them
-  along on the calling worker), and its own token completes normally; the worker that called
-  it exits by itself afterwards.
+* ``stop()`` called from inside a task returns True once everything but the calling task (and
+  tasks waiting on it) finished, and its own token completes normally; the workers exit by
+  themselves afterwards (it does not join them).
 * ``drain()`` called from inside a task does not wait for the calling token; its report counts
   the calling token in ``remaining`` (``remaining == 1``, ``timed_out`` False).
-* A nested ``get()`` on a worker helps with queued work up to 64 levels deep; on a single
-  worker a chain of 64+ nested waits cannot make progress, so the inner waits need a timeout
-  (they then raise ``TokenTimeout`` instead of hanging; see
-  ``test_nesting_beyond_the_help_depth_times_out_instead_of_hanging``).
+* A nested wait without a timeout on a token that has not started runs it inline, so chains of
+  any depth complete on a single worker. Waits *with* a timeout never run anything inline: each
+  waiting worker's place goes to a compensating worker, up to ``max_workers_per_core`` per core;
+  a chain deeper than that on a single-worker core runs out of workers, and its inner waits
+  raise ``TokenTimeout`` instead of hanging (see
+  ``test_nesting_beyond_the_compensation_bound_times_out_instead_of_hanging``).
 """
 
 from __future__ import annotations
@@ -527,26 +529,28 @@ def test_recursive_waits_mixed_with_wait_and_exception(make_coord):
 
 
 @pytest.mark.timeout(60)
-def test_nesting_beyond_the_help_depth_times_out_instead_of_hanging(make_coord):
-    """A blocked worker helps with queued work only up to 64 nested levels. On a single worker
-    a chain deeper than that cannot progress; waits with a timeout raise TokenTimeout (no hang),
-    and once the chain unwinds the coordinator runs everything left."""
-    coord = make_coord(cores=1, workers_per_core=1)
+def test_nesting_beyond_the_compensation_bound_times_out_instead_of_hanging(make_coord):
+    """Waits with a timeout hand their worker's place to a compensating worker, up to
+    max_workers_per_core (8 here) per core. A chain of 20 such waits on one core runs out of
+    slots; its waits raise TokenTimeout (no hang), and once the chain unwinds the coordinator
+    runs everything left. The same chain without timeouts runs inline and completes."""
+    coord = make_coord(cores=1, workers_per_core=1, max_workers_per_core=8)
 
-    @task_token_guard(operation_type="deep")
-    def deep(n):
+    def deep(n, timeout):
         if n == 0:
             return 0
-        return deep(n - 1).get(timeout=1.0) + 1
+        return coord.submit(deep, n - 1, timeout).get(timeout=timeout) + 1
 
     with pytest.raises(TokenTimeout):
-        deep(80).get(timeout=SAFETY)
+        coord.submit(deep, 20, 1.0).get(timeout=SAFETY)
     report = coord.drain(timeout=SAFETY)
     assert report["timed_out"] is False and report["remaining"] == 0
     coord.resume()
-    assert deep(5).get(timeout=SAFETY) == 5
+    assert coord.stats()["per_core"][0]["uncompensated"] > 0
+    assert coord.submit(deep, 200, None).get(timeout=SAFETY) == 200
     s = coord.stats()
     assert s["created"] == s["completed"] + s["failed"] + s["killed"]
+    assert s["per_core"][0]["spawned_workers"] <= 8
 
 
 # =============================================================== done callbacks
