@@ -87,8 +87,14 @@ impl GuardedFunction {
         })
     }
 
-    /// The function and tags it holds (the instance `__dict__` is visited by PyO3).
+    /// The function and tags it holds (the instance `__dict__` is visited by PyO3), but only
+    /// while no token shares them: a queued token still calls the function, and the collector
+    /// cannot see the token's share, so reporting the reference then would let it clear the
+    /// function under the token (a cycle through it is collected once its tokens are gone).
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if Arc::strong_count(&self.op) > 1 {
+            return Ok(());
+        }
         if let Some(f) = &self.op.func {
             visit.call(f)?;
         }

@@ -105,6 +105,13 @@ fn unregister(shared: &Arc<Shared>) {
 #[pyfunction]
 pub fn _after_fork_in_child() {
     FORK_GEN.fetch_add(1, Ordering::SeqCst);
+    // A task that forked: this thread is no worker here (its runtime's threads are in the
+    // parent), so its waits must not hand a place of that runtime to anyone.
+    WORKER.with(|w| {
+        if let Ok(mut ctx) = w.try_borrow_mut() {
+            std::mem::forget(ctx.take()); // its Arc<Shared> belongs to the parent's count
+        }
+    });
     if REGISTERED.swap(0, Ordering::SeqCst) > 0 {
         FORKED_WITH_RUNTIMES.store(true, Ordering::SeqCst);
     }
@@ -210,11 +217,16 @@ pub(crate) struct Blocked {
     core: usize,
     wi: usize,
     waiter: u64,
+    holds_token: bool,
+    /// False if no slot was left for a compensating worker: the core runs short meanwhile.
+    pub(crate) compensated: bool,
 }
 
 impl Drop for Blocked {
     fn drop(&mut self) {
-        self.shared.sched.unblock(self.core, self.wi);
+        self.shared
+            .sched
+            .unblock(self.core, self.wi, self.holds_token);
         self.shared.waits.leave(self.waiter);
     }
 }
@@ -249,7 +261,11 @@ fn deadlock_error(
 /// Called by a worker thread about to block inside a task: records the wait (refusing one
 /// that can never end with `TokenDeadlock`) and hands the worker's place on its core to a
 /// compensating worker, started if its slot has no thread yet. `None` off worker threads.
-pub(crate) fn enter_blocking(py: Python<'_>, what: WaitFor<'_, '_>) -> PyResult<Option<Blocked>> {
+pub(crate) fn enter_blocking(
+    py: Python<'_>,
+    what: WaitFor<'_, '_>,
+    timed: bool,
+) -> PyResult<Option<Blocked>> {
     let Some(Snapshot {
         shared,
         core,
@@ -260,25 +276,31 @@ pub(crate) fn enter_blocking(py: Python<'_>, what: WaitFor<'_, '_>) -> PyResult<
     else {
         return Ok(None);
     };
+    if shared.forked() {
+        return Ok(None); // the worker context of a parent's runtime, copied into a child
+    }
     let target = match &what {
         WaitFor::Token(t) if Arc::ptr_eq(&t.get().rt, &shared) => Target::Token(t.get().header.id),
         WaitFor::Quiet(rt) if Arc::ptr_eq(rt, &shared) => Target::Quiet,
         _ => Target::Other,
     };
-    if let Err(d) = shared.waits.enter(waiter, &stack, target) {
+    if let Err(d) = shared.waits.enter(waiter, &stack, target, timed) {
         let WaitFor::Token(t) = what else {
             unreachable!("only token waits can deadlock")
         };
         return Err(deadlock_error(py, d, &stack, t).into_pyerr(py));
     }
-    let guard = Blocked {
+    let holds_token = !stack.is_empty();
+    let handoff = shared.sched.block(core, wi, holds_token);
+    shared.start_compensators(handoff.spawn);
+    Ok(Some(Blocked {
         shared: shared.clone(),
         core,
         wi,
         waiter,
-    };
-    shared.start_compensators(shared.sched.block(core, wi));
-    Ok(Some(guard))
+        holds_token,
+        compensated: handoff.compensated,
+    }))
 }
 
 /// A worker waiting (without a timeout) on `tok` of its own runtime runs it here if it has not
@@ -288,7 +310,7 @@ pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool
     let Some((shared, core, wi)) = WORKER.with(|w| {
         w.borrow()
             .as_ref()
-            .filter(|c| Arc::ptr_eq(&c.shared, &tok.get().rt))
+            .filter(|c| Arc::ptr_eq(&c.shared, &tok.get().rt) && !c.shared.forked())
             .map(|c| (c.shared.clone(), c.core, c.wi))
     }) else {
         return false;
@@ -531,17 +553,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Starts the threads of compensating workers; a slot whose thread fails to start is
-    /// skipped for good and the next free slot of the core is tried, until none is left (the
-    /// core then runs short while the task waits; `stats()` counts it).
-    fn start_compensators(self: &Arc<Self>, mut slots: Vec<(usize, usize)>) {
-        while let Some((core, wi)) = slots.pop() {
-            if self.sched.is_shutdown() {
+    /// Starts the threads of compensating workers. A slot whose thread fails to start is given
+    /// back (the next block tries it again) and the core runs short meanwhile; `stats()`
+    /// counts it (`spawn_failures`, `uncompensated`).
+    fn start_compensators(self: &Arc<Self>, slots: Vec<(usize, usize)>) {
+        for (core, wi) in slots {
+            if self.sched.is_shutdown() || self.forked() {
                 self.sched.unclaim_spawn(core, wi);
-                continue;
-            }
-            if self.spawn_workers(vec![(core, wi)]).is_err() {
-                slots.extend(self.sched.spawn_failed(core, wi));
+            } else if self.spawn_workers(vec![(core, wi)]).is_err() {
+                self.sched.spawn_failed(core, wi);
             }
         }
     }
@@ -592,7 +612,7 @@ pub(crate) fn submit_token<'py>(
                 if _blocked.is_none() {
                     // A task waiting for room gives its worker's place to a compensating
                     // worker, which makes the room by running queued tokens.
-                    _blocked = enter_blocking(py, WaitFor::PoolRoom)?;
+                    _blocked = enter_blocking(py, WaitFor::PoolRoom, deadline.is_some())?;
                 }
                 let chunk = deadline.map_or(Duration::from_millis(50), |d| {
                     d.saturating_duration_since(Instant::now())
@@ -879,7 +899,7 @@ impl Runtime {
                 return Ok(true);
             }
             let _blocked = if in_task {
-                enter_blocking(py, WaitFor::Quiet(&self.shared))?
+                enter_blocking(py, WaitFor::Quiet(&self.shared), deadline.is_some())?
             } else {
                 None
             };

@@ -129,8 +129,16 @@ const IDLE_PARK_TIMEOUT: Duration = Duration::from_secs(1);
 const SLOT_RUNNABLE: u8 = 0;
 /// Its thread waits inside a task (`get()`, `drain()`, a full pool) and gave its place away.
 const SLOT_BLOCKED: u8 = 1;
-/// No thread could be started for it: it never receives work.
-const SLOT_BROKEN: u8 = 2;
+
+/// What `Scheduler::block` did with the blocked worker's place.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Handoff {
+    /// Slots whose thread must be started (already claimed; report a failure with
+    /// `spawn_failed`).
+    pub spawn: Vec<(usize, usize)>,
+    /// False if the core had no free slot left: it runs one worker short while this waits.
+    pub compensated: bool,
+}
 
 struct WorkerSlot<J> {
     mailbox: Mailbox<J>,
@@ -138,7 +146,7 @@ struct WorkerSlot<J> {
     load: AtomicUsize,
     parked: AtomicBool,
     spawned: AtomicBool,
-    /// `SLOT_RUNNABLE`, `SLOT_BLOCKED` or `SLOT_BROKEN`.
+    /// `SLOT_RUNNABLE` or `SLOT_BLOCKED`.
     blocked: AtomicU8,
     unparker: Unparker,
     parker: Mutex<Option<Parker>>,
@@ -177,12 +185,19 @@ impl<J> WorkerSlot<J> {
     fn finished(&self) -> u64 {
         self.completed.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire)
     }
+
+    /// Not blocked, and a thread runs (or is being started for) it.
+    #[inline]
+    fn serves(&self) -> bool {
+        self.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE
+            && self.spawned.load(Ordering::Acquire)
+    }
 }
 
 struct CoreSlot<J> {
     workers: Box<[WorkerSlot<J>]>,
     active: AtomicUsize,
-    /// Slots that are blocked or broken (skipped when counting the `active` targets).
+    /// Blocked slots (when 0, the targets are simply the first `active` slots).
     blocked: AtomicUsize,
     /// How often a blocked worker's place went to a compensating worker, and how often no
     /// slot was left for one.
@@ -468,8 +483,7 @@ impl<J: Job> Scheduler<J> {
         for _ in 0..2 {
             let wi = router::pick_least_loaded(
                 cs.workers[..end].iter().map(|w| {
-                    if w.mailbox.len() >= cap || w.blocked.load(Ordering::Acquire) != SLOT_RUNNABLE
-                    {
+                    if w.mailbox.len() >= cap || !w.serves() {
                         usize::MAX
                     } else {
                         w.load.load(Ordering::Relaxed)
@@ -622,7 +636,7 @@ impl<J: Job> Scheduler<J> {
                 break;
             }
             if self.cores[core].workers[wi].blocked.load(Ordering::Acquire) != SLOT_RUNNABLE {
-                continue; // a blocked slot has its thread; a broken one never gets one
+                continue; // a blocked slot has its thread and is not a target
             }
             seen += 1;
             if self.claim_spawn(core, wi) {
@@ -660,8 +674,9 @@ impl<J: Job> Scheduler<J> {
         self.steal(core, wi)
     }
 
-    /// One past the last slot of `core` that receives work: the first `active` slots that are
-    /// neither blocked nor broken lie below it.
+    /// One past the last slot of `core` that receives work: the first `active` slots that
+    /// serve (not blocked, with a thread) lie below it. Without blocked workers these are the
+    /// first `active` slots, whose threads `set_active` made sure of.
     #[inline]
     fn target_end(&self, core: usize) -> usize {
         let cs = &self.cores[core];
@@ -671,7 +686,7 @@ impl<J: Job> Scheduler<J> {
         }
         let mut n = 0;
         for (i, w) in cs.workers.iter().enumerate() {
-            if w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE {
+            if w.serves() {
                 n += 1;
                 if n >= active {
                     return i + 1;
@@ -684,8 +699,7 @@ impl<J: Job> Scheduler<J> {
     /// Whether worker `(core, wi)` receives work (routing, refill from the pool, stealing).
     #[inline]
     pub fn is_target(&self, core: usize, wi: usize) -> bool {
-        wi < self.target_end(core)
-            && self.cores[core].workers[wi].blocked.load(Ordering::Acquire) == SLOT_RUNNABLE
+        wi < self.target_end(core) && self.cores[core].workers[wi].serves()
     }
 
     fn may_pull(&self, core: usize, wi: usize) -> bool {
@@ -887,10 +901,12 @@ impl<J: Job> Scheduler<J> {
 
     /// Worker `(core, wi)` is about to wait inside a task (on a token that runs elsewhere, for
     /// quiescence, for pool room). Its place goes to the next slot of its core, a compensating
-    /// worker, so the core keeps `active` workers that run tokens while it waits. Returns a
-    /// the slots whose thread must be started (already claimed; report a failure with
-    /// `spawn_failed`); a compensating slot that has a thread is woken. Pair with `unblock`.
-    pub fn block(&self, core: usize, wi: usize) -> Vec<(usize, usize)> {
+    /// worker, so the core keeps `active` workers that run tokens while it waits: the slots to
+    /// start a thread for are returned, one that has a thread is woken if work is queued.
+    /// `holds_token`: the waiting thread runs a token whose load it carries (not so in a
+    /// done callback after the token was released); it does not occupy the core while it
+    /// waits. Pair with `unblock` (same `holds_token`).
+    pub fn block(&self, core: usize, wi: usize, holds_token: bool) -> Handoff {
         let cs = &self.cores[core];
         let slot = &cs.workers[wi];
         let was_target = self.is_target(core, wi);
@@ -904,27 +920,42 @@ impl<J: Job> Scheduler<J> {
             )
             .is_err()
         {
-            return Vec::new();
+            return Handoff {
+                spawn: Vec::new(),
+                compensated: true,
+            };
         }
         cs.blocked.fetch_add(1, Ordering::AcqRel);
-        // The waiting token does not occupy the core while it waits.
-        cs.load.fetch_sub(1, Ordering::AcqRel);
-        slot.load.fetch_sub(1, Ordering::AcqRel);
+        if holds_token {
+            cs.load.fetch_sub(1, Ordering::AcqRel);
+            slot.load.fetch_sub(1, Ordering::AcqRel);
+        }
         if !slot.mailbox.is_empty() {
             self.wake_core(core); // its queued tokens go to its siblings
         }
+        // Always look (another worker may have counted this one as its compensation a moment
+        // ago); a retired worker's place needs no compensation: the core has its targets.
+        let (spawn, complete) = self.compensate(core, wi);
         if was_target {
-            self.compensate(core, wi)
-        } else {
-            Vec::new() // a retired worker's place is not needed: the core has its targets
+            let counter = if complete {
+                &cs.compensations
+            } else {
+                &cs.uncompensated
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Handoff {
+            spawn,
+            compensated: complete || !was_target,
         }
     }
 
-    /// Makes every target of `core` run after slot `from` stopped being one: the slots that
-    /// became targets (all above `from`) are returned (claimed) when they have no thread yet,
-    /// and woken if work is queued for the core (otherwise the next submission wakes them, as
-    /// it wakes any parked target). Concurrent blocks on one core each see every new target.
-    fn compensate(&self, core: usize, from: usize) -> Vec<(usize, usize)> {
+    /// Makes every target of `core` run after slot `from` stopped being one: the first
+    /// `active` runnable slots without a thread are claimed and returned, and those above
+    /// `from` (the ones that just became targets) are woken if work is queued for the core
+    /// (otherwise the next submission wakes them, as it wakes any parked target). Also
+    /// returns whether there were `active` runnable slots. Idempotent.
+    fn compensate(&self, core: usize, from: usize) -> (Vec<(usize, usize)>, bool) {
         let cs = &self.cores[core];
         let active = cs.active.load(Ordering::Acquire);
         let queued = cs.workers.iter().any(|w| !w.mailbox.is_empty())
@@ -945,40 +976,22 @@ impl<J: Job> Scheduler<J> {
                 w.wake();
             }
         }
-        if seen < active {
-            cs.uncompensated.fetch_add(1, Ordering::Relaxed); // the core runs short
-        } else {
-            cs.compensations.fetch_add(1, Ordering::Relaxed);
-        }
-        spawn
+        (spawn, seen == active)
     }
 
-    /// The thread of slot `(core, wi)` could not be started: the slot never receives work
-    /// again, whatever was routed to it goes to its siblings, and the slots to try instead
-    /// are returned (claimed), if there are any.
-    pub fn spawn_failed(&self, core: usize, wi: usize) -> Vec<(usize, usize)> {
+    /// The thread of slot `(core, wi)` could not be started: the slot is given back (it
+    /// receives no work without a thread, and the next block tries it again), whatever was
+    /// routed to it in the meantime goes to its siblings, and the core runs short.
+    pub fn spawn_failed(&self, core: usize, wi: usize) {
         let cs = &self.cores[core];
-        let slot = &cs.workers[wi];
-        slot.spawned.store(false, Ordering::Release);
-        if slot
-            .blocked
-            .compare_exchange(
-                SLOT_RUNNABLE,
-                SLOT_BROKEN,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
-        {
-            cs.blocked.fetch_add(1, Ordering::AcqRel);
-        }
+        cs.workers[wi].spawned.store(false, Ordering::Release);
+        cs.uncompensated.fetch_add(1, Ordering::Relaxed);
         self.wake_core(core);
-        self.compensate(core, wi)
     }
 
     /// Worker `(core, wi)` stopped waiting: it receives work again (its compensating worker
     /// finishes what it has and retires).
-    pub fn unblock(&self, core: usize, wi: usize) {
+    pub fn unblock(&self, core: usize, wi: usize, holds_token: bool) {
         let cs = &self.cores[core];
         let slot = &cs.workers[wi];
         if slot
@@ -991,8 +1004,10 @@ impl<J: Job> Scheduler<J> {
             )
             .is_ok()
         {
-            cs.load.fetch_add(1, Ordering::AcqRel);
-            slot.load.fetch_add(1, Ordering::AcqRel);
+            if holds_token {
+                cs.load.fetch_add(1, Ordering::AcqRel);
+                slot.load.fetch_add(1, Ordering::AcqRel);
+            }
             cs.blocked.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -1149,10 +1164,7 @@ impl<J: Job> Scheduler<J> {
         for c in router::allowed_cores(w, n) {
             let cs = &self.cores[c - 1];
             let end = self.target_end(c - 1);
-            if cs.workers[..end]
-                .iter()
-                .any(|w| w.blocked.load(Ordering::Acquire) == SLOT_RUNNABLE && w.wake())
-            {
+            if cs.workers[..end].iter().any(|w| w.serves() && w.wake()) {
                 return;
             }
         }
@@ -1196,11 +1208,7 @@ impl<J: Job> Scheduler<J> {
             per_core.push(CoreStats {
                 active_workers: cs.active.load(Ordering::Acquire),
                 spawned_workers: spawned,
-                blocked_workers: cs
-                    .workers
-                    .iter()
-                    .filter(|w| w.blocked.load(Ordering::Acquire) == SLOT_BLOCKED)
-                    .count(),
+                blocked_workers: cs.blocked.load(Ordering::Acquire),
                 compensations: cs.compensations.load(Ordering::Relaxed),
                 uncompensated: cs.uncompensated.load(Ordering::Relaxed),
                 queue_depth: depth,
@@ -1254,8 +1262,9 @@ mod tests {
 
     type S = Scheduler<Arc<TestJob>>;
 
+    /// A scheduler whose initial worker slots are claimed, as `Runtime::start` does.
     fn sched(cores: usize, wpc: usize, mailbox: usize, pool: usize, overflow: Overflow) -> Arc<S> {
-        Arc::new(
+        let s: Arc<S> = Arc::new(
             Scheduler::new(Config {
                 cores,
                 workers_per_core: wpc,
@@ -1266,7 +1275,13 @@ mod tests {
                 first_id: 1,
             })
             .unwrap(),
-        )
+        );
+        for core in 0..cores {
+            for wi in 0..wpc {
+                assert!(s.claim_spawn(core, wi));
+            }
+        }
+        s
     }
 
     fn job(s: &S, w: Weight) -> Arc<TestJob> {
@@ -1280,7 +1295,6 @@ mod tests {
         let mut hs = Vec::new();
         for core in 0..s.cores() {
             for wi in 0..s.config().workers_per_core {
-                assert!(s.claim_spawn(core, wi));
                 let s = s.clone();
                 hs.push(std::thread::spawn(move || {
                     let parker = s.take_parker(core, wi).unwrap();
@@ -1483,7 +1497,6 @@ mod tests {
     #[test]
     fn set_active_bounds_and_spawn_list() {
         let s = sched(2, 1, 4, 10, Overflow::Block);
-        assert!(s.claim_spawn(0, 0));
         assert_eq!(s.claim_for_active(0, 3).unwrap(), vec![(0, 1), (0, 2)]);
         assert_eq!(
             s.active(0),
@@ -1513,13 +1526,16 @@ mod tests {
     #[test]
     fn a_blocked_worker_hands_its_place_to_the_next_slot() {
         let s = sched(1, 2, 4, 100, Overflow::Block);
-        assert!(s.claim_spawn(0, 0) && s.claim_spawn(0, 1));
         // worker 0 runs a token and blocks inside it
         let a = job(&s, Weight::Heavy);
         s.try_submit(a.clone()).unwrap();
         let got = s.next_job(0, 0).unwrap();
         assert!(s.start(0, 0, &got.header));
-        assert_eq!(s.block(0, 0), vec![(0, 2)], "slot 2 must get a thread");
+        assert_eq!(
+            s.block(0, 0, true).spawn,
+            vec![(0, 2)],
+            "slot 2 must get a thread"
+        );
         assert!(!s.is_target(0, 0));
         assert!(s.is_target(0, 1) && s.is_target(0, 2));
         assert!(!s.is_target(0, 3));
@@ -1534,11 +1550,11 @@ mod tests {
             .iter()
             .all(|j| matches!(j.header.placement(), Some((0, 1 | 2)))));
         // worker 1 blocks too: slot 3 takes its place
-        assert_eq!(s.block(0, 1), vec![(0, 3)]);
+        assert_eq!(s.block(0, 1, true).spawn, vec![(0, 3)]);
         // worker 0 resumes: slot 3 is no longer a target; it only finishes its own mailbox
-        s.unblock(0, 0);
+        s.unblock(0, 0, true);
         assert!(s.is_target(0, 0) && s.is_target(0, 2) && !s.is_target(0, 3));
-        s.unblock(0, 1);
+        s.unblock(0, 1, true);
         s.finish(0, 0, &got.header, true).unwrap();
         s.release(0, 0);
         let mut ran: Vec<u64> = (0..4).flat_map(|w| drain_worker(&s, 0, w)).collect();
@@ -1553,10 +1569,9 @@ mod tests {
     #[test]
     fn concurrent_blocks_give_every_new_target_a_thread() {
         let s = sched(1, 2, 4, 100, Overflow::Block);
-        assert!(s.claim_spawn(0, 0) && s.claim_spawn(0, 1));
         // both workers are marked blocked before either looks for its compensating slot
-        let a = s.block(0, 0);
-        let b = s.block(0, 1);
+        let a = s.block(0, 0, false).spawn;
+        let b = s.block(0, 1, false).spawn;
         let mut all: Vec<_> = a.into_iter().chain(b).collect();
         all.sort_unstable();
         assert_eq!(all, vec![(0, 2), (0, 3)]);
@@ -1574,20 +1589,39 @@ mod tests {
             .unwrap(),
         );
         assert!(s.claim_spawn(0, 0));
-        assert_eq!(s.block(0, 0), vec![(0, 1)]);
-        assert_eq!(s.block(0, 1), vec![]);
+        let first = s.block(0, 0, false);
+        assert_eq!(first.spawn, vec![(0, 1)]);
+        assert!(first.compensated);
+        let second = s.block(0, 1, false);
+        assert_eq!(second.spawn, vec![]);
+        assert!(!second.compensated, "every slot waits: the core runs short");
         let st = s.stats().per_core[0].clone();
         assert_eq!((st.compensations, st.uncompensated), (1, 1));
-        // a slot whose thread cannot start is skipped for good
-        s.unblock(0, 1);
-        s.unblock(0, 0);
+        s.unblock(0, 1, false);
+        s.unblock(0, 0, false);
+        assert_eq!(s.stats().per_core[0].blocked_workers, 0);
+    }
+
+    #[test]
+    fn a_slot_whose_thread_failed_to_start_gets_no_work_until_it_has_one() {
+        let s = sched(1, 1, 4, 100, Overflow::Block);
+        let h = s.block(0, 0, false);
+        assert_eq!(h.spawn, vec![(0, 1)]);
+        s.spawn_failed(0, 1);
+        assert!(!s.is_target(0, 1), "no thread: no work");
+        let j = job(&s, Weight::Heavy);
+        s.try_submit(j.clone()).unwrap();
         assert_eq!(
-            s.block(0, 0),
-            vec![],
-            "slot 1 has its thread already: it is woken"
+            j.header.state.load(),
+            TokenState::Waiting,
+            "nobody may take it: pool"
         );
-        assert_eq!(s.spawn_failed(0, 1), vec![]);
-        assert!(!s.is_target(0, 1));
+        s.unblock(0, 0, false);
+        // the next block tries the slot again
+        assert_eq!(s.block(0, 0, false).spawn, vec![(0, 1)]);
+        assert!(s.is_target(0, 1));
+        s.unblock(0, 0, false);
+        assert_eq!(drain_worker(&s, 0, 0), vec![j.header.id]);
     }
 
     #[test]

@@ -235,16 +235,30 @@ impl TaskToken {
                 .into_pyerr(py));
             }
         }
+        if timeout == Some(0.0) {
+            return Ok(false); // a poll: nothing to wait for, no place to hand over
+        }
         let deadline = deadline_in(timeout);
         let on_worker = on_any_worker();
         if on_worker && timeout.is_none() && try_run_inline(py, slf) {
             return Ok(true);
         }
-        let _blocked = if on_worker {
-            enter_blocking(py, WaitFor::Token(slf))?
+        let mut blocked = if on_worker {
+            enter_blocking(py, WaitFor::Token(slf), deadline.is_some())?
         } else {
             None
         };
+        if blocked.as_ref().is_some_and(|b| !b.compensated) {
+            // No slot left on this core for a compensating worker: waiting (even with a
+            // timeout) on a token queued behind this very wait would only stall the core,
+            // so run it here if it has not started. The wait then lasts as long as it runs.
+            drop(blocked.take());
+            if try_run_inline(py, slf) {
+                return Ok(true);
+            }
+            blocked = enter_blocking(py, WaitFor::Token(slf), deadline.is_some())?;
+        }
+        let _blocked = blocked;
         if !tok.register_waiter() {
             return Ok(true);
         }
@@ -588,9 +602,14 @@ impl TaskToken {
                 func.get_type().name()?
             )));
         }
-        if slf.get().rt.forked() && !slf.get().header.state.load().is_final() {
-            // It would never run here: the token finishes (or not) in the parent process.
-            return Err(CoreError::Forked.into_pyerr(slf.py()));
+        if slf.get().rt.forked() {
+            if !slf.get().header.state.load().is_final() {
+                // It would never run here: the token finishes (or not) in the parent process.
+                return Err(CoreError::Forked.into_pyerr(slf.py()));
+            }
+            // Final: run it now, without the token's lock (a parent thread may have held it
+            // at fork time).
+            return call_callback(slf, &func).map_or(Ok(()), Err);
         }
         {
             let mut slot = lock(&slf.get().slot);

@@ -43,6 +43,8 @@ struct Entry {
     waiter: u64,
     stack: Vec<u64>,
     target: Target,
+    /// The wait has a deadline: a chain of waits through it ends when it passes.
+    timed: bool,
 }
 
 /// The blocked tasks of one runtime.
@@ -57,8 +59,16 @@ impl WaitGraph {
     }
 
     /// Records that `waiter` (a thread, by any unique id) running `stack` now waits on
-    /// `target`, unless that wait can never end. Pair with [`WaitGraph::leave`].
-    pub fn enter(&self, waiter: u64, stack: &[u64], target: Target) -> Result<(), Deadlock> {
+    /// `target` (`timed`: with a deadline), unless that wait can never end: a wait on its own
+    /// stack, or a cycle of waits none of whose *other* waits has a deadline (this wait's own
+    /// deadline would only end it in a timeout). Pair with [`WaitGraph::leave`].
+    pub fn enter(
+        &self,
+        waiter: u64,
+        stack: &[u64],
+        target: Target,
+        timed: bool,
+    ) -> Result<(), Deadlock> {
         let mut entries = lock(&self.entries);
         if let Target::Token(t) = target {
             if stack.contains(&t) {
@@ -71,6 +81,9 @@ impl WaitGraph {
                 let Some(e) = entries.iter().find(|e| e.stack.contains(&cur)) else {
                     break; // cur's thread is running: it can finish
                 };
+                if e.timed {
+                    break; // that wait ends by its deadline, and the chain with it
+                }
                 match e.target {
                     Target::Token(next) => {
                         chain.push(next);
@@ -87,6 +100,7 @@ impl WaitGraph {
             waiter,
             stack: stack.to_vec(),
             target,
+            timed,
         });
         Ok(())
     }
@@ -145,11 +159,11 @@ mod tests {
     fn waiting_on_its_own_stack_is_refused() {
         let g = WaitGraph::new();
         assert_eq!(
-            g.enter(1, &[10, 11], Target::Token(10)),
+            g.enter(1, &[10, 11], Target::Token(10), false),
             Err(Deadlock::OwnStack { token: 10 })
         );
         assert!(g.is_empty(), "a refused wait is not recorded");
-        assert_eq!(g.enter(1, &[10, 11], Target::Token(12)), Ok(()));
+        assert_eq!(g.enter(1, &[10, 11], Target::Token(12), false), Ok(()));
         assert_eq!(g.len(), 1);
         g.leave(1);
         assert!(g.is_empty());
@@ -159,26 +173,39 @@ mod tests {
     fn a_cycle_through_blocked_threads_is_refused() {
         let g = WaitGraph::new();
         // thread 1 runs A=1 and waits on B=2; thread 2 runs B, which waits on C=3 (thread 3)
-        g.enter(1, &[1], Target::Token(2)).unwrap();
-        g.enter(2, &[2], Target::Token(3)).unwrap();
+        g.enter(1, &[1], Target::Token(2), false).unwrap();
+        g.enter(2, &[2], Target::Token(3), false).unwrap();
         // thread 3 (running C) waiting on A closes the loop C -> A -> B -> C
         assert_eq!(
-            g.enter(3, &[3], Target::Token(1)),
+            g.enter(3, &[3], Target::Token(1), false),
             Err(Deadlock::Cycle {
                 token: 1,
                 chain: vec![2, 3]
             })
         );
         // waiting on something outside the loop is fine
-        g.enter(3, &[3], Target::Token(4)).unwrap();
+        g.enter(3, &[3], Target::Token(4), false).unwrap();
         assert_eq!(g.len(), 3);
+    }
+
+    #[test]
+    fn a_cycle_through_a_timed_wait_is_allowed() {
+        let g = WaitGraph::new();
+        // A waits on B with a timeout (and a fallback): B may wait on A, the loop ends
+        g.enter(1, &[1], Target::Token(2), true).unwrap();
+        assert_eq!(g.enter(2, &[2], Target::Token(1), false), Ok(()));
+        // but a wait on one's own stack is refused even with a timeout
+        assert_eq!(
+            g.enter(3, &[3], Target::Token(3), true),
+            Err(Deadlock::OwnStack { token: 3 })
+        );
     }
 
     #[test]
     fn a_chain_that_ends_at_a_running_thread_is_allowed() {
         let g = WaitGraph::new();
-        g.enter(1, &[1], Target::Token(2)).unwrap(); // 2 runs on an unblocked thread
-        g.enter(2, &[5, 6], Target::Token(1)).unwrap();
+        g.enter(1, &[1], Target::Token(2), false).unwrap(); // 2 runs on an unblocked thread
+        g.enter(2, &[5, 6], Target::Token(1), false).unwrap();
         assert_eq!(g.len(), 2);
     }
 
@@ -186,10 +213,10 @@ mod tests {
     fn quiescence_excludes_the_stack_and_its_waiters() {
         let g = WaitGraph::new();
         // parent 1 waits on child 2 (the drainer); grandparent 0 waits on parent 1
-        g.enter(10, &[1], Target::Token(2)).unwrap();
-        g.enter(11, &[0], Target::Token(1)).unwrap();
+        g.enter(10, &[1], Target::Token(2), false).unwrap();
+        g.enter(11, &[0], Target::Token(1), false).unwrap();
         // an unrelated blocked task waits on token 7
-        g.enter(12, &[8], Target::Token(7)).unwrap();
+        g.enter(12, &[8], Target::Token(7), false).unwrap();
         assert_eq!(g.with_excluded(&[2], |n| n), 3); // 2, 1, 0
                                                      // from outside any task nothing is excluded
         assert_eq!(g.with_excluded(&[], |n| n), 0);
@@ -198,9 +225,9 @@ mod tests {
     #[test]
     fn two_drainers_do_not_wait_on_each_other() {
         let g = WaitGraph::new();
-        g.enter(10, &[1], Target::Quiet).unwrap();
-        g.enter(11, &[2, 3], Target::Quiet).unwrap();
-        g.enter(12, &[4], Target::Token(3)).unwrap();
+        g.enter(10, &[1], Target::Quiet, false).unwrap();
+        g.enter(11, &[2, 3], Target::Quiet, false).unwrap();
+        g.enter(12, &[4], Target::Token(3), false).unwrap();
         // task 1 draining excludes itself, the other drainer and its waiter
         assert_eq!(g.with_excluded(&[1], |n| n), 4);
         // a thread that is not a task waits for all of them

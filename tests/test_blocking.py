@@ -196,19 +196,19 @@ def test_a_task_waiting_on_its_own_token_raises_at_once(make_coord):
 
 @pytest.mark.timeout(60)
 def test_a_cycle_of_waits_is_refused_instead_of_hanging(make_coord):
-    """A waits on B while B waits on A (on two workers): the second wait to start raises
-    TokenDeadlock, so its token fails and the first wait returns that failure."""
+    """A waits on B while B waits on A (on two workers, no timeouts): the second wait to start
+    raises TokenDeadlock, so its token fails and the first wait returns that failure."""
     coord = make_coord(cores=1, workers_per_core=2)
     box = {}
     both = threading.Barrier(2)
 
     def a_task():
         both.wait(SAFETY)
-        return box["b"].get(timeout=SAFETY)
+        return box["b"].get()
 
     def b_task():
         both.wait(SAFETY)
-        return box["a"].get(timeout=SAFETY)
+        return box["a"].get()
 
     box["a"] = coord.submit(a_task)
     box["b"] = coord.submit(b_task)
@@ -296,3 +296,96 @@ def test_a_task_blocked_on_a_full_pool_is_compensated(make_coord):
     children = [t for p in parents for t in p.get(timeout=SAFETY)]
     assert sorted(t.get(timeout=SAFETY) for t in children) == sorted(list(range(20)) * 2)
     assert coord.stats()["per_core"][0]["compensations"] > 0
+
+
+# ---------------------------------------------------------------- found by the review
+
+
+@pytest.mark.timeout(120)
+def test_wide_fan_out_with_timeouts_completes_past_the_compensation_bound(make_coord):
+    """Every nested wait passes a timeout (defensive code), so none runs inline while slots
+    remain; once a core has no slot left for a compensating worker, a timed wait on a token
+    that has not started runs it inline instead of stalling the core until timeouts fire."""
+    coord = make_coord(cores=2, workers_per_core=4, max_workers_per_core=8)
+
+    def node(depth):
+        if depth == 0:
+            return 1
+        kids = [coord.submit(node, depth - 1) for _ in range(3)]
+        return sum(k.get(timeout=30) for k in kids)
+
+    roots = [coord.submit(node, 4) for _ in range(16)]
+    assert [r.get(timeout=60) for r in roots] == [81] * 16
+    assert any(c["uncompensated"] > 0 for c in coord.stats()["per_core"])
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_through_a_timed_wait_is_not_a_deadlock(make_coord):
+    """A waits on B with a timeout and a fallback while B waits on A: A's wait ends by its
+    deadline, so B's wait is legal and ends when A returns its fallback."""
+    coord = make_coord(cores=1, workers_per_core=2)
+    box = {}
+    a_waits = threading.Event()
+
+    def a_task():
+        a_waits.set()
+        try:
+            return box["b"].get(timeout=0.3)
+        except TokenTimeout:
+            return "fallback"
+
+    def b_task():
+        a_waits.wait(SAFETY)
+        assert wait_until(lambda: coord.stats()["blocked_waits"] >= 1)
+        return ("b saw", box["a"].get())
+
+    box["b"] = coord.submit(b_task)
+    box["a"] = coord.submit(a_task)
+    assert box["a"].get(timeout=SAFETY) == "fallback"
+    assert box["b"].get(timeout=SAFETY) == ("b saw", "fallback")
+
+
+def test_a_poll_inside_a_task_hands_nothing_over(make_coord, make_latch):
+    coord = make_coord(cores=1, workers_per_core=1)
+    latch = make_latch()
+    held = coord.submit(latch.enter)
+    assert latch.wait_entered(1)
+
+    def poll():
+        return [held.wait(timeout=0) for _ in range(1000)]
+
+    other = make_coord(cores=1, workers_per_core=1)
+    assert other.submit(poll).get(timeout=SAFETY) == [False] * 1000
+    core = other.stats()["per_core"][0]
+    assert (core["compensations"], core["spawned_workers"]) == (0, 1)
+    latch.release()
+    held.get(timeout=SAFETY)
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_outside_any_token_keeps_the_load_counters_sane(make_coord, make_latch):
+    """A result's __del__ runs on the worker after its token was released and waits on a
+    running token: the worker blocks without a token of its own, so no load is taken away."""
+    coord = make_coord(cores=2, workers_per_core=2)
+    latch = make_latch()
+    seen = []
+
+    @task_token_guard(tags={"weight": "heavy"})
+    def slow():
+        latch.enter()
+        return "slow"
+
+    slow_tok = slow()
+    assert latch.wait_entered(1)
+
+    class Result:
+        def __del__(self):
+            seen.append(slow_tok.get(timeout=SAFETY))
+
+    coord.submit(Result)  # the worker drops the only reference after releasing the token
+    assert wait_until(lambda: coord.stats()["blocked_waits"] == 1)
+    loads = [c["load"] for c in coord.stats()["per_core"]]
+    assert all(0 <= load < 1000 for load in loads), loads
+    latch.release()
+    assert wait_until(lambda: seen == ["slow"])
+    assert wait_until(lambda: all(c["load"] == 0 for c in coord.stats()["per_core"]))

@@ -397,3 +397,117 @@ def test_stats_report_the_blocking_counters(make_coord):
     assert {"blocked_workers", "compensations", "uncompensated"} <= s["per_core"][0].keys()
     assert coord.submit(lambda: TokenState.COMPLETED).get(timeout=SAFETY) is TokenState.COMPLETED
     assert tokengate.TokenDeadlock.__mro__[1] is tokengate.TokenGateError
+
+
+def test_the_collector_never_clears_the_function_of_a_queued_token(tmp_path):
+    """A nested decorated function that refers to itself, dropped while one of its tokens is
+    queued: its cycle is not collectable yet (the token still calls it)."""
+    rc, out, err = run_child(
+        tmp_path,
+        """
+        import gc, json
+        from tokengate import OperationsCoordinator, task_token_guard
+
+        def make():
+            @task_token_guard(operation_type="walk")
+            def walk(n, scale=10):
+                return n * scale if walk is not None else -1
+            return walk
+
+        coord = OperationsCoordinator(cores=1, workers_per_core=1).start()
+        coord.pause()
+        tok = make()(3)
+        gc.collect()
+        coord.resume()
+        print("RESULT", json.dumps(tok.get(timeout=10)))
+        coord.stop()
+        """,
+    )
+    assert rc == 0, f"rc={rc}: {err[-500:]}"
+    assert child_json(out) == 30
+
+
+def test_a_forked_task_waiting_in_the_child_touches_nothing_of_the_parent(tmp_path):
+    """In the child of a task that forked, a timed wait on a fresh coordinator's token must not
+    hand a place of the parent's runtime to a compensating worker (which would run the parent's
+    queued tokens in the child)."""
+    log = tmp_path / "runs.log"
+    rc, out, err = run_child(
+        tmp_path,
+        f"""
+        import json, os, threading
+        from tokengate import OperationsCoordinator
+
+        queued_in = threading.Event()
+
+        def queued(i):
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            return i
+
+        def forker():
+            queued_in.wait(10)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    with OperationsCoordinator(cores=1, workers_per_core=1) as c2:
+                        code = 0 if c2.submit(int, "42").get(timeout=10) == 42 else 2
+                finally:
+                    os._exit(code)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+        coord = OperationsCoordinator(cores=1, workers_per_core=1).start()
+        f = coord.submit(forker)
+        qs = [coord.submit(queued, i) for i in range(3)]
+        queued_in.set()
+        status = f.get(timeout=30)
+        print("RESULT", json.dumps({{"child": status, "results": [q.get(timeout=10) for q in qs],
+                                     "parent": os.getpid()}}))
+        coord.stop()
+        """,
+    )
+    assert rc == 0, err
+    r = child_json(out)
+    assert r["child"] == 0 and r["results"] == [0, 1, 2]
+    assert log.read_text().split() == [str(r["parent"])] * 3
+
+
+def test_a_transient_thread_shortage_does_not_break_the_core_for_good(tmp_path):
+    rc, out, err = run_child(
+        tmp_path,
+        """
+        import json, os, resource, threading
+        from tokengate import OperationsCoordinator
+
+        c = OperationsCoordinator(cores=1, workers_per_core=1, pin_workers=False,
+                                  worker_stack_size=64 << 20).start()
+        vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+        def nested():
+            return c.submit(int, "5").get(timeout=1.0)
+
+        # no room for another 64 MiB stack: the first wait's compensating worker cannot start
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (32 << 20), resource.RLIM_INFINITY))
+        first = c.submit(nested)
+        try:
+            first_result = first.get(timeout=10)
+        except Exception as e:
+            first_result = type(e).__name__
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+        second = c.submit(nested).get(timeout=10)
+        c.set_active_workers(1, 3)
+        threads = sum(open(f"/proc/self/task/{t}/comm").read().startswith("tokengate-")
+                      for t in os.listdir("/proc/self/task"))
+        s = c.stats()
+        print("RESULT", json.dumps({"first": first_result, "second": second,
+                                    "threads": threads, "failures": s["spawn_failures"],
+                                    "spawned": s["per_core"][0]["spawned_workers"]}))
+        c.stop(timeout=10)
+        """,
+    )
+    assert rc == 0, err
+    r = child_json(out)
+    assert r["failures"] >= 1, r  # the shortage happened
+    assert r["second"] == 5  # and the core recovered once threads could start again
+    assert r["threads"] >= 3 and r["spawned"] == r["threads"], r
