@@ -292,14 +292,14 @@ pub(crate) fn enter_blocking(
     }
     let holds_token = !stack.is_empty();
     let handoff = shared.sched.block(core, wi, holds_token);
-    shared.start_compensators(handoff.spawn);
+    let started = shared.start_compensators(handoff.spawn);
     Ok(Some(Blocked {
         shared: shared.clone(),
         core,
         wi,
         waiter,
         holds_token,
-        compensated: handoff.compensated,
+        compensated: handoff.compensated && started,
     }))
 }
 
@@ -555,15 +555,18 @@ impl Shared {
 
     /// Starts the threads of compensating workers. A slot whose thread fails to start is given
     /// back (the next block tries it again) and the core runs short meanwhile; `stats()`
-    /// counts it (`spawn_failures`, `uncompensated`).
-    fn start_compensators(self: &Arc<Self>, slots: Vec<(usize, usize)>) {
+    /// counts it (`spawn_failures`, `uncompensated`). Returns whether every thread started.
+    fn start_compensators(self: &Arc<Self>, slots: Vec<(usize, usize)>) -> bool {
+        let mut all = true;
         for (core, wi) in slots {
             if self.sched.is_shutdown() || self.forked() {
                 self.sched.unclaim_spawn(core, wi);
             } else if self.spawn_workers(vec![(core, wi)]).is_err() {
                 self.sched.spawn_failed(core, wi);
+                all = false;
             }
         }
+        all
     }
 }
 

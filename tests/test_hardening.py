@@ -477,7 +477,7 @@ def test_a_transient_thread_shortage_does_not_break_the_core_for_good(tmp_path):
     rc, out, err = run_child(
         tmp_path,
         """
-        import json, os, resource, threading
+        import json, os, resource, time
         from tokengate import OperationsCoordinator
 
         c = OperationsCoordinator(cores=1, workers_per_core=1, pin_workers=False,
@@ -497,11 +497,18 @@ def test_a_transient_thread_shortage_does_not_break_the_core_for_good(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
         second = c.submit(nested).get(timeout=10)
         c.set_active_workers(1, 3)
-        threads = sum(open(f"/proc/self/task/{t}/comm").read().startswith("tokengate-")
-                      for t in os.listdir("/proc/self/task"))
+
+        def threads():
+            return sum(open(f"/proc/self/task/{t}/comm").read().startswith("tokengate-")
+                       for t in os.listdir("/proc/self/task"))
+
+        spawned = c.stats()["per_core"][0]["spawned_workers"]
+        deadline = time.monotonic() + 10  # a thread just started may not have its name yet
+        while threads() != spawned and time.monotonic() < deadline:
+            time.sleep(0.01)
         s = c.stats()
         print("RESULT", json.dumps({"first": first_result, "second": second,
-                                    "threads": threads, "failures": s["spawn_failures"],
+                                    "threads": threads(), "failures": s["spawn_failures"],
                                     "spawned": s["per_core"][0]["spawned_workers"]}))
         c.stop(timeout=10)
         """,
@@ -509,5 +516,6 @@ def test_a_transient_thread_shortage_does_not_break_the_core_for_good(tmp_path):
     assert rc == 0, err
     r = child_json(out)
     assert r["failures"] >= 1, r  # the shortage happened
+    assert r["first"] == 5, r  # no compensating worker could start: the child ran inline
     assert r["second"] == 5  # and the core recovered once threads could start again
     assert r["threads"] >= 3 and r["spawned"] == r["threads"], r
