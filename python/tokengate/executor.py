@@ -446,7 +446,11 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
                 error = BrokenThreadPool(self._broken)
             else:
                 try:
-                    token = f.token = self._submit_token(fn, args, kwargs)
+                    rt = self._coord._rt
+                    if self._plain and rt is not None:
+                        token = f.token = rt.submit(fn, args, kwargs or None)
+                    else:
+                        token = f.token = self._submit_token(fn, args, kwargs)
                 except BaseException as exc:  # stopped coordinator, PoolFull, ...
                     token = None
                     error = exc
