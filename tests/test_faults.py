@@ -1002,8 +1002,8 @@ def _one_cycle(i: int) -> None:
 @pytest.mark.timeout(300)
 def test_many_coordinators_started_and_stopped_leak_nothing():
     """1000 start/stop cycles (each runs tokens, a failure, and a paused token stopped with or
-    without wait). Bounds: Python and OS thread counts and open file descriptors back to the
-    baseline exactly; RSS growth under 20 MiB."""
+    without wait). Bounds: Python and OS thread counts and open file descriptors back to (at
+    most) the baseline; RSS growth under 20 MiB."""
     cycles = 1000
     proc = psutil.Process()
     for i in range(20):  # warm-up: imports, logging, allocator pools
@@ -1016,9 +1016,10 @@ def test_many_coordinators_started_and_stopped_leak_nothing():
         _one_cycle(i)
 
     gc.collect()
-    assert wait_until(lambda: os_threads() == base_os), (os_threads(), base_os)
-    assert threading.active_count() == base_py
-    assert open_fds() == base_fd, (open_fds(), base_fd)
+    # no growth (threads an earlier test left behind may finish meanwhile: at most the baseline)
+    assert wait_until(lambda: os_threads() <= base_os), (os_threads(), base_os)
+    assert threading.active_count() <= base_py
+    assert open_fds() <= base_fd, (open_fds(), base_fd)
     grown = (proc.memory_info().rss - base_rss) / 2**20
     assert grown < 20, f"RSS grew {grown:.1f} MiB over {cycles} coordinators"
     with pytest.raises(CoordinatorNotRunning):
