@@ -34,7 +34,7 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
-    use super::runtime::{_after_fork_in_child, Runtime};
+    use super::runtime::{_after_fork_in_child, _on_worker_thread, Runtime};
     #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 

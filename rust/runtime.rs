@@ -158,6 +158,13 @@ pub(crate) fn on_any_worker() -> bool {
     WORKER.with(|w| w.borrow().is_some())
 }
 
+/// Whether the calling thread is a worker of any coordinator, i.e. runs inside a task (or a done
+/// callback on a worker).
+#[pyfunction]
+pub fn _on_worker_thread() -> bool {
+    on_any_worker()
+}
+
 /// A copy of this worker thread's context.
 struct Snapshot {
     shared: Arc<Shared>,

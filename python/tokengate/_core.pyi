@@ -12,6 +12,7 @@ __all__ = [
     "__version__",
     "_after_fork_in_child",
     "_debug_panic_on_run",
+    "_on_worker_thread",
     "monotonic",
 ]
 
@@ -22,6 +23,9 @@ def monotonic() -> float:
 
 def _after_fork_in_child() -> None:
     """Called in a forked child: runtimes started before the fork refuse to run."""
+
+def _on_worker_thread() -> bool:
+    """Whether the calling thread is a worker of any coordinator (inside a task)."""
 
 def _debug_panic_on_run(token: TaskToken) -> None:
     """Test hook: the worker that picks ``token`` up panics inside the core."""

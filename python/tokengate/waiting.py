@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from typing import Any, NamedTuple
 
-from . import coordinator as _coordinator
+from . import _core
 from ._core import TaskToken
 from ._types import TokenState
 from .errors import TokenDeadlock, TokenKilled, TokenTimeout
@@ -104,12 +104,8 @@ def _left(deadline: float | None) -> float | None:
 
 
 def _on_worker_thread() -> bool:
-    """Whether the calling thread is a worker of a running coordinator (i.e. inside a task)."""
-    for coord in list(_coordinator._running):
-        rt = getattr(coord, "_rt", None)
-        if rt is not None and rt.on_worker_thread():
-            return True
-    return False
+    """Whether the calling thread is a worker of a coordinator (i.e. inside a task)."""
+    return _core._on_worker_thread()
 
 
 def _unfinished(count: int, total: int) -> str:
