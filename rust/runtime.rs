@@ -37,6 +37,8 @@ pub struct Shared {
     inline_runs: AtomicU64,
     submit_timeout: Option<f64>,
     stack_size: usize,
+    /// Whether decorated calls come here while it runs (see `register`).
+    decorated_calls: bool,
     threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
     fork_gen: u64,
@@ -716,7 +718,7 @@ impl Runtime {
     #[new]
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
-        pin_workers=true, first_token_id=1, worker_stack_size=None))]
+        pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -729,6 +731,7 @@ impl Runtime {
         pin_workers: bool,
         first_token_id: u64,
         worker_stack_size: Option<usize>,
+        decorated_calls: bool,
     ) -> PyResult<Self> {
         let cpus = allowed_cpus();
         let n = cores.unwrap_or(cpus.len());
@@ -781,6 +784,7 @@ impl Runtime {
                 inline_runs: AtomicU64::new(0),
                 submit_timeout,
                 stack_size,
+                decorated_calls,
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
                 fork_gen: FORK_GEN.load(Ordering::SeqCst),
@@ -788,7 +792,8 @@ impl Runtime {
         })
     }
 
-    /// Starts the worker threads and makes this runtime the target of decorated calls.
+    /// Starts the worker threads and makes this runtime the target of decorated calls (unless
+    /// created with `decorated_calls=False`).
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         if self.shared.started.swap(true, Ordering::AcqRel) {
             return Err(CoreError::Config(
@@ -819,7 +824,9 @@ impl Runtime {
             });
             return Err(e.into_pyerr(py));
         }
-        register(&self.shared);
+        if self.shared.decorated_calls {
+            register(&self.shared);
+        }
         Ok(())
     }
 

@@ -578,3 +578,20 @@ def test_asyncio_default_executor_runs_tokens():
     assert c == [i * i for i in range(10)]
     assert ex.coordinator.stats()["completed"] >= 12
     assert not ex.coordinator.running
+
+
+def test_a_private_coordinator_never_takes_decorated_calls(make_coord):
+    """The executor's own coordinator is started with decorated_calls=False: decorated calls
+    made while it runs still go to the user's coordinator."""
+    from tokengate import task_token_guard
+
+    mine = make_coord(cores=1, workers_per_core=1)
+
+    @task_token_guard(operation_type="decorated")
+    def where():
+        return threading.current_thread().name
+
+    with Executor(2) as ex:
+        assert ex.submit(int, "3").result(timeout=SAFETY) == 3  # its coordinator runs now
+        where().get(timeout=SAFETY)
+        assert mine.stats()["created"] == 1  # the decorated call came to `mine`

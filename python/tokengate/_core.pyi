@@ -114,6 +114,7 @@ class Runtime:
         pin_workers: bool = True,
         first_token_id: int = 1,
         worker_stack_size: int | None = None,
+        decorated_calls: bool = True,
     ) -> Runtime: ...
     def start(self) -> None: ...
     def submit(

@@ -190,6 +190,10 @@ class OperationsCoordinator:
             Default: what a ``threading.Thread`` gets, i.e. ``threading.stack_size()`` if it
             was set, else the soft ``RLIMIT_STACK`` when finite and at least 2 MiB, else
             8 MiB (read at :meth:`start`).
+        decorated_calls: whether calls of ``@task_token_guard`` functions come to this
+            coordinator while it runs (the last started one that accepts them gets them);
+            ``False`` for a coordinator used only through :meth:`submit` or an
+            :class:`~tokengate.Executor`, so it never takes decorated calls from another.
     """
 
     def __init__(
@@ -203,6 +207,8 @@ class OperationsCoordinator:
         pin_workers: bool = True,
         max_workers_per_core: int | None = None,
         worker_stack_size: int | None = None,
+        *,
+        decorated_calls: bool = True,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -215,6 +221,11 @@ class OperationsCoordinator:
         self._overflow = overflow
         self._submit_timeout = _check_timeout("submit_timeout", submit_timeout)
         self._pin = bool(pin_workers)
+        if not isinstance(decorated_calls, bool):
+            raise ConfigurationError(
+                f"decorated_calls must be True or False, got {decorated_calls!r}"
+            )
+        self._decorated_calls = decorated_calls
         self._max_workers = (
             None
             if max_workers_per_core is None
@@ -260,6 +271,7 @@ class OperationsCoordinator:
                 worker_stack_size=(
                     _default_stack_size() if self._stack_size is None else self._stack_size
                 ),
+                decorated_calls=self._decorated_calls,
             )
             rt.start()
             self._rt = rt

@@ -307,7 +307,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
             cores = _allowed_cpus()
             per_core = min(1024, max(1, math.ceil(max_workers / _cores_for(wname, cores))))
             self._private: _Private | None = _Private(
-                OperationsCoordinator(workers_per_core=per_core, cores=cores)
+                OperationsCoordinator(workers_per_core=per_core, cores=cores, decorated_calls=False)
             )
             self._coord = self._private.coord
         else:
