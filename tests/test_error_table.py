@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,33 @@ def _config(**kwargs):
         OperationsCoordinator(**kwargs)
 
     return trigger
+
+
+def _executor(**kwargs):
+    def trigger(ctx):
+        tokengate.Executor(2, **kwargs)
+
+    return trigger
+
+
+def _wait_on(fn_name, tokens_of, **kwargs):
+    def trigger(ctx):
+        coord = ctx.make_coord(cores=1, workers_per_core=1)
+        fn = getattr(tokengate, fn_name)
+        result = fn(tokens_of(coord), **kwargs)
+        if fn_name == "as_completed":
+            list(result)
+
+    return trigger
+
+
+def _gather_timeout(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    release = threading.Event()
+    try:
+        tokengate.gather(coord.submit(release.wait, 20), coord.submit(int), timeout=0.01)
+    finally:
+        release.set()
 
 
 def _stop_timeout_string(ctx):
@@ -489,6 +517,41 @@ ROWS = [
         _guarded_bad_index,
     ),
     Row(
+        "config-decorated-calls",
+        ConfigurationError,
+        ValueError,
+        "decorated_calls must be True or False, got 1",
+        _config(decorated_calls=1),
+    ),
+    Row(
+        "executor-weight",
+        ConfigurationError,
+        ValueError,
+        "weight must be one of 'light', 'medium', 'heavy' (any case), got 'huge'",
+        _executor(weight="huge"),
+    ),
+    Row(
+        "executor-priority",
+        ConfigurationError,
+        ValueError,
+        "priority must be one of 'high', 'normal', 'low' (any case), got 'urgent'",
+        _executor(priority="urgent"),
+    ),
+    Row(
+        "executor-operation-type",
+        ConfigurationError,
+        ValueError,
+        "operation_type must be a non-blank str or None, got ''",
+        _executor(operation_type=""),
+    ),
+    Row(
+        "wait-timeout",
+        TokenTimeout,
+        TimeoutError,
+        "2 (of 2) tokens unfinished",
+        _gather_timeout,
+    ),
+    Row(
         "internal-panic",
         InternalError,
         Exception,
@@ -525,6 +588,34 @@ ROWS = [
         TypeError,
         "must be real number, not str",
         _token_wait("get", "soon"),
+    ),
+    Row(
+        "executor-coordinator",
+        TypeError,
+        TypeError,
+        "coordinator must be an OperationsCoordinator or None, got str",
+        _executor(coordinator="mine"),
+    ),
+    Row(
+        "wait-single-token",
+        TypeError,
+        TypeError,
+        "wait() takes an iterable of TaskTokens, got a single TaskToken: pass [token]",
+        _wait_on("wait", lambda c: c.submit(int)),
+    ),
+    Row(
+        "wait-non-token",
+        TypeError,
+        TypeError,
+        "as_completed() takes TaskTokens, got 42 (int) at position 1",
+        _wait_on("as_completed", lambda c: [c.submit(int), 42]),
+    ),
+    Row(
+        "wait-return-when",
+        ValueError,
+        ValueError,
+        "Invalid return condition: 'SOON'",
+        _wait_on("wait", lambda c: [c.submit(int)], return_when="SOON"),
     ),
     Row(
         "run-control-non-coroutine",
