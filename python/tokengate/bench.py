@@ -995,6 +995,15 @@ TARGETS: dict[str, tuple[str, Callable[[float, float | None, dict[str, Any]], bo
         "<= 0.25x threadpool",
         lambda f, b, c: None if b is None else f <= 0.25 * b,
     ),
+    # tokengate.Executor against ThreadPoolExecutor (benches/bench_executor.py)
+    "executor round trip": (
+        "<= 1.0x threadpool",
+        lambda f, b, c: None if b is None else f <= b,
+    ),
+    "executor burst": (
+        "<= 1.0x threadpool",
+        lambda f, b, c: None if b is None else f <= b,
+    ),
 }
 
 
