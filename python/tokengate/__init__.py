@@ -33,15 +33,30 @@ from .errors import (
     TokenKilled,
     TokenTimeout,
 )
+from .executor import Executor
+from .waiting import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    DoneAndNotDoneTokens,
+    as_completed,
+    gather,
+    wait,
+)
 
 logging.getLogger("tokengate").addHandler(logging.NullHandler())
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "STORAGE_SPEEDS",
     "AdmissionClosed",
     "ConfigurationError",
     "CoordinatorForked",
     "CoordinatorNotRunning",
+    "DoneAndNotDoneTokens",
+    "Executor",
     "GuardedFunction",
     "InternalError",
     "InvalidDecoration",
@@ -56,5 +71,8 @@ __all__ = [
     "TokenState",
     "TokenTimeout",
     "__version__",
+    "as_completed",
+    "gather",
     "task_token_guard",
+    "wait",
 ]
