@@ -531,3 +531,27 @@ def test_opting_out_loads_neither_the_plugin_nor_tokengate(tmp_path: Path, fake_
     out = proc.stdout + proc.stderr
     assert "1 passed, 1 error" in out, out
     assert "fixture 'tokengate_coordinator' not found" in out
+
+
+def test_loading_the_plugin_imports_nothing_of_tokengate(tmp_path):
+    """A project that has tokengate installed but uses none of its fixtures pays nothing: the
+    plugin module lives outside the package and imports tokengate only inside its fixtures."""
+    (tmp_path / "test_other.py").write_text(
+        "import sys\n\n"
+        "def test_other():\n"
+        "    assert 'tokengate' not in sys.modules, sorted(sys.modules)\n"
+        "    assert '_tokengate_pytest' in sys.modules\n"
+    )
+    import _tokengate_pytest
+
+    where = str(Path(_tokengate_pytest.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([where, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "_tokengate_pytest", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
