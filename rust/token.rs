@@ -142,8 +142,11 @@ impl TaskToken {
         }
     }
 
+    #[inline]
     pub(crate) fn wake_waiters(&self, flags: u8) {
-        wake_threads(self.take_waiters(flags));
+        if flags & FLAG_WAITERS != 0 {
+            wake_threads(self.take_waiters(flags));
+        }
     }
 
     /// Takes the done callbacks; call after the token became final.
@@ -414,15 +417,19 @@ impl TaskToken {
     /// cycles through it (e.g. an exception whose traceback holds the token) are collected.
     /// The function and tags are shared by every call and belong to the decorator.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        if matches!(
-            self.header.state.load(),
-            TokenState::Completed | TokenState::Failed
-        ) {
+        let state = self.header.state.load();
+        if matches!(state, TokenState::Completed | TokenState::Failed) {
             match self.outcome.get() {
                 Some(Ok(v)) => visit.call(v)?,
                 Some(Err(e)) => visit.call(e)?,
                 None => {}
             }
+        }
+        if state.is_final() {
+            // The call and the callbacks leave the slot as the token becomes final (a moment
+            // later at most, and a reference not reported is only kept a cycle longer): no
+            // lock for the tokens a program keeps around after they finished.
+            return Ok(());
         }
         // A worker holds the slot lock only for a moment; never block inside the collector.
         if let Ok(slot) = self.slot.try_lock() {
