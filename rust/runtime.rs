@@ -4,6 +4,7 @@
 
 use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{JoinHandle, Thread};
@@ -129,6 +130,11 @@ impl Shared {
 }
 
 /// What a worker thread knows about itself.
+/// A worker thread's stack of running token ids. The worker loop holds it directly, so running a
+/// token costs no thread-local lookup (one per token is measurable on the no-op path); waits
+/// inside a task reach it through `WORKER`.
+type Stack = Rc<RefCell<Vec<u64>>>;
+
 struct WorkerCtx {
     shared: Arc<Shared>,
     core: usize,
@@ -137,7 +143,7 @@ struct WorkerCtx {
     waiter: u64,
     /// Ids of the tokens executing on this thread: the one it took from its mailbox, then any
     /// token it waits for and runs inline.
-    stack: RefCell<Vec<u64>>,
+    stack: Stack,
 }
 
 thread_local! {
@@ -193,22 +199,6 @@ fn stack_for(shared: &Arc<Shared>) -> Vec<u64> {
     WORKER.with(|w| match w.borrow().as_ref() {
         Some(c) if Arc::ptr_eq(&c.shared, shared) => c.stack.borrow().clone(),
         _ => Vec::new(),
-    })
-}
-
-fn push_stack(id: u64) {
-    WORKER.with(|w| {
-        if let Some(c) = w.borrow().as_ref() {
-            c.stack.borrow_mut().push(id);
-        }
-    })
-}
-
-fn pop_stack() {
-    WORKER.with(|w| {
-        if let Some(c) = w.borrow().as_ref() {
-            c.stack.borrow_mut().pop();
-        }
     })
 }
 
@@ -316,11 +306,11 @@ pub(crate) fn enter_blocking(
 /// started, whatever its weight, instead of blocking on work queued behind it. Returns whether
 /// it did (the token is final then).
 pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool {
-    let Some((shared, core, wi)) = WORKER.with(|w| {
+    let Some((shared, core, wi, stack)) = WORKER.with(|w| {
         w.borrow()
             .as_ref()
             .filter(|c| Arc::ptr_eq(&c.shared, &tok.get().rt) && !c.shared.forked())
-            .map(|c| (c.shared.clone(), c.core, c.wi))
+            .map(|c| (c.shared.clone(), c.core, c.wi, c.stack.clone()))
     }) else {
         return false;
     };
@@ -328,7 +318,14 @@ pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool
         return false;
     }
     shared.inline_runs.fetch_add(1, Ordering::Relaxed);
-    wake_threads(run_started(py, &shared, core, wi, tok.clone().unbind()));
+    wake_threads(run_started(
+        py,
+        &shared,
+        core,
+        wi,
+        &stack,
+        tok.clone().unbind(),
+    ));
     true
 }
 
@@ -353,12 +350,13 @@ fn run_job(
     shared: &Arc<Shared>,
     core: usize,
     wi: usize,
+    stack: &Stack,
     job: Py<TaskToken>,
 ) -> Vec<Thread> {
     if !shared.sched.start(core, wi, &job.get().header) {
         return Vec::new(); // killed while queued, or run inline by its waiter
     }
-    run_started(py, shared, core, wi, job)
+    run_started(py, shared, core, wi, stack, job)
 }
 
 /// The part of `run_job` after the token became EXECUTING on `(core, wi)`.
@@ -367,10 +365,11 @@ fn run_started(
     shared: &Arc<Shared>,
     core: usize,
     wi: usize,
+    stack: &Stack,
     job: Py<TaskToken>,
 ) -> Vec<Thread> {
     let tok = job.get();
-    push_stack(tok.header.id);
+    stack.borrow_mut().push(tok.header.id);
     let res = catch_unwind(AssertUnwindSafe(|| {
         if tok.wants_panic() {
             panic!("test hook: panic while running token {}", tok.header.id);
@@ -395,7 +394,7 @@ fn run_started(
         drop(call);
         r.map(Bound::unbind).map_err(|e| e.into_value(py))
     }));
-    pop_stack();
+    stack.borrow_mut().pop();
     if shared.forked() {
         // The task called os.fork() and returned (or raised) in the child, into a worker loop
         // whose runtime lives in the parent: nothing else may run here.
@@ -460,6 +459,7 @@ fn worker_round(
     shared: &Arc<Shared>,
     core: usize,
     wi: usize,
+    stack: &Stack,
     parker: &crossbeam_utils::sync::Parker,
 ) -> bool {
     let Some(job) = shared.sched.wait_for_work(core, wi, parker) else {
@@ -471,7 +471,7 @@ fn worker_round(
     let attached = Python::try_attach(|py| {
         let mut job = first.take().expect("job present");
         loop {
-            let wake = run_job(py, shared, core, wi, job);
+            let wake = run_job(py, shared, core, wi, stack, job);
             match shared.sched.next_job(core, wi) {
                 Some(j) => {
                     wake_threads(wake);
@@ -503,21 +503,25 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
             shared.pin_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
-    WORKER.with(|w| {
-        *w.borrow_mut() = Some(WorkerCtx {
-            shared: shared.clone(),
-            core,
-            wi,
-            waiter: NEXT_WAITER.fetch_add(1, Ordering::Relaxed),
-            stack: RefCell::new(Vec::new()),
-        })
-    });
     let sh = shared.clone();
     let run = move || {
+        // Built on this thread (the stack is not Send): the context waits inside tasks use.
+        let stack: Stack = Rc::new(RefCell::new(Vec::new()));
+        WORKER.with(|w| {
+            *w.borrow_mut() = Some(WorkerCtx {
+                shared: sh.clone(),
+                core,
+                wi,
+                waiter: NEXT_WAITER.fetch_add(1, Ordering::Relaxed),
+                stack: stack.clone(),
+            })
+        });
         // A panic outside a token (a bug in the scheduler itself) must not kill the worker
         // and strand the tokens in its mailbox: it is counted and the loop goes on.
         loop {
-            match catch_unwind(AssertUnwindSafe(|| worker_round(&sh, core, wi, &parker))) {
+            match catch_unwind(AssertUnwindSafe(|| {
+                worker_round(&sh, core, wi, &stack, &parker)
+            })) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(_) => {
