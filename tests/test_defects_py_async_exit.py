@@ -17,9 +17,8 @@ import pytest
 from _support import SAFETY, wait_until
 from tokengate import OperationsCoordinator, TokenState
 
-#: Prints ``LEFT <seconds from the Ctrl-C to leaving asyncio.run>``, the queued states, and
-#: the result of the task that was running (released only after leaving).
-_CTRL_C_IN_BODY = """
+#: What both children share: a task held until released, and the record of what happened.
+_PRELUDE = """
 import asyncio, os, signal, threading, time
 from tokengate import OperationsCoordinator
 
@@ -30,7 +29,13 @@ def held():
     entered.set()
     release.wait(30)
     return "held"
+"""
 
+#: Prints ``LEFT <seconds from the Ctrl-C to leaving asyncio.run>``, the queued states, and
+#: the result of the task that was running (released only after leaving).
+_CTRL_C_IN_BODY = (
+    _PRELUDE
+    + """
 async def main():
     async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
         seen["running"] = coord.submit(held)
@@ -52,20 +57,12 @@ print("QUEUED", sorted({t.state.name for t in seen["queued"]}))
 release.set()
 print("RESULT", seen["running"].get(timeout=30))
 """
+)
 
 #: The body ends normally; Ctrl-C comes while __aexit__ waits for the queue behind a held task.
-_CTRL_C_IN_EXIT = """
-import asyncio, os, signal, threading, time
-from tokengate import OperationsCoordinator
-
-release, entered = threading.Event(), threading.Event()
-seen = {}
-
-def held():
-    entered.set()
-    release.wait(30)
-    return "held"
-
+_CTRL_C_IN_EXIT = (
+    _PRELUDE
+    + """
 def interrupt_once_stopping(coord):
     idle = threading.Event()
     while coord.running:  # until __aexit__'s stop() has begun (in its thread)
@@ -91,6 +88,7 @@ print("QUEUED", sorted({t.state.name for t in seen["queued"]}))
 release.set()
 print("RESULT", seen["running"].get(timeout=30))
 """
+)
 
 
 def _run_child(script: str) -> dict[str, str]:
