@@ -129,12 +129,12 @@ impl Shared {
     }
 }
 
-/// What a worker thread knows about itself.
 /// A worker thread's stack of running token ids. The worker loop holds it directly, so running a
 /// token costs no thread-local lookup (one per token is measurable on the no-op path); waits
 /// inside a task reach it through `WORKER`.
 type Stack = Rc<RefCell<Vec<u64>>>;
 
+/// What a worker thread knows about itself.
 struct WorkerCtx {
     shared: Arc<Shared>,
     core: usize,
