@@ -57,7 +57,7 @@ impl GuardedFunction {
             })?;
         Ok(GuardedFunction {
             op: Arc::new(OpSpec {
-                func: Some(func.unbind()),
+                func: func.unbind(),
                 operation_type: operation_type.unbind(),
                 weight,
                 priority,
@@ -80,7 +80,6 @@ impl GuardedFunction {
                 py,
                 &shared,
                 &self.op,
-                None,
                 args.clone().unbind(),
                 kwargs.map(|k| k.clone().unbind()),
             )
@@ -95,9 +94,7 @@ impl GuardedFunction {
         if Arc::strong_count(&self.op) > 1 {
             return Ok(());
         }
-        if let Some(f) = &self.op.func {
-            visit.call(f)?;
-        }
+        visit.call(&self.op.func)?;
         if let Some(t) = &self.op.tags {
             visit.call(t)?;
         }
@@ -154,10 +151,7 @@ impl GuardedFunction {
     /// The plain function (also available as `__wrapped__`).
     #[getter]
     fn func(&self, py: Python<'_>) -> Py<PyAny> {
-        self.op
-            .func
-            .as_ref()
-            .map_or_else(|| py.None(), |f| f.clone_ref(py))
+        self.op.func.clone_ref(py)
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -380,15 +380,7 @@ fn run_started(
                 format!("token {} has no call to run", tok.header.id),
             ));
         };
-        let func = match (&call.func, &tok.op.func) {
-            (Some(f), _) | (None, Some(f)) => f.bind(py),
-            (None, None) => {
-                return Err(internal_error_value(
-                    py,
-                    format!("token {} has no function to call", tok.header.id),
-                ))
-            }
-        };
+        let func = tok.op.func.bind(py);
         let args = call.args.bind(py);
         let r = crate::exitguard::call(func, args, call.kwargs.as_ref().map(|k| k.bind(py)));
         drop(call);
@@ -413,9 +405,8 @@ fn run_started(
     });
     let ok = outcome.is_ok();
     tok.set_outcome(outcome);
-    let flags = shared.sched.finish(core, wi, &tok.header, ok).unwrap_or(0);
-    let waiters = tok.take_waiters(flags);
-    let callbacks = tok.take_callbacks();
+    shared.sched.finish(core, wi, &tok.header, ok);
+    let (waiters, callbacks) = tok.take_listeners();
     let deferred = if callbacks.is_empty() {
         waiters
     } else {
@@ -589,7 +580,6 @@ pub(crate) fn submit_token<'py>(
     py: Python<'py>,
     shared: &Arc<Shared>,
     op: &Arc<OpSpec>,
-    func: Option<Py<PyAny>>,
     args: Py<PyTuple>,
     kwargs: Option<Py<PyDict>>,
 ) -> PyResult<Bound<'py, TaskToken>> {
@@ -599,7 +589,7 @@ pub(crate) fn submit_token<'py>(
     let id = shared.sched.next_id();
     let tok = Bound::new(
         py,
-        TaskToken::new(id, op.clone(), shared.clone(), Call { func, args, kwargs }),
+        TaskToken::new(id, op.clone(), shared.clone(), Call { args, kwargs }),
     )?;
     let mut job = tok.clone().unbind();
     let mut deadline: Option<Option<Instant>> = None;
@@ -862,7 +852,7 @@ impl Runtime {
                 .unwrap_or_else(|_| PyString::new(py, "callable")),
         };
         let op = Arc::new(OpSpec {
-            func: None,
+            func: func.unbind(),
             operation_type: operation_type.unbind(),
             weight: parse_weight(weight)?,
             priority: parse_priority(priority)?,
@@ -874,7 +864,6 @@ impl Runtime {
                 py,
                 &self.shared,
                 &op,
-                Some(func.unbind()),
                 args.unbind(),
                 kwargs.map(Bound::unbind),
             )
@@ -962,21 +951,23 @@ impl Runtime {
             let pending = self.shared.sched.take_pending();
             let mut killed = Vec::new();
             for job in pending {
-                let b = job.bind(py);
-                if let Ok(flags) = self.shared.sched.kill(&b.get().header) {
-                    drop(b.get().take_call());
-                    b.get().wake_waiters(flags);
-                    killed.push(job);
+                let tok = job.get();
+                if self.shared.sched.kill(&tok.header).is_ok() {
+                    drop(tok.take_call());
+                    let (threads, callbacks) = tok.take_listeners();
+                    wake_threads(threads);
+                    killed.push((job, callbacks));
                 }
             }
             // Every waiter is released before any callback runs.
             let mut interrupt = None;
-            for job in &killed {
-                if let Err(e) = TaskToken::run_callbacks(job.bind(py)) {
+            let n = killed.len();
+            for (job, callbacks) in killed {
+                if let Err(e) = TaskToken::call_callbacks(job.bind(py), callbacks) {
                     interrupt.get_or_insert(e);
                 }
             }
-            interrupt.map_or(Ok(killed.len()), Err)
+            interrupt.map_or(Ok(n), Err)
         })
     }
 

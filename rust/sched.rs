@@ -859,8 +859,8 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
-    /// COMPLETED (`ok`) or FAILED; returns the flags the state carried (for waking waiters),
-    /// or `None` if the token was not EXECUTING. The worker still counts as loaded until
+    /// COMPLETED (`ok`) or FAILED; returns the flags the state carried, or `None` if the token
+    /// was not EXECUTING. The worker still counts as loaded until
     /// `release` (after done callbacks), so a worker stuck in a callback gets no new work.
     pub fn finish(&self, core: usize, wi: usize, h: &Header, ok: bool) -> Option<u8> {
         let to = if ok {

@@ -85,8 +85,6 @@ impl TokenState {
 }
 
 const STATE_MASK: u8 = 0x0F;
-/// Set by a thread about to park on the token; tells the finisher to wake waiters.
-pub const FLAG_WAITERS: u8 = 0x80;
 /// Test hook: the worker panics while processing a token carrying this flag.
 pub const FLAG_PANIC: u8 = 0x40;
 
@@ -297,10 +295,10 @@ mod tests {
     #[test]
     fn kill_only_before_execution() {
         for st in TokenState::ALL {
-            let c = StateCell(AtomicU8::new(st as u8 | FLAG_WAITERS));
+            let c = StateCell(AtomicU8::new(st as u8 | FLAG_PANIC));
             let r = c.kill();
             if matches!(st, Created | Waiting | Admitted) {
-                assert_eq!(r, Ok((st, FLAG_WAITERS)));
+                assert_eq!(r, Ok((st, FLAG_PANIC)));
                 assert_eq!(c.load(), Killed);
             } else {
                 assert_eq!(r, Err(st));
@@ -312,10 +310,10 @@ mod tests {
     #[test]
     fn flags_survive_transitions() {
         let c = StateCell::default();
-        c.set_flags(FLAG_WAITERS);
+        c.set_flags(FLAG_PANIC);
         let flags = c.transition(Created, Admitted).unwrap();
-        assert_eq!(flags, FLAG_WAITERS);
-        assert_eq!(c.raw() & FLAG_WAITERS, FLAG_WAITERS);
+        assert_eq!(flags, FLAG_PANIC);
+        assert_eq!(c.raw() & FLAG_PANIC, FLAG_PANIC);
         assert_eq!(c.load(), Admitted);
     }
 

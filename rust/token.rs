@@ -16,15 +16,13 @@ use crate::errors::{deadline_in, CoreError};
 use crate::router::{Priority, Weight};
 use crate::runtime::{enter_blocking, on_any_worker, try_run_inline, Shared, WaitFor};
 use crate::sched::Job;
-use crate::state::{Header, TokenState, FLAG_PANIC, FLAG_WAITERS};
+use crate::state::{Header, TokenState, FLAG_PANIC};
 use crate::sync::lock;
 
 /// What every call of one decorated function shares.
 pub struct OpSpec {
-    /// The decorated function; `None` for `submit(fn)`, whose function travels in the `Call`
-    /// (owned by that token alone, so the garbage collector sees it and it is released as
-    /// soon as the call ran).
-    pub func: Option<Py<PyAny>>,
+    /// The function every call runs (for `submit(fn)`, an `OpSpec` of its own token alone).
+    pub func: Py<PyAny>,
     pub operation_type: Py<PyString>,
     pub weight: Weight,
     pub priority: Priority,
@@ -33,17 +31,20 @@ pub struct OpSpec {
 }
 
 pub(crate) struct Call {
-    /// The function of a `submit(fn)` token (decorated functions use `OpSpec::func`).
-    pub func: Option<Py<PyAny>>,
     pub args: Py<PyTuple>,
     pub kwargs: Option<Py<PyDict>>,
 }
 
 struct Slot {
     call: Option<Call>,
-    callbacks: Vec<Py<PyAny>>,
-    /// Threads parked until the token is final (woken by whoever makes it final).
-    waiters: Vec<Thread>,
+    /// Done callbacks and threads parked until the token is final, in one list (the token
+    /// stays small: most have neither), taken by whoever makes it final.
+    listeners: Vec<Listener>,
+}
+
+enum Listener {
+    Callback(Py<PyAny>),
+    Waiter(Thread),
 }
 
 type Outcome = Result<Py<PyAny>, Py<PyBaseException>>;
@@ -113,8 +114,7 @@ impl TaskToken {
             rt,
             slot: Mutex::new(Slot {
                 call: Some(call),
-                callbacks: Vec::new(),
-                waiters: Vec::new(),
+                listeners: Vec::new(),
             }),
             outcome: OutcomeCell(UnsafeCell::new(None)),
         }
@@ -133,25 +133,19 @@ impl TaskToken {
         self.header.state.raw() & FLAG_PANIC != 0
     }
 
-    /// The threads to wake after a transition to a final state that returned `flags`.
-    pub(crate) fn take_waiters(&self, flags: u8) -> Vec<Thread> {
-        if flags & FLAG_WAITERS != 0 {
-            std::mem::take(&mut lock(&self.slot).waiters)
-        } else {
-            Vec::new()
+    /// Takes the threads to wake and the done callbacks to run; call once the token is final
+    /// (nothing is added to them after that).
+    pub(crate) fn take_listeners(&self) -> (Vec<Thread>, Vec<Py<PyAny>>) {
+        let listeners = std::mem::take(&mut lock(&self.slot).listeners);
+        let mut threads = Vec::new();
+        let mut callbacks = Vec::new();
+        for l in listeners {
+            match l {
+                Listener::Waiter(t) => threads.push(t),
+                Listener::Callback(c) => callbacks.push(c),
+            }
         }
-    }
-
-    #[inline]
-    pub(crate) fn wake_waiters(&self, flags: u8) {
-        if flags & FLAG_WAITERS != 0 {
-            wake_threads(self.take_waiters(flags));
-        }
-    }
-
-    /// Takes the done callbacks; call after the token became final.
-    pub(crate) fn take_callbacks(&self) -> Vec<Py<PyAny>> {
-        std::mem::take(&mut lock(&self.slot).callbacks)
+        (threads, callbacks)
     }
 
     /// Runs `cbs`. Every callback runs; an `Exception` one raises is logged. A `BaseException`
@@ -168,33 +162,32 @@ impl TaskToken {
         interrupt.map_or(Ok(()), Err)
     }
 
-    /// Runs (and empties) the done callbacks; call after the token became final.
-    pub(crate) fn run_callbacks(slf: &Bound<'_, TaskToken>) -> PyResult<()> {
-        let cbs = slf.get().take_callbacks();
-        TaskToken::call_callbacks(slf, cbs)
+    /// Wakes the waiters and runs the callbacks of a token that just became final.
+    pub(crate) fn notify_listeners(slf: &Bound<'_, TaskToken>) -> PyResult<()> {
+        let (threads, callbacks) = slf.get().take_listeners();
+        wake_threads(threads);
+        TaskToken::call_callbacks(slf, callbacks)
     }
 
-    /// Puts this thread on the waiter list; false if the token is final already. The finisher
-    /// takes the list (its transition saw `FLAG_WAITERS`), so a waiter woken by it need not
-    /// remove itself; one that stops waiting early calls `unregister_waiter`.
+    /// Puts this thread on the listener list; false if the token is final already. Whoever
+    /// makes the token final takes the list under the same lock after its transition, so a
+    /// waiter woken by it need not remove itself; one that stops waiting early calls
+    /// `unregister_waiter`.
     fn register_waiter(&self) -> bool {
         let mut slot = lock(&self.slot);
         if self.header.state.load().is_final() {
             return false;
         }
-        slot.waiters.push(std::thread::current());
-        self.header.state.set_flags(FLAG_WAITERS);
-        if self.header.state.load().is_final() {
-            // Final before the flag was seen: nobody will take the list for us.
-            slot.waiters.pop();
-            return false;
-        }
+        slot.listeners
+            .push(Listener::Waiter(std::thread::current()));
         true
     }
 
     fn unregister_waiter(&self) {
         let me = std::thread::current().id();
-        lock(&self.slot).waiters.retain(|t| t.id() != me);
+        lock(&self.slot)
+            .listeners
+            .retain(|l| !matches!(l, Listener::Waiter(t) if t.id() == me));
     }
 
     /// Parks (GIL released by the caller, registered as a waiter) until final or `until`.
@@ -417,6 +410,15 @@ impl TaskToken {
     /// cycles through it (e.g. an exception whose traceback holds the token) are collected.
     /// The function and tags are shared by every call and belong to the decorator.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The function and tags: only when this token owns its `OpSpec` alone (a `submit(fn)`
+        // token, or one whose decorated function is gone); otherwise they belong to the
+        // decorator, which reports them once no token shares them.
+        if Arc::strong_count(&self.op) == 1 {
+            visit.call(&self.op.func)?;
+            if let Some(t) = &self.op.tags {
+                visit.call(t)?;
+            }
+        }
         let state = self.header.state.load();
         if matches!(state, TokenState::Completed | TokenState::Failed) {
             match self.outcome.get() {
@@ -434,16 +436,15 @@ impl TaskToken {
         // A worker holds the slot lock only for a moment; never block inside the collector.
         if let Ok(slot) = self.slot.try_lock() {
             if let Some(call) = &slot.call {
-                if let Some(f) = &call.func {
-                    visit.call(f)?;
-                }
                 visit.call(&call.args)?;
                 if let Some(kw) = &call.kwargs {
                     visit.call(kw)?;
                 }
             }
-            for cb in &slot.callbacks {
-                visit.call(cb)?;
+            for l in &slot.listeners {
+                if let Listener::Callback(cb) = l {
+                    visit.call(cb)?;
+                }
             }
         }
         Ok(())
@@ -457,9 +458,9 @@ impl TaskToken {
         // forked child where a parent thread may have held it at fork time: never block here.
         if let Ok(mut slot) = self.slot.try_lock() {
             let call = slot.call.take();
-            let cbs = std::mem::take(&mut slot.callbacks);
+            let listeners = std::mem::take(&mut slot.listeners);
             drop(slot);
-            drop((call, cbs));
+            drop((call, listeners));
         }
     }
 
@@ -590,10 +591,9 @@ impl TaskToken {
             return Ok(false); // the token lives in the parent process
         }
         match tok.rt.sched.kill(&tok.header) {
-            Ok(flags) => {
+            Ok(_) => {
                 drop(tok.take_call());
-                tok.wake_waiters(flags);
-                TaskToken::run_callbacks(slf)?;
+                TaskToken::notify_listeners(slf)?;
                 Ok(true)
             }
             Err(_) => Ok(false),
@@ -621,7 +621,7 @@ impl TaskToken {
         {
             let mut slot = lock(&slf.get().slot);
             if !slf.get().header.state.load().is_final() {
-                slot.callbacks.push(func.unbind());
+                slot.listeners.push(Listener::Callback(func.unbind()));
                 return Ok(());
             }
         }
