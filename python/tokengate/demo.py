@@ -44,6 +44,7 @@ from tokengate import (
     TokenState,
     task_token_guard,
 )
+from tokengate.topology import allowed_cores
 
 __all__ = [
     "FAILURE_RATE",
@@ -217,18 +218,6 @@ _MIX: Final[tuple[_Job, ...]] = (
     _Job(hash_blob, 10, lambda rng, i, d: (rng.randint(2, 8),)),
     _Job(write_blob, 10, lambda rng, i, d: (d, f"blob-{i}.bin", rng.randint(16, 256) * 1024)),
 )
-
-
-def allowed_cores(weight: str, cores: int) -> range:
-    """The 1-based cores a token of ``weight`` may run on with ``cores`` virtual cores.
-
-    heavy → 1..N, medium → 2..N, light → 3..N; with 2 cores medium and light use core 2, and with
-    one core everything runs on core 1.
-    """
-    if cores <= 1:
-        return range(1, 2)
-    first = {"heavy": 1, "medium": 2, "light": 3}[weight]
-    return range(min(first, cores), cores + 1)
 
 
 # --------------------------------------------------------------------------------------------

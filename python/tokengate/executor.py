@@ -39,6 +39,7 @@ from ._core import TaskToken
 from ._types import TaskWeight, TokenState
 from .coordinator import OperationsCoordinator
 from .errors import ConfigurationError
+from .topology import allowed_cores, allowed_cpu_count
 
 __all__ = ["Executor"]
 
@@ -67,22 +68,6 @@ def _cpu_count() -> int:
     """What ThreadPoolExecutor's default uses on this Python (process_cpu_count on 3.13+)."""
     counter = getattr(os, "process_cpu_count", os.cpu_count)
     return counter() or 1
-
-
-def _allowed_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cores_for(weight: str, cores: int) -> int:
-    """How many cores a token of ``weight`` may run on (README, "Weights and core affinity")."""
-    if weight == "heavy":
-        return cores
-    if weight == "medium":
-        return max(1, cores - 1)
-    return max(1, cores - 2)
 
 
 class _TokenFuture(concurrent.futures.Future[Any]):
@@ -304,8 +289,8 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
         self._stop_when_idle = False
         self._init_done = threading.local()
         if coordinator is None:
-            cores = _allowed_cpus()
-            per_core = min(1024, max(1, math.ceil(max_workers / _cores_for(wname, cores))))
+            cores = allowed_cpu_count()
+            per_core = min(1024, max(1, math.ceil(max_workers / len(allowed_cores(wname, cores)))))
             self._private: _Private | None = _Private(
                 OperationsCoordinator(workers_per_core=per_core, cores=cores, decorated_calls=False)
             )

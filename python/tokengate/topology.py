@@ -23,7 +23,13 @@ from typing import Any, Final
 
 import psutil
 
-__all__ = ["WORKERS_PER_PHYSICAL_CORE", "Topology", "detect"]
+__all__ = [
+    "WORKERS_PER_PHYSICAL_CORE",
+    "Topology",
+    "allowed_cores",
+    "allowed_cpu_count",
+    "detect",
+]
 
 logger = logging.getLogger("tokengate")
 
@@ -111,6 +117,23 @@ def detect() -> Topology:
     )
     logger.debug("detected topology: %s", topo.as_dict())
     return topo
+
+
+def allowed_cores(weight: str, cores: int) -> range:
+    """The 1-based cores a token of ``weight`` may run on with ``cores`` virtual cores.
+
+    heavy → 1..N, medium → 2..N, light → 3..N; with 2 cores medium and light use core 2, and with
+    one core everything runs on core 1.
+    """
+    if cores <= 1:
+        return range(1, 2)
+    first = {"heavy": 1, "medium": 2, "light": 3}[weight]
+    return range(min(first, cores), cores + 1)
+
+
+def allowed_cpu_count() -> int:
+    """How many CPUs this process may run on (the coordinator's default number of cores)."""
+    return len(_allowed_cpus(os.cpu_count() or 1))
 
 
 def _allowed_cpus(logical: int) -> list[int]:
