@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod mailbox;
+pub mod permits;
 pub mod router;
 pub mod sched;
 pub mod state;

@@ -1,0 +1,1 @@
+//! Permits: storage tiers, per-key concurrency and rate limits (filled in by the policy work).
