@@ -60,6 +60,23 @@ pub enum CoreError {
         operation: String,
         seconds: f64,
     },
+    /// The token's own `timeout` passed (it ended TIMED_OUT).
+    TimedOut {
+        id: u64,
+        operation: String,
+        seconds: f64,
+    },
+    /// Killed while it ran (CANCELLING, then KILLED): its result is discarded.
+    KilledRunning {
+        id: u64,
+        operation: String,
+    },
+    /// Raised inside a task by `checkpoint()` once its token was killed or timed out.
+    Cancelled {
+        id: u64,
+        operation: String,
+        why: &'static str,
+    },
     /// A task waited on a token that cannot finish while it waits.
     Deadlock(String),
     Config(String),
@@ -73,8 +90,9 @@ impl CoreError {
             CoreError::Forked => "CoordinatorForked",
             CoreError::AdmissionClosed => "AdmissionClosed",
             CoreError::PoolFull { .. } => "PoolFull",
-            CoreError::Killed { .. } => "TokenKilled",
-            CoreError::Timeout { .. } => "TokenTimeout",
+            CoreError::Killed { .. } | CoreError::KilledRunning { .. } => "TokenKilled",
+            CoreError::Timeout { .. } | CoreError::TimedOut { .. } => "TokenTimeout",
+            CoreError::Cancelled { .. } => "TokenCancelled",
             CoreError::Deadlock(_) => "TokenDeadlock",
             CoreError::Config(_) => "ConfigurationError",
             CoreError::Internal(_) => "InternalError",
@@ -118,6 +136,22 @@ impl CoreError {
             } => format!(
                 "token {id} ({operation}) did not finish within {} s",
                 fmt_secs(*seconds)
+            ),
+            CoreError::TimedOut {
+                id,
+                operation,
+                seconds,
+            } => format!(
+                "token {id} ({operation}) timed out: its timeout of {} s passed before it \
+                 finished",
+                fmt_secs(*seconds)
+            ),
+            CoreError::KilledRunning { id, operation } => format!(
+                "token {id} ({operation}) was killed while it ran; its result is discarded"
+            ),
+            CoreError::Cancelled { id, operation, why } => format!(
+                "token {id} ({operation}) was {why}: stop this task (checkpoint() raises \
+                 until it returns)"
             ),
             CoreError::Deadlock(m) | CoreError::Config(m) | CoreError::Internal(m) => m.clone(),
         }

@@ -8,6 +8,7 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::CoreError;
+use crate::policy::{limit_conf, Jitter, LimitDecl, Policy};
 use crate::router::{Priority, Weight};
 use crate::runtime::{current_runtime, submit_token};
 use crate::token::{no_panic, weight_member, OpSpec, TaskToken};
@@ -25,14 +26,20 @@ use crate::token::{no_panic, weight_member, OpSpec, TaskToken};
     name = "GuardedFunction"
 )]
 pub struct GuardedFunction {
-    op: Arc<OpSpec>,
+    pub(crate) op: Arc<OpSpec>,
 }
 
 #[pymethods]
 impl GuardedFunction {
-    /// Validated input only: the Python decorator checks and normalises the arguments.
+    /// Validated input only: the Python decorator (`tokengate.policy.options`) checks and
+    /// normalises the arguments.
     #[new]
-    #[pyo3(signature = (func, operation_type, weight, priority=1, storage_speed=None, tags=None))]
+    #[pyo3(signature = (func, operation_type, weight, priority=1, storage_speed=None, tags=None,
+        *, timeout=None, retries=0, retry_backoff=0.0, retry_backoff_max=None,
+        retry_jitter=true, retry_on=None, retry_timeouts=false, retry_budget=None,
+        on_exhausted=None, max_concurrency=None, rate_limit=None, rate_burst=None,
+        limit_by=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         func: Bound<'_, PyAny>,
         operation_type: Bound<'_, PyString>,
@@ -40,6 +47,19 @@ impl GuardedFunction {
         priority: i64,
         storage_speed: Option<u8>,
         tags: Option<Bound<'_, PyDict>>,
+        timeout: Option<f64>,
+        retries: u32,
+        retry_backoff: f64,
+        retry_backoff_max: Option<f64>,
+        retry_jitter: bool,
+        retry_on: Option<Bound<'_, PyTuple>>,
+        retry_timeouts: bool,
+        retry_budget: Option<f64>,
+        on_exhausted: Option<Bound<'_, PyAny>>,
+        max_concurrency: Option<usize>,
+        rate_limit: Option<f64>,
+        rate_burst: Option<u32>,
+        limit_by: Option<String>,
     ) -> PyResult<Self> {
         if !func.is_callable() {
             return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -55,6 +75,40 @@ impl GuardedFunction {
             .ok_or_else(|| {
                 CoreError::Config(format!("priority index must be 0, 1 or 2, got {priority}"))
             })?;
+        if storage_speed.is_some_and(|s| s > 3) {
+            return Err(CoreError::Config(format!(
+                "storage_speed index must be 0 to 3, got {storage_speed:?}"
+            ))
+            .into());
+        }
+        let limit = if max_concurrency.is_some() || rate_limit.is_some() {
+            Some(LimitDecl {
+                conf: limit_conf(max_concurrency, rate_limit, rate_burst)
+                    .map_err(CoreError::Config)?,
+                limit_by,
+            })
+        } else {
+            None
+        };
+        let policy = (timeout.is_some()
+            || retries > 0
+            || limit.is_some()
+            || on_exhausted.is_some()
+            || retry_budget.is_some())
+        .then(|| {
+            Box::new(Policy {
+                timeout,
+                retries,
+                backoff: retry_backoff,
+                backoff_max: retry_backoff_max.unwrap_or(f64::INFINITY),
+                jitter: if retry_jitter { Jitter::Full } else { Jitter::None },
+                retry_on: retry_on.map(Bound::unbind),
+                retry_timeouts,
+                budget: retry_budget,
+                on_exhausted: on_exhausted.map(Bound::unbind),
+                limit,
+            })
+        });
         Ok(GuardedFunction {
             op: Arc::new(OpSpec {
                 func: func.unbind(),
@@ -63,8 +117,57 @@ impl GuardedFunction {
                 priority,
                 storage_speed,
                 tags: tags.map(Bound::unbind),
+                policy,
             }),
         })
+    }
+
+    /// A guarded function like this one whose calls use other options: priority, weight,
+    /// timeout, retries, tags, ... (the keywords of `task_token_guard`, validated the same
+    /// way). `fn.options(priority="high", timeout=2)(x)` never mixes them with the
+    /// function's own keyword arguments.
+    #[pyo3(signature = (**options))]
+    fn options<'py>(
+        slf: &Bound<'py, Self>,
+        options: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.py()
+            .import("tokengate.policy.options")?
+            .call_method1("with_options", (slf, options))
+    }
+
+    /// Everything this guarded function was made with, as `task_token_guard` keywords (for
+    /// `options()`).
+    fn _settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let op = &self.op;
+        let d = PyDict::new(py);
+        d.set_item("func", op.func.bind(py))?;
+        d.set_item("operation_type", op.operation_type.bind(py))?;
+        d.set_item("weight", op.weight as u8)?;
+        d.set_item("priority", op.priority as u8)?;
+        d.set_item("storage_speed", op.storage_speed)?;
+        d.set_item("tags", op.tags.as_ref().map(|t| t.bind(py)))?;
+        if let Some(p) = &op.policy {
+            d.set_item("timeout", p.timeout)?;
+            d.set_item("retries", p.retries)?;
+            d.set_item("retry_backoff", p.backoff)?;
+            d.set_item(
+                "retry_backoff_max",
+                p.backoff_max.is_finite().then_some(p.backoff_max),
+            )?;
+            d.set_item("retry_jitter", p.jitter == Jitter::Full)?;
+            d.set_item("retry_on", p.retry_on.as_ref().map(|t| t.bind(py)))?;
+            d.set_item("retry_timeouts", p.retry_timeouts)?;
+            d.set_item("retry_budget", p.budget)?;
+            d.set_item("on_exhausted", p.on_exhausted.as_ref().map(|f| f.bind(py)))?;
+            if let Some(l) = &p.limit {
+                d.set_item("max_concurrency", l.conf.per_key)?;
+                d.set_item("rate_limit", l.conf.rate.as_ref().map(|r| r.per_second))?;
+                d.set_item("rate_burst", l.conf.rate.as_ref().map(|r| r.burst))?;
+                d.set_item("limit_by", l.limit_by.as_deref())?;
+            }
+        }
+        Ok(d)
     }
 
     #[pyo3(signature = (*args, **kwargs))]
@@ -97,6 +200,14 @@ impl GuardedFunction {
         visit.call(&self.op.func)?;
         if let Some(t) = &self.op.tags {
             visit.call(t)?;
+        }
+        if let Some(p) = &self.op.policy {
+            if let Some(f) = &p.on_exhausted {
+                visit.call(f)?;
+            }
+            if let Some(t) = &p.retry_on {
+                visit.call(t)?;
+            }
         }
         Ok(())
     }
@@ -138,9 +249,12 @@ impl GuardedFunction {
         weight_member(py, self.op.weight)
     }
 
+    /// The storage tier ("SLOW", "MODERATE", "FAST", "INSANE"), or None.
     #[getter]
-    fn storage_speed(&self) -> Option<u8> {
-        self.op.storage_speed
+    fn storage_speed(&self) -> Option<&'static str> {
+        self.op
+            .storage_speed
+            .map(|t| crate::governor::TIERS[(t as usize).min(3)].0)
     }
 
     #[getter]

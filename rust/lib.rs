@@ -8,6 +8,7 @@ pub mod clock;
 pub mod mailbox;
 pub mod permits;
 pub mod router;
+pub mod timers;
 pub mod sched;
 pub mod state;
 pub mod sync;
@@ -15,7 +16,9 @@ pub mod waits;
 
 mod errors;
 mod exitguard;
+mod governor;
 mod guarded;
+mod policy;
 mod runtime;
 mod token;
 
@@ -35,7 +38,7 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
-    use super::runtime::{_after_fork_in_child, _on_worker_thread, Runtime};
+    use super::runtime::{_after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime};
     #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 

@@ -116,6 +116,24 @@ impl<T> Mailbox<T> {
         item
     }
 
+    /// Removes the first queued item (any lane) for which `pred` holds; its place is freed.
+    pub fn take_where(&self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
+        if self.is_empty() {
+            return None;
+        }
+        let mut lanes = lock(&self.lanes);
+        for lane in lanes.iter_mut() {
+            if let Some(pos) = lane.iter().position(&mut pred) {
+                let item = lane.remove(pos);
+                if item.is_some() {
+                    self.len.fetch_sub(1, Ordering::AcqRel);
+                }
+                return item;
+            }
+        }
+        None
+    }
+
     /// Removes everything queued (reservations in flight stay counted).
     pub fn drain(&self) -> Vec<T> {
         let mut lanes = lock(&self.lanes);

@@ -14,8 +14,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::{deadline_in, internal_error_value, CoreError};
+use crate::governor::{self, EndOfAttempt, Governor, TIERS};
 use crate::router::{Priority, Weight};
 use crate::sched::{Config, Overflow, RejectReason, Rejected, Scheduler};
+use crate::state::{TokenState, FLAG_PERMITS};
 use crate::sync::lock;
 use crate::token::{no_panic, wake_threads, Call, OpSpec, TaskToken};
 use crate::waits::{Deadlock, Target, WaitGraph};
@@ -30,6 +32,8 @@ pub struct Shared {
     pub(crate) sched: Scheduler<Py<TaskToken>>,
     /// Tasks blocked inside a wait (for deadlock checks and `drain()` from a task).
     waits: WaitGraph,
+    /// Timeouts, retries, limits and storage tiers.
+    pub(crate) gov: Governor,
     cpu_map: Vec<usize>,
     pin: bool,
     pin_failures: AtomicUsize,
@@ -129,10 +133,83 @@ impl Shared {
     }
 }
 
-/// A worker thread's stack of running token ids. The worker loop holds it directly, so running a
+/// One token running on a thread: its id (for the wait graph) and its object (borrowed: the
+/// thread holds a reference while it runs), for `current_token()`.
+#[derive(Clone, Copy)]
+struct Running {
+    id: u64,
+    attempt: u32,
+    obj: *mut pyo3::ffi::PyObject,
+}
+
+/// A worker thread's stack of running tokens. The worker loop holds it directly, so running a
 /// token costs no thread-local lookup (one per token is measurable on the no-op path); waits
 /// inside a task reach it through `WORKER`.
-type Stack = Rc<RefCell<Vec<u64>>>;
+type Stack = Rc<RefCell<Vec<Running>>>;
+
+thread_local! {
+    /// Tokens run by their caller (passthrough mode) on this thread.
+    static OUTSIDE: RefCell<Vec<Running>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `tok` as this thread's current token (a passthrough call).
+pub(crate) fn with_inline_current<R>(tok: &Bound<'_, TaskToken>, f: impl FnOnce() -> R) -> R {
+    OUTSIDE.with(|s| {
+        s.borrow_mut().push(Running {
+            id: tok.get().header.id,
+            attempt: tok.get().header.attempt(),
+            obj: tok.as_ptr(),
+        })
+    });
+    let r = f();
+    OUTSIDE.with(|s| s.borrow_mut().pop());
+    r
+}
+
+/// The token whose task runs on this thread (the innermost one), if any, and its attempt.
+fn current(py: Python<'_>) -> Option<(Bound<'_, TaskToken>, u32)> {
+    let top = WORKER
+        .with(|w| {
+            w.borrow()
+                .as_ref()
+                .and_then(|c| c.stack.borrow().last().copied())
+        })
+        .or_else(|| OUTSIDE.with(|s| s.borrow().last().copied()))?;
+    // SAFETY: the pointer is a live TaskToken: the thread that pushed it holds a reference
+    // until it pops it, and only this thread reads its own stack.
+    let any = unsafe { Bound::from_borrowed_ptr(py, top.obj) };
+    any.cast_into::<TaskToken>().ok().map(|t| (t, top.attempt))
+}
+
+/// The token of the task running on this thread (None outside a task).
+#[pyfunction]
+pub fn current_token(py: Python<'_>) -> Option<Bound<'_, TaskToken>> {
+    current(py).map(|(t, _)| t)
+}
+
+/// Raises `TokenCancelled` if the token of the task running on this thread was killed or
+/// timed out (or this attempt was abandoned for a new one); does nothing otherwise, or
+/// outside a task. Call it between steps of a long task so a kill or timeout can stop it.
+#[pyfunction]
+pub fn checkpoint(py: Python<'_>) -> PyResult<()> {
+    let Some((tok, attempt)) = current(py) else {
+        return Ok(());
+    };
+    let t = tok.get();
+    let why = match t.header.state.load() {
+        TokenState::Executing if t.header.attempt() == attempt => return Ok(()),
+        TokenState::Executing => "timed out (a new attempt replaces this one)",
+        TokenState::TimedOut => "timed out",
+        TokenState::Waiting | TokenState::Admitted => "timed out (a new attempt replaces this one)",
+        _ => "killed",
+    };
+    Err(CoreError::Cancelled {
+        id: t.header.id,
+        operation: t.op.operation_type.bind(py).to_string(),
+        why,
+    }
+    .into_pyerr(py))
+}
 
 /// What a worker thread knows about itself.
 struct WorkerCtx {
@@ -182,6 +259,10 @@ struct Snapshot {
     stack: Vec<u64>,
 }
 
+fn ids(stack: &Stack) -> Vec<u64> {
+    stack.borrow().iter().map(|r| r.id).collect()
+}
+
 fn worker_snapshot() -> Option<Snapshot> {
     WORKER.with(|w| {
         w.borrow().as_ref().map(|c| Snapshot {
@@ -189,7 +270,7 @@ fn worker_snapshot() -> Option<Snapshot> {
             core: c.core,
             wi: c.wi,
             waiter: c.waiter,
-            stack: c.stack.borrow().clone(),
+            stack: ids(&c.stack),
         })
     })
 }
@@ -197,7 +278,7 @@ fn worker_snapshot() -> Option<Snapshot> {
 /// The token stack of this thread if it is a worker of `shared` (empty otherwise).
 fn stack_for(shared: &Arc<Shared>) -> Vec<u64> {
     WORKER.with(|w| match w.borrow().as_ref() {
-        Some(c) if Arc::ptr_eq(&c.shared, shared) => c.stack.borrow().clone(),
+        Some(c) if Arc::ptr_eq(&c.shared, shared) => ids(&c.stack),
         _ => Vec::new(),
     })
 }
@@ -304,7 +385,7 @@ pub(crate) fn enter_blocking(
 
 /// A worker waiting (without a timeout) on `tok` of its own runtime runs it here if it has not
 /// started, whatever its weight, instead of blocking on work queued behind it. Returns whether
-/// it did (the token is final then).
+/// it did and the token is settled now (a failed attempt may have scheduled a retry).
 pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool {
     let Some((shared, core, wi, stack)) = WORKER.with(|w| {
         w.borrow()
@@ -326,7 +407,7 @@ pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool
         &stack,
         tok.clone().unbind(),
     ));
-    true
+    tok.get().header.state.load().is_settled()
 }
 
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -369,12 +450,22 @@ fn run_started(
     job: Py<TaskToken>,
 ) -> Vec<Thread> {
     let tok = job.get();
-    stack.borrow_mut().push(tok.header.id);
+    let attempt = tok.header.attempt();
+    stack.borrow_mut().push(Running {
+        id: tok.header.id,
+        attempt,
+        obj: job.as_ptr(),
+    });
     let res = catch_unwind(AssertUnwindSafe(|| {
         if tok.wants_panic() {
             panic!("test hook: panic while running token {}", tok.header.id);
         }
-        let Some(call) = tok.take_call() else {
+        let call = if tok.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
+            tok.clone_call(py) // kept for the next attempt
+        } else {
+            tok.take_call()
+        };
+        let Some(call) = call else {
             return Err(internal_error_value(
                 py,
                 format!("token {} has no call to run", tok.header.id),
@@ -403,9 +494,31 @@ fn run_started(
             ),
         ))
     });
+    let outcome = if tok.op.policy.is_some() {
+        match governor::end_attempt(py, shared, core, wi, job.bind(py), attempt, outcome) {
+            EndOfAttempt::Store(o) => o,
+            EndOfAttempt::Retried => {
+                shared.sched.release(core, wi);
+                return Vec::new();
+            }
+            EndOfAttempt::Discarded => {
+                governor::release_permits(py, job.bind(py));
+                shared.sched.release(core, wi);
+                return Vec::new();
+            }
+        }
+    } else {
+        outcome
+    };
     let ok = outcome.is_ok();
     tok.set_outcome(outcome);
-    shared.sched.finish(core, wi, &tok.header, ok);
+    let finished = shared.sched.finish(core, wi, &tok.header, ok);
+    if tok.header.state.raw() & FLAG_PERMITS != 0 {
+        governor::release_permits(py, job.bind(py));
+    }
+    if finished.is_some() && !ok && tok.op.policy.is_some() {
+        governor::after_failure(py, job.bind(py));
+    }
     let (waiters, callbacks) = tok.take_listeners();
     let deferred = if callbacks.is_empty() {
         waiters
@@ -591,20 +704,60 @@ pub(crate) fn submit_token<'py>(
         py,
         TaskToken::new(id, op.clone(), shared.clone(), Call { args, kwargs }),
     )?;
+    if op.governed() || shared.gov.limits_set() || shared.gov.inline {
+        submit_governed(py, shared, &tok)?;
+        return Ok(tok);
+    }
     let mut job = tok.clone().unbind();
-    let mut deadline: Option<Option<Instant>> = None;
-    let mut _blocked = None;
+    let mut room = RoomWait::default();
     loop {
         match shared.sched.try_submit(job) {
             Ok(()) => return Ok(tok),
-            Err(Rejected {
-                reason: RejectReason::Closed,
-                ..
-            }) => return Err(CoreError::AdmissionClosed.into_pyerr(py)),
-            Err(Rejected {
-                reason: RejectReason::PoolFull,
-                job: back,
-            }) => {
+            Err(Rejected { reason, job: back }) => {
+                job = back;
+                room.wait(py, shared, reason)?;
+            }
+        }
+    }
+}
+
+/// The governed path of a new token (policy, storage tier, a limit, passthrough mode).
+fn submit_governed(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    tok: &Bound<'_, TaskToken>,
+) -> PyResult<()> {
+    if shared.gov.inline {
+        governor::run_inline(py, shared, tok, false);
+        return Ok(());
+    }
+    let job = tok.clone().unbind();
+    let mut room = RoomWait::default();
+    loop {
+        match shared.sched.hold_new(&job) {
+            Ok(true) => break,
+            Ok(false) => return Ok(()), // killed before it was accepted: final already
+            Err(reason) => room.wait(py, shared, reason)?,
+        }
+    }
+    governor::submit_governed(py, shared, tok);
+    Ok(())
+}
+
+/// A submission refused for `reason`: raises `AdmissionClosed` or, at the pool bound,
+/// `PoolFull` (with `overflow='reject'`, or once `submit_timeout` passed), else waits for
+/// room (GIL released; inside a task the worker's place goes to a compensating worker).
+#[derive(Default)]
+struct RoomWait {
+    deadline: Option<Option<Instant>>,
+    blocked: Option<Blocked>,
+}
+
+impl RoomWait {
+    fn wait(&mut self, py: Python<'_>, shared: &Arc<Shared>, reason: RejectReason) -> PyResult<()> {
+        match reason {
+            RejectReason::Closed => Err(CoreError::AdmissionClosed.into_pyerr(py)),
+            RejectReason::PoolFull => {
                 let cap = shared.sched.config().pool_capacity;
                 if shared.sched.config().overflow == Overflow::Reject {
                     return Err(CoreError::PoolFull {
@@ -613,12 +766,13 @@ pub(crate) fn submit_token<'py>(
                     }
                     .into_pyerr(py));
                 }
-                job = back;
-                let deadline = *deadline.get_or_insert_with(|| deadline_in(shared.submit_timeout));
-                if _blocked.is_none() {
+                let deadline = *self
+                    .deadline
+                    .get_or_insert_with(|| deadline_in(shared.submit_timeout));
+                if self.blocked.is_none() {
                     // A task waiting for room gives its worker's place to a compensating
                     // worker, which makes the room by running queued tokens.
-                    _blocked = enter_blocking(py, WaitFor::PoolRoom, deadline.is_some())?;
+                    self.blocked = enter_blocking(py, WaitFor::PoolRoom, deadline.is_some())?;
                 }
                 let chunk = deadline.map_or(Duration::from_millis(50), |d| {
                     d.saturating_duration_since(Instant::now())
@@ -635,6 +789,7 @@ pub(crate) fn submit_token<'py>(
                         .into_pyerr(py));
                     }
                 }
+                Ok(())
             }
         }
     }
@@ -712,7 +867,8 @@ impl Runtime {
     #[new]
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
-        pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true))]
+        pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
+        mode="threads", storage_limits=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -726,7 +882,27 @@ impl Runtime {
         first_token_id: u64,
         worker_stack_size: Option<usize>,
         decorated_calls: bool,
+        mode: &str,
+        storage_limits: Option<[usize; 4]>,
     ) -> PyResult<Self> {
+        let inline = match mode {
+            "threads" => false,
+            "inline" => true,
+            _ => {
+                return Err(CoreError::Config(format!(
+                    "mode must be 'threads' or 'inline', got {mode:?}"
+                ))
+                .into())
+            }
+        };
+        let tier_limits = storage_limits.unwrap_or(TIERS.map(|(_, n)| n));
+        if let Some(bad) = tier_limits.iter().position(|&n| n == 0) {
+            return Err(CoreError::Config(format!(
+                "storage limit of {} must be at least 1, got 0",
+                TIERS[bad].0
+            ))
+            .into());
+        }
         let cpus = allowed_cpus();
         let n = cores.unwrap_or(cpus.len());
         let overflow = match overflow.to_ascii_lowercase().as_str() {
@@ -770,6 +946,7 @@ impl Runtime {
             shared: Arc::new(Shared {
                 sched,
                 waits: WaitGraph::new(),
+                gov: Governor::new(inline, tier_limits),
                 cpu_map,
                 pin: pin_workers && cfg!(any(target_os = "linux", target_os = "android")),
                 pin_failures: AtomicUsize::new(0),
@@ -806,7 +983,10 @@ impl Runtime {
                 }
             }
         }
-        if let Err((e, _)) = s.spawn_workers(slots) {
+        let spawned = s.spawn_workers(slots).and_then(|()| {
+            s.gov.start(s).map_err(|e| (e, Vec::new()))
+        });
+        if let Err((e, _)) = spawned {
             // Don't leave the workers that did start behind.
             s.sched.close();
             s.sched.shutdown();
@@ -858,6 +1038,7 @@ impl Runtime {
             priority: parse_priority(priority)?,
             storage_speed: None,
             tags: None,
+            policy: None,
         });
         no_panic(py, || {
             submit_token(
@@ -948,12 +1129,20 @@ impl Runtime {
             return Ok(0);
         }
         no_panic(py, || {
-            let pending = self.shared.sched.take_pending();
+            let mut pending = self.shared.sched.take_pending();
+            // Tokens waiting outside the pool: held by a limiter, or for a retry's delay.
+            let held = self.shared.gov.take_held();
+            for _ in &held {
+                self.shared.sched.drop_held();
+            }
+            pending.extend(held);
+            pending.extend(self.shared.gov.delayed(py));
             let mut killed = Vec::new();
             for job in pending {
                 let tok = job.get();
                 if self.shared.sched.kill(&tok.header).is_ok() {
                     drop(tok.take_call());
+                    governor::release_permits(py, job.bind(py));
                     let (threads, callbacks) = tok.take_listeners();
                     wake_threads(threads);
                     killed.push((job, callbacks));
@@ -985,6 +1174,14 @@ impl Runtime {
         self.shared.sched.shutdown();
         if is_worker_of(&self.shared) {
             return Ok(true);
+        }
+        for job in self.shared.gov.stop(py) {
+            // Only what raced in after the last kill_pending() is left: it can never run now.
+            let tok = job.get();
+            if self.shared.sched.kill(&tok.header).is_ok() {
+                drop(tok.take_call());
+                let _ = TaskToken::notify_listeners(job.bind(py));
+            }
         }
         let deadline = deadline_in(timeout.map(|t| t.max(0.0)));
         let mut remaining: Vec<_> = std::mem::take(&mut *lock(&self.shared.threads));
@@ -1063,6 +1260,14 @@ impl Runtime {
         d.set_item("completed", st.completed)?;
         d.set_item("failed", st.failed)?;
         d.set_item("killed", st.killed)?;
+        d.set_item("timed_out", st.timed_out)?;
+        d.set_item("held", st.held)?;
+        d.set_item("retried", st.retried)?;
+        d.set_item("discarded", st.discarded)?;
+        d.set_item("moved", st.moved)?;
+        d.set_item("mode", if self.shared.gov.inline { "inline" } else { "threads" })?;
+        d.set_item("storage", self.shared.gov.tier_stats(py)?)?;
+        d.set_item("limits", self.shared.gov.limits_dict(py)?)?;
         d.set_item("illegal_transitions", st.illegal_transitions)?;
         d.set_item(
             "internal_errors",
@@ -1158,5 +1363,61 @@ impl Runtime {
     /// Whether the calling thread is one of this runtime's workers (i.e. inside a task).
     fn on_worker_thread(&self) -> bool {
         is_worker_of(&self.shared)
+    }
+
+    /// Moves the queued token `token_id` to lane `priority`; False if it is not queued.
+    fn reprioritize(&self, token_id: u64, priority: &str) -> PyResult<bool> {
+        let p = parse_priority(priority)?;
+        Ok(self.shared.sched.requeue(token_id, Some(p), None)
+            || self.shared.gov.retarget(token_id, Some(p), None))
+    }
+
+    /// Re-routes the queued token `token_id` to `weight`'s cores; False if it is not queued.
+    fn reroute(&self, token_id: u64, weight: &str) -> PyResult<bool> {
+        let w = parse_weight(weight)?;
+        Ok(self.shared.sched.requeue(token_id, None, Some(w))
+            || self.shared.gov.retarget(token_id, None, Some(w)))
+    }
+
+    /// Sets the limit of `operation` (validated by the caller); all None removes it.
+    #[pyo3(signature = (operation, max_concurrency=None, rate=None, burst=None, limit_by=None))]
+    fn set_limit(
+        &self,
+        py: Python<'_>,
+        operation: &str,
+        max_concurrency: Option<usize>,
+        rate: Option<f64>,
+        burst: Option<u32>,
+        limit_by: Option<String>,
+    ) -> PyResult<()> {
+        let conf = if max_concurrency.is_none() && rate.is_none() {
+            None
+        } else {
+            Some(
+                crate::policy::limit_conf(max_concurrency, rate, burst)
+                    .map_err(CoreError::Config)?,
+            )
+        };
+        self.shared
+            .gov
+            .set_limit(py, operation, conf, limit_by)
+            .map_err(|e| CoreError::Config(e).into_pyerr(py))
+    }
+
+    /// Sets how many tokens of storage tier `tier` ("SLOW", ...) may run at once.
+    fn set_storage_limit(&self, py: Python<'_>, tier: &str, limit: usize) -> PyResult<()> {
+        self.shared
+            .gov
+            .set_tier_limit(py, &self.shared, tier, limit)
+            .map_err(|e| CoreError::Config(e).into_pyerr(py))
+    }
+}
+
+/// "high", "normal" or "low".
+pub(crate) fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::High => "high",
+        Priority::Normal => "normal",
+        Priority::Low => "low",
     }
 }

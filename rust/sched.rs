@@ -18,12 +18,30 @@ use crossbeam_utils::sync::{Parker, Unparker};
 use crate::clock::now_ns;
 use crate::mailbox::Mailbox;
 use crate::router::{self, Priority, Weight};
-use crate::state::{Header, TokenState, TransitionError};
+use crate::state::{Header, TokenState, TransitionError, FLAG_HELD};
 use crate::sync::lock;
 
 /// Anything the scheduler can carry: it only needs the token header.
 pub trait Job: Send + Sync + 'static {
     fn header(&self) -> &Header;
+}
+
+/// How a job enters a mailbox or the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    /// A new submission (CREATED): counted as accepted, refused at the bound.
+    New,
+    /// WAITING outside the pool (limiter, retry delay): never refused.
+    Back,
+}
+
+impl Entry {
+    fn from(self) -> TokenState {
+        match self {
+            Entry::Back => TokenState::Waiting,
+            _ => TokenState::Created,
+        }
+    }
 }
 
 /// What a submission does when the pool is at its bound.
@@ -153,6 +171,11 @@ struct WorkerSlot<J> {
     started: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
+    /// Attempts that ended without an outcome of their own: the token was settled meanwhile
+    /// (timed out, killed while running) and the late result was discarded, or it failed
+    /// and goes on to a retry.
+    discarded: AtomicU64,
+    retried: AtomicU64,
 }
 
 impl<J> WorkerSlot<J> {
@@ -169,6 +192,8 @@ impl<J> WorkerSlot<J> {
             started: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
         }
     }
 
@@ -257,6 +282,16 @@ pub struct Stats {
     pub completed: u64,
     pub failed: u64,
     pub killed: u64,
+    pub timed_out: u64,
+    /// WAITING tokens outside the pool: held by a limiter or waiting out a retry delay.
+    pub held: usize,
+    /// Attempts that failed and were retried.
+    pub retried: u64,
+    /// Attempts whose late result was discarded (the token timed out or was killed while it
+    /// ran).
+    pub discarded: u64,
+    /// Tokens re-prioritized or re-routed while queued.
+    pub moved: u64,
     pub illegal_transitions: u64,
     pub pool_len: usize,
     pub per_core: Vec<CoreStats>,
@@ -290,8 +325,24 @@ pub struct Scheduler<J> {
     to_pool: AtomicU64,
     direct: AtomicU64,
     pulled: AtomicU64,
-    /// Kills by the state they left: CREATED, WAITING, ADMITTED.
-    killed_from: [AtomicU64; 3],
+    /// Kills by the state they left: CREATED, WAITING, ADMITTED, EXECUTING (CANCELLING).
+    killed_from: [AtomicU64; 4],
+    /// Timeouts by the state they left: CREATED, WAITING, ADMITTED, EXECUTING.
+    timed_out_from: [AtomicU64; 4],
+    /// Tokens that ended outside any worker: run by their caller (passthrough mode), or
+    /// failed with their parent's cause (a chain); counted as started and finished here.
+    outside_completed: AtomicU64,
+    outside_failed: AtomicU64,
+    outside_started: AtomicU64,
+    outside_discarded: AtomicU64,
+    /// WAITING tokens outside the pool (limiter, retry delay), live or not yet purged.
+    held: AtomicUsize,
+    /// Entries into and live exits from that place (a killed or timed-out one just leaves).
+    held_in: AtomicU64,
+    held_out: AtomicU64,
+    /// ADMITTED tokens sent back to the pool by a re-route.
+    requeued: AtomicU64,
+    moved: AtomicU64,
     illegal: AtomicU64,
     quiet_lock: Mutex<()>,
     quiet_cv: Condvar,
@@ -334,6 +385,16 @@ impl<J: Job> Scheduler<J> {
             direct: AtomicU64::new(0),
             pulled: AtomicU64::new(0),
             killed_from: Default::default(),
+            timed_out_from: Default::default(),
+            outside_completed: AtomicU64::new(0),
+            outside_failed: AtomicU64::new(0),
+            outside_started: AtomicU64::new(0),
+            outside_discarded: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
+            held_in: AtomicU64::new(0),
+            held_out: AtomicU64::new(0),
+            requeued: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
             illegal: AtomicU64::new(0),
             quiet_lock: Mutex::new(()),
             quiet_cv: Condvar::new(),
@@ -426,53 +487,68 @@ impl<J: Job> Scheduler<J> {
             });
         }
         let h = job.header();
-        let w = h.weight as usize;
+        let w = h.weight() as usize;
         if gate & GATE_PAUSED == 0 && self.pool_len_w[w].load(Ordering::Acquire) == 0 {
-            match self.route_direct(job) {
-                Ok(()) => return Ok(()),
-                Err(back) => return self.push_pool(back),
+            match self.route_direct(job, Entry::New) {
+                Ok(_) => return Ok(()),
+                Err(back) => return self.push_pool(back, Entry::New, false),
             }
         }
-        self.push_pool(job)
+        self.push_pool(job, Entry::New, false)
+    }
+
+    /// Counts a token as accepted before it is submitted (a chain step, submitted when the
+    /// step before it finishes), so that `wait_quiet` waits for it; submit it later with
+    /// `hold_accepted` + `unhold`, or end it with `claim_outside(h, true)` or `kill`.
+    pub fn accept_early(&self) {
+        self.accepted.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Into the least-loaded mailbox of the least-loaded allowed core, if any has room.
-    fn route_direct(&self, job: J) -> Result<(), J> {
+    /// `Ok(false)`: it was no longer in the state `entry` expects (killed or timed out
+    /// meanwhile) and is dropped.
+    fn route_direct(&self, job: J, entry: Entry) -> Result<bool, J> {
         let h = job.header();
-        let n = self.cores.len();
-        let first = router::pick_core(h.weight, n, |c| {
-            self.cores[c - 1].load.load(Ordering::Relaxed)
-        });
-        let mut target = self.reserve_on_core(first - 1);
-        if target.is_none() {
-            target = router::allowed_cores(h.weight, n)
-                .filter(|&c| c != first)
-                .find_map(|c| self.reserve_on_core(c - 1));
-        }
-        let Some((core, wi)) = target else {
+        let Some((core, wi)) = self.reserve_for(h) else {
             return Err(job);
         };
         let slot = &self.cores[core].workers[wi];
-        match h
-            .state
-            .transition(TokenState::Created, TokenState::Admitted)
-        {
+        let new = entry == Entry::New;
+        match h.state.transition(entry.from(), TokenState::Admitted) {
             Ok(_) => {}
             Err(e) => {
                 // Killed before it was submitted: it is accepted and already final.
                 slot.mailbox.unreserve(1);
                 self.note_transition_error(e);
-                self.accepted.fetch_add(1, Ordering::AcqRel);
-                return Ok(());
+                if new {
+                    self.accepted.fetch_add(1, Ordering::AcqRel);
+                }
+                return Ok(false);
             }
         }
         self.admit_into(h, core, wi, now_ns());
-        self.accepted.fetch_add(1, Ordering::AcqRel);
+        if new {
+            self.accepted.fetch_add(1, Ordering::AcqRel);
+        }
         self.direct.fetch_add(1, Ordering::AcqRel);
-        let prio = h.priority;
+        let prio = h.priority();
         slot.mailbox.push_reserved(job, prio);
         slot.wake();
-        Ok(())
+        Ok(true)
+    }
+
+    /// A reserved place in a mailbox of an allowed core: the least-loaded core first.
+    fn reserve_for(&self, h: &Header) -> Option<(usize, usize)> {
+        let n = self.cores.len();
+        let weight = h.weight();
+        let first = router::pick_core(weight, n, |c| {
+            self.cores[c - 1].load.load(Ordering::Relaxed)
+        });
+        self.reserve_on_core(first - 1).or_else(|| {
+            router::allowed_cores(weight, n)
+                .filter(|&c| c != first)
+                .find_map(|c| self.reserve_on_core(c - 1))
+        })
     }
 
     /// Reserves a place in the least-loaded active worker's mailbox on `core` (0-based).
@@ -503,37 +579,55 @@ impl<J: Job> Scheduler<J> {
         h.set_placement(core, wi);
         h.stamp_admitted(t);
         let cs = &self.cores[core];
-        cs.routed[h.weight as usize].fetch_add(1, Ordering::Relaxed);
+        cs.routed[h.weight() as usize].fetch_add(1, Ordering::Relaxed);
         cs.load.fetch_add(1, Ordering::AcqRel);
         cs.workers[wi].load.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn push_pool(&self, job: J) -> Result<(), Rejected<J>> {
+    /// Whether the pool (with the WAITING tokens held outside it) is at its bound.
+    fn pool_full(&self, pool: &mut PoolQueues<J>) -> bool {
+        let cap = self.cfg.pool_capacity;
+        if pool.len + self.held.load(Ordering::Acquire) < cap {
+            return false;
+        }
+        Self::purge_dead(pool, &self.pool_len_w);
+        self.pool_len.store(pool.len, Ordering::Release);
+        pool.len + self.held.load(Ordering::Acquire) >= cap
+    }
+
+    /// Into the pool. A new job is refused at the bound; one accepted already is not.
+    /// `front`: ahead of its lane (a retry).
+    fn push_pool(&self, job: J, entry: Entry, front: bool) -> Result<(), Rejected<J>> {
         let h = job.header();
-        let w = h.weight as usize;
+        let w = h.weight() as usize;
+        let new = entry == Entry::New;
         {
             let mut pool = lock(&self.pool);
-            if pool.len >= self.cfg.pool_capacity {
-                Self::purge_dead(&mut pool, &self.pool_len_w);
-                self.pool_len.store(pool.len, Ordering::Release);
-                if pool.len >= self.cfg.pool_capacity {
-                    return Err(Rejected {
-                        reason: RejectReason::PoolFull,
-                        job,
-                    });
-                }
+            if new && self.pool_full(&mut pool) {
+                return Err(Rejected {
+                    reason: RejectReason::PoolFull,
+                    job,
+                });
             }
-            match h.state.transition(TokenState::Created, TokenState::Waiting) {
-                Ok(_) => {}
-                Err(e) => {
-                    self.note_transition_error(e);
+            if entry != Entry::Back {
+                let r = h.state.transition(TokenState::Created, TokenState::Waiting);
+                if new {
                     self.accepted.fetch_add(1, Ordering::AcqRel);
+                }
+                if let Err(e) = r {
+                    self.note_transition_error(e);
                     return Ok(());
                 }
+            } else if h.state.load() != TokenState::Waiting {
+                return Ok(()); // settled while it came back: dropped
             }
-            self.accepted.fetch_add(1, Ordering::AcqRel);
             self.to_pool.fetch_add(1, Ordering::AcqRel);
-            pool.lanes[w][h.priority as usize].push_back(job);
+            let lane = &mut pool.lanes[w][h.priority() as usize];
+            if front {
+                lane.push_front(job);
+            } else {
+                lane.push_back(job);
+            }
             pool.len += 1;
             self.pool_len.store(pool.len, Ordering::Release);
             self.pool_len_w[w].fetch_add(1, Ordering::AcqRel);
@@ -542,6 +636,93 @@ impl<J: Job> Scheduler<J> {
             self.wake_for_weight(Weight::ALL[w]);
         }
         Ok(())
+    }
+
+    // ---- outside the pool: limiters and retry delays ------------------------------------
+
+    /// Accepts a new job that waits outside the pool (a limiter holds it): WAITING, counted
+    /// against the pool bound. Refused when admission is closed or the pool is full.
+    pub fn hold_new(&self, job: &J) -> Result<bool, RejectReason> {
+        self.in_submit.fetch_add(1, Ordering::SeqCst);
+        let r = self.hold_new_inner(job);
+        if self.in_submit.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.notify_quiet();
+        }
+        r
+    }
+
+    fn hold_new_inner(&self, job: &J) -> Result<bool, RejectReason> {
+        if self.is_closed() {
+            return Err(RejectReason::Closed);
+        }
+        let h = job.header();
+        {
+            let mut pool = lock(&self.pool);
+            if self.pool_full(&mut pool) {
+                return Err(RejectReason::PoolFull);
+            }
+            self.accepted.fetch_add(1, Ordering::AcqRel);
+            h.state.set_flags(FLAG_HELD);
+            if let Err(e) = h.state.transition(TokenState::Created, TokenState::Waiting) {
+                h.state.clear_flags(FLAG_HELD);
+                self.note_transition_error(e);
+                return Ok(false);
+            }
+            self.held.fetch_add(1, Ordering::AcqRel);
+            self.held_in.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(true)
+    }
+
+    /// A CREATED job counted by `accept_early` (a chain step whose parent completed) now
+    /// waits outside the pool; false if it was settled meanwhile.
+    pub fn hold_accepted(&self, h: &Header) -> bool {
+        h.state.set_flags(FLAG_HELD);
+        if h.state
+            .transition(TokenState::Created, TokenState::Waiting)
+            .is_err()
+        {
+            h.state.clear_flags(FLAG_HELD);
+            return false;
+        }
+        self.held.fetch_add(1, Ordering::AcqRel);
+        self.held_in.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// A WAITING job (a retry that just left its worker, marked `FLAG_HELD` by `retry`) now
+    /// waits outside the pool.
+    pub fn hold_again(&self, h: &Header) {
+        h.state.set_flags(FLAG_HELD);
+        self.held.fetch_add(1, Ordering::AcqRel);
+        self.held_in.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A job that waited outside the pool goes on into a mailbox or the pool (ahead of its
+    /// lane if `front`), whatever the gate and bound say: it was accepted already. A job that
+    /// was settled meanwhile is dropped. Returns whether it went on.
+    pub fn unhold(&self, job: J, front: bool) -> bool {
+        let h = job.header();
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        h.state.clear_flags(FLAG_HELD);
+        if h.state.load() != TokenState::Waiting {
+            return false;
+        }
+        self.held_out.fetch_add(1, Ordering::AcqRel);
+        let w = h.weight() as usize;
+        if !front && !self.is_paused() && self.pool_len_w[w].load(Ordering::Acquire) == 0 {
+            match self.route_direct(job, Entry::Back) {
+                Ok(went) => return went,
+                Err(back) => return self.push_pool(back, Entry::Back, front).is_ok(),
+            }
+        }
+        self.push_pool(job, Entry::Back, front).is_ok()
+    }
+
+    /// A held job was found settled (killed or timed out while held) and is dropped.
+    pub fn drop_held(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        self.notify_pool_waiters(true);
     }
 
     /// Drops pool entries that were killed while waiting.
@@ -564,14 +745,15 @@ impl<J: Job> Scheduler<J> {
     pub fn wait_pool_room(&self, timeout: Duration) -> bool {
         self.pool_waiters.fetch_add(1, Ordering::SeqCst);
         let mut pool = lock(&self.pool);
-        if pool.len >= self.cfg.pool_capacity && !self.is_closed() {
+        let full = |len: usize| len + self.held.load(Ordering::Acquire) >= self.cfg.pool_capacity;
+        if full(pool.len) && !self.is_closed() {
             pool = self
                 .pool_cv
                 .wait_timeout(pool, timeout)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let room = pool.len < self.cfg.pool_capacity;
+        let room = !full(pool.len);
         drop(pool);
         self.pool_waiters.fetch_sub(1, Ordering::SeqCst);
         room
@@ -746,7 +928,7 @@ impl<J: Job> Scheduler<J> {
                     cs.load.fetch_add(1, Ordering::AcqRel);
                     slot.load.fetch_add(1, Ordering::AcqRel);
                 }
-                let prio = h.priority;
+                let prio = h.priority();
                 moved.push((job, prio));
             }
             self.pool_len.store(pool.len, Ordering::Release);
@@ -837,9 +1019,12 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
-    /// EXECUTING if the job is still ADMITTED; false (and the job is discarded) if it was
-    /// killed meanwhile.
+    /// EXECUTING if the job is still ADMITTED (a new attempt is counted); false (and the job
+    /// is discarded) if it was killed or timed out meanwhile.
     pub fn start(&self, core: usize, wi: usize, h: &Header) -> bool {
+        // Counted first, so a worker still running an earlier attempt that sees EXECUTING
+        // also sees that the attempt is no longer its own.
+        h.next_attempt();
         match h
             .state
             .transition(TokenState::Admitted, TokenState::Executing)
@@ -852,6 +1037,7 @@ impl<J: Job> Scheduler<J> {
                 true
             }
             Err(e) => {
+                h.undo_attempt();
                 self.note_transition_error(e);
                 self.release(core, wi);
                 false
@@ -860,19 +1046,20 @@ impl<J: Job> Scheduler<J> {
     }
 
     /// COMPLETED (`ok`) or FAILED; returns the flags the state carried, or `None` if the token
-    /// was not EXECUTING. The worker still counts as loaded until
-    /// `release` (after done callbacks), so a worker stuck in a callback gets no new work.
+    /// was not EXECUTING (it was settled while it ran: the result is discarded, and a
+    /// CANCELLING token becomes KILLED). The worker still counts as loaded until `release`
+    /// (after done callbacks), so a worker stuck in a callback gets no new work.
     pub fn finish(&self, core: usize, wi: usize, h: &Header, ok: bool) -> Option<u8> {
         let to = if ok {
             TokenState::Completed
         } else {
             TokenState::Failed
         };
-        h.stamp_finished(now_ns());
         let r = h.state.transition(TokenState::Executing, to);
         let slot = &self.cores[core].workers[wi];
         let flags = match r {
             Ok(flags) => {
+                h.stamp_finished(now_ns());
                 if ok {
                     slot.completed.fetch_add(1, Ordering::AcqRel);
                 } else {
@@ -881,12 +1068,135 @@ impl<J: Job> Scheduler<J> {
                 Some(flags)
             }
             Err(e) => {
-                self.note_transition_error(e);
+                self.discard(core, wi, h);
+                if let TransitionError::Illegal { .. } = e {
+                    self.note_transition_error(e);
+                }
                 None
             }
         };
         self.notify_quiet();
         flags
+    }
+
+    /// The attempt that ran on `(core, wi)` ended after its token was settled (or moved on to
+    /// another attempt): its result is dropped; a CANCELLING token becomes KILLED.
+    pub fn discard(&self, core: usize, wi: usize, h: &Header) {
+        self.cores[core].workers[wi]
+            .discarded
+            .fetch_add(1, Ordering::AcqRel);
+        let _ = h
+            .state
+            .transition(TokenState::Cancelling, TokenState::Killed);
+        self.notify_quiet();
+    }
+
+    /// The attempt that ran on `(core, wi)` failed and the token gets another: WAITING (the
+    /// caller holds it with `hold_again` and brings it back with `unhold`). False if it was
+    /// settled meanwhile (the attempt is then discarded).
+    pub fn retry(&self, core: usize, wi: usize, h: &Header) -> bool {
+        // Marked held first: a waiter must not run it inline while it waits for its delay.
+        h.state.set_flags(FLAG_HELD);
+        match h.state.transition(TokenState::Executing, TokenState::Waiting) {
+            Ok(_) => {
+                self.cores[core].workers[wi]
+                    .retried
+                    .fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(_) => {
+                h.state.clear_flags(FLAG_HELD);
+                self.discard(core, wi, h);
+                false
+            }
+        }
+    }
+
+    /// The deadline of the token passed: TIMED_OUT from any state that is not settled (and
+    /// not in the middle of storing its outcome). Returns the state it left; `Err(true)` if
+    /// it is storing its outcome right now (look again a moment later).
+    pub fn time_out(&self, h: &Header) -> Result<TokenState, bool> {
+        let (from, _) = h
+            .state
+            .settle(TokenState::TimedOut, |st| !st.is_settled())
+            .map_err(|(_, finishing)| finishing)?;
+        self.count_settled(&self.timed_out_from, from, h);
+        Ok(from)
+    }
+
+    /// A running token is killed: CANCELLING (its waiters are released; the worker discards
+    /// the late result). Err: it is not running (or is storing its outcome).
+    pub fn cancel_running(&self, h: &Header) -> Result<(), TokenState> {
+        h.state
+            .settle(TokenState::Cancelling, |st| st == TokenState::Executing)
+            .map_err(|(st, _)| st)?;
+        self.count_settled(&self.killed_from, TokenState::Executing, h);
+        Ok(())
+    }
+
+    /// A token that is not queued anywhere went from WAITING (between attempts) to a retry
+    /// that will not happen: the caller settles it as FAILED with `fail_outside`.
+    fn count_settled(&self, by_state: &[AtomicU64; 4], from: TokenState, h: &Header) {
+        h.stamp_finished(now_ns());
+        let idx = match from {
+            TokenState::Created => 0,
+            TokenState::Waiting => 1,
+            TokenState::Admitted => 2,
+            _ => 3,
+        };
+        by_state[idx].fetch_add(1, Ordering::AcqRel);
+        if from == TokenState::Waiting {
+            self.notify_pool_waiters(true);
+        }
+        self.notify_quiet();
+    }
+
+    /// Claims a CREATED token to run or end it outside any worker (passthrough mode, a chain
+    /// step failing with its parent's cause): EXECUTING. `accepted`: it was counted by
+    /// `accept_early`. Pair with `finish_outside`.
+    pub fn claim_outside(&self, h: &Header, accepted: bool) -> bool {
+        if h
+            .state
+            .transition(TokenState::Created, TokenState::Executing)
+            .is_err()
+        {
+            return false;
+        }
+        if !accepted {
+            self.accepted.fetch_add(1, Ordering::AcqRel);
+        }
+        self.outside_started.fetch_add(1, Ordering::AcqRel);
+        h.next_attempt();
+        h.stamp_started(now_ns());
+        true
+    }
+
+    /// Ends a token claimed by `claim_outside` as COMPLETED or FAILED (false if it was
+    /// settled meanwhile: timed out).
+    pub fn finish_outside(&self, h: &Header, ok: bool) -> bool {
+        let to = if ok {
+            TokenState::Completed
+        } else {
+            TokenState::Failed
+        };
+        if h.state.transition(TokenState::Executing, to).is_err() {
+            // Settled while it ran: count the run as ended all the same.
+            self.outside_discarded.fetch_add(1, Ordering::AcqRel);
+            let _ = h
+                .state
+                .transition(TokenState::Cancelling, TokenState::Killed);
+            self.notify_quiet();
+            return false;
+        }
+        h.stamp_finished(now_ns());
+        let counter = if ok {
+            &self.outside_completed
+        } else {
+            &self.outside_failed
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.notify_quiet();
+        true
     }
 
     /// The worker is done with the job it finished (callbacks included), or a queued job it
@@ -1031,6 +1341,9 @@ impl<J: Job> Scheduler<J> {
                 }
             }
             TokenState::Waiting => {
+                if h.state.raw() & FLAG_HELD != 0 {
+                    return false; // waits for a permit or a retry delay: not ours to run
+                }
                 if h.state
                     .transition(TokenState::Waiting, TokenState::Admitted)
                     .is_err()
@@ -1091,6 +1404,8 @@ impl<J: Job> Scheduler<J> {
     }
 
     fn note_transition_error(&self, e: TransitionError) {
+        // A conflict is a race lost to a kill or timeout: expected. Only an illegal request
+        // is a bug worth counting.
         if let TransitionError::Illegal { .. } = e {
             self.illegal.fetch_add(1, Ordering::Relaxed);
         }
@@ -1105,14 +1420,10 @@ impl<J: Job> Scheduler<J> {
             .flat_map(|c| c.workers.iter())
             .map(|w| w.finished())
             .sum();
-        done + self.killed_total()
-    }
-
-    fn killed_total(&self) -> u64 {
-        self.killed_from
-            .iter()
-            .map(|k| k.load(Ordering::Acquire))
-            .sum()
+        done + sum(&self.killed_from)
+            + sum(&self.timed_out_from)
+            + self.outside_completed.load(Ordering::Acquire)
+            + self.outside_failed.load(Ordering::Acquire)
     }
 
     /// Accepted tokens not yet final, plus submissions in progress.
@@ -1184,12 +1495,105 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
+    // ---- re-prioritize and re-route --------------------------------------------------
+
+    /// Moves the queued token `id` (in the pool or a mailbox) to lane `prio`, or re-routes it
+    /// to `weight`'s cores: it keeps its place in time (FIFO by id within the new lane is not
+    /// guaranteed: it goes to the back of the new lane). False if no queued token has that id
+    /// (it started, finished, or waits outside the pool: those take the new priority or
+    /// weight when they enter it, see `Header::set_priority`).
+    pub fn requeue(&self, id: u64, prio: Option<Priority>, weight: Option<Weight>) -> bool {
+        let found = {
+            let mut pool = lock(&self.pool);
+            let mut hit = None;
+            'find: for w in 0..3 {
+                for p in 0..3 {
+                    if let Some(pos) = pool.lanes[w][p].iter().position(|j| j.header().id == id)
+                    {
+                        hit = Some((w, p, pos));
+                        break 'find;
+                    }
+                }
+            }
+            match hit {
+                Some((w, p, pos)) => {
+                    let job = pool.lanes[w][p].remove(pos).expect("position is in range");
+                    let h = job.header();
+                    if h.state.load() != TokenState::Waiting {
+                        pool.lanes[w][p].insert(pos, job);
+                        return false;
+                    }
+                    if let Some(pr) = prio {
+                        h.set_priority(pr);
+                    }
+                    if let Some(wt) = weight {
+                        h.set_weight(wt);
+                    }
+                    let nw = h.weight() as usize;
+                    self.pool_len_w[w].fetch_sub(1, Ordering::AcqRel);
+                    self.pool_len_w[nw].fetch_add(1, Ordering::AcqRel);
+                    pool.lanes[nw][h.priority() as usize].push_back(job);
+                    Some(nw)
+                }
+                None => None,
+            }
+        };
+        if let Some(nw) = found {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+            if !self.is_paused() {
+                self.wake_for_weight(Weight::ALL[nw]);
+            }
+            return true;
+        }
+        for (ci, cs) in self.cores.iter().enumerate() {
+            for (wi, slot) in cs.workers.iter().enumerate() {
+                let Some(job) = slot
+                    .mailbox
+                    .take_where(|j| j.header().id == id && j.header().state.load() == TokenState::Admitted)
+                else {
+                    continue;
+                };
+                let h = job.header();
+                if let Some(pr) = prio {
+                    h.set_priority(pr);
+                }
+                if let Some(wt) = weight {
+                    h.set_weight(wt);
+                }
+                self.moved.fetch_add(1, Ordering::Relaxed);
+                if cs.accepts[h.weight() as usize] && slot.mailbox.try_reserve() {
+                    let p = h.priority();
+                    slot.mailbox.push_reserved(job, p);
+                    slot.wake();
+                    return true;
+                }
+                // Its core does not take the new weight: back to the pool, from where a core
+                // that does takes it.
+                slot.load.fetch_sub(1, Ordering::AcqRel);
+                cs.load.fetch_sub(1, Ordering::AcqRel);
+                if h
+                    .state
+                    .transition(TokenState::Admitted, TokenState::Waiting)
+                    .is_err()
+                {
+                    return false; // killed or timed out this very moment: dropped
+                }
+                let _ = (ci, wi);
+                self.requeued.fetch_add(1, Ordering::AcqRel);
+                let _ = self.push_pool(job, Entry::Back, false);
+                return true;
+            }
+        }
+        false
+    }
+
     // ---- stats ------------------------------------------------------------------------
 
     pub fn stats(&self) -> Stats {
         // Read from the end of the pipeline backwards so derived gauges stay non-negative.
         let mut per_core = Vec::with_capacity(self.cores.len());
         let (mut completed, mut failed, mut started) = (0u64, 0u64, 0u64);
+        let (mut discarded, mut retried) = (0u64, 0u64);
         for cs in self.cores.iter() {
             let mut c_exec = 0u64;
             let mut depth = 0usize;
@@ -1197,11 +1601,15 @@ impl<J: Job> Scheduler<J> {
             for w in cs.workers.iter() {
                 let done = w.completed.load(Ordering::Acquire);
                 let fail = w.failed.load(Ordering::Acquire);
+                let disc = w.discarded.load(Ordering::Acquire);
+                let retr = w.retried.load(Ordering::Acquire);
                 let st = w.started.load(Ordering::Acquire);
                 completed += done;
                 failed += fail;
+                discarded += disc;
+                retried += retr;
                 started += st;
-                c_exec += st.saturating_sub(done + fail);
+                c_exec += st.saturating_sub(done + fail + disc + retr);
                 depth += w.mailbox.len();
                 spawned += w.spawned.load(Ordering::Acquire) as usize;
             }
@@ -1217,29 +1625,53 @@ impl<J: Job> Scheduler<J> {
                 routed: [0, 1, 2].map(|i| cs.routed[i].load(Ordering::Acquire)),
             });
         }
+        let o_completed = self.outside_completed.load(Ordering::Acquire);
+        let o_failed = self.outside_failed.load(Ordering::Acquire);
+        let o_discarded = self.outside_discarded.load(Ordering::Acquire);
+        let o_started = self.outside_started.load(Ordering::Acquire);
+        let killed_x = self.killed_from[3].load(Ordering::Acquire);
+        let timed_x = self.timed_out_from[3].load(Ordering::Acquire);
         let killed_a = self.killed_from[2].load(Ordering::Acquire);
+        let timed_a = self.timed_out_from[2].load(Ordering::Acquire);
+        let requeued = self.requeued.load(Ordering::Acquire);
         let pulled = self.pulled.load(Ordering::Acquire);
         let direct = self.direct.load(Ordering::Acquire);
         let killed_w = self.killed_from[1].load(Ordering::Acquire);
+        let timed_w = self.timed_out_from[1].load(Ordering::Acquire);
+        let held_out = self.held_out.load(Ordering::Acquire);
         let to_pool = self.to_pool.load(Ordering::Acquire);
+        let held_in = self.held_in.load(Ordering::Acquire);
         let killed_c = self.killed_from[0].load(Ordering::Acquire);
+        let timed_c = self.timed_out_from[0].load(Ordering::Acquire);
         let accepted = self.accepted.load(Ordering::Acquire);
-        let executing = started.saturating_sub(completed + failed);
-        let admitted = (pulled + direct).saturating_sub(started + killed_a);
-        let waiting = to_pool.saturating_sub(pulled + killed_w);
+        let executing = (started + o_started).saturating_sub(
+            completed + failed + discarded + retried + o_completed + o_failed + o_discarded,
+        );
+        let admitted =
+            (pulled + direct).saturating_sub(started + killed_a + timed_a + requeued);
+        let waiting = (to_pool + held_in).saturating_sub(pulled + held_out + killed_w + timed_w);
         Stats {
             created: accepted,
             waiting,
             admitted,
             executing,
-            completed,
-            failed,
-            killed: killed_a + killed_w + killed_c,
+            completed: completed + o_completed,
+            failed: failed + o_failed,
+            killed: killed_a + killed_w + killed_c + killed_x,
+            timed_out: timed_a + timed_w + timed_c + timed_x,
+            held: self.held.load(Ordering::Acquire),
+            retried,
+            discarded: discarded + o_discarded,
+            moved: self.moved.load(Ordering::Relaxed),
             illegal_transitions: self.illegal.load(Ordering::Relaxed),
             pool_len: self.pool_len.load(Ordering::Acquire),
             per_core,
         }
     }
+}
+
+fn sum<const N: usize>(a: &[AtomicU64; N]) -> u64 {
+    a.iter().map(|k| k.load(Ordering::Acquire)).sum()
 }
 
 #[cfg(test)]

@@ -2,10 +2,15 @@
 //!
 //! A token moves CREATED → WAITING → ADMITTED → EXECUTING → COMPLETED | FAILED, may skip WAITING
 //! (CREATED → ADMITTED when a mailbox has room at once), and may become KILLED from any state
-//! before EXECUTING. Every transition is one compare-and-swap on an `AtomicU8`; an illegal
-//! transition is refused, never applied.
+//! before EXECUTING. Policy adds: TIMED_OUT from any state before a final one (its deadline
+//! passed); CANCELLING from EXECUTING (killed while it runs: the outcome is decided, the worker
+//! still runs the task and discards its result), then KILLED when the task returns; EXECUTING →
+//! WAITING for a retry; ADMITTED → WAITING when a queued token is re-routed to a core that
+//! cannot take it from its mailbox; CREATED → EXECUTING for a call run where it is made
+//! (passthrough mode, a chain step that fails with its parent's cause). Every transition is
+//! one compare-and-swap on an `AtomicU8`; an illegal transition is refused, never applied.
 
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::clock::now_ns;
 use crate::router::{Priority, Weight};
@@ -21,10 +26,12 @@ pub enum TokenState {
     Completed = 4,
     Failed = 5,
     Killed = 6,
+    TimedOut = 7,
+    Cancelling = 8,
 }
 
 impl TokenState {
-    pub const ALL: [TokenState; 7] = [
+    pub const ALL: [TokenState; 9] = [
         TokenState::Created,
         TokenState::Waiting,
         TokenState::Admitted,
@@ -32,6 +39,8 @@ impl TokenState {
         TokenState::Completed,
         TokenState::Failed,
         TokenState::Killed,
+        TokenState::TimedOut,
+        TokenState::Cancelling,
     ];
 
     fn from_bits(bits: u8) -> TokenState {
@@ -42,16 +51,34 @@ impl TokenState {
             3 => TokenState::Executing,
             4 => TokenState::Completed,
             5 => TokenState::Failed,
-            _ => TokenState::Killed,
+            6 => TokenState::Killed,
+            7 => TokenState::TimedOut,
+            _ => TokenState::Cancelling,
         }
     }
 
-    /// COMPLETED, FAILED and KILLED are final: nothing leaves them.
+    /// COMPLETED, FAILED, KILLED and TIMED_OUT are final: nothing leaves them.
+    #[inline]
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TokenState::Completed | TokenState::Failed | TokenState::Killed
+            TokenState::Completed | TokenState::Failed | TokenState::Killed | TokenState::TimedOut
         )
+    }
+
+    /// CREATED, WAITING or ADMITTED: not started (or between attempts).
+    #[inline]
+    pub fn is_queued(self) -> bool {
+        matches!(
+            self,
+            TokenState::Created | TokenState::Waiting | TokenState::Admitted
+        )
+    }
+
+    /// Final, or CANCELLING: the outcome is decided and waiters are released.
+    #[inline]
+    pub fn is_settled(self) -> bool {
+        self.is_final() || self == TokenState::Cancelling
     }
 
     /// Whether the state machine allows `self → to`.
@@ -68,6 +95,15 @@ impl TokenState {
                 | (Created, Killed)
                 | (Waiting, Killed)
                 | (Admitted, Killed)
+                | (Created, TimedOut)
+                | (Waiting, TimedOut)
+                | (Admitted, TimedOut)
+                | (Executing, TimedOut)
+                | (Executing, Cancelling)
+                | (Cancelling, Killed)
+                | (Executing, Waiting)
+                | (Admitted, Waiting)
+                | (Created, Executing)
         )
     }
 
@@ -80,6 +116,8 @@ impl TokenState {
             TokenState::Completed => "COMPLETED",
             TokenState::Failed => "FAILED",
             TokenState::Killed => "KILLED",
+            TokenState::TimedOut => "TIMED_OUT",
+            TokenState::Cancelling => "CANCELLING",
         }
     }
 }
@@ -87,6 +125,13 @@ impl TokenState {
 const STATE_MASK: u8 = 0x0F;
 /// Test hook: the worker panics while processing a token carrying this flag.
 pub const FLAG_PANIC: u8 = 0x40;
+/// The token holds limiter permits (released once, by whoever clears the flag).
+pub const FLAG_PERMITS: u8 = 0x10;
+/// The token waits outside the pool and mailboxes (held by a limiter or for a retry delay).
+pub const FLAG_HELD: u8 = 0x20;
+/// The worker that ran the current attempt is storing its outcome: no timeout or kill may
+/// settle the token meanwhile (only tokens that can have two attempts at once use it).
+pub const FLAG_FINISHING: u8 = 0x80;
 
 /// Why a transition was not applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,12 +192,12 @@ impl StateCell {
     }
 
     /// KILLED from whatever pre-execution state the token is in. Returns the state it left,
-    /// or the state that made the kill impossible (EXECUTING or final).
+    /// or the state that made the kill impossible (EXECUTING, CANCELLING or final).
     pub fn kill(&self) -> Result<(TokenState, u8), TokenState> {
         let mut cur = self.0.load(Ordering::Acquire);
         loop {
             let st = TokenState::from_bits(cur);
-            if !st.can_become(TokenState::Killed) {
+            if !st.is_queued() {
                 return Err(st);
             }
             let next = (cur & !STATE_MASK) | TokenState::Killed as u8;
@@ -171,17 +216,72 @@ impl StateCell {
     pub fn set_flags(&self, flags: u8) -> u8 {
         self.0.fetch_or(flags, Ordering::AcqRel)
     }
+
+    /// Clears flag bits; returns whether any of them was set.
+    #[inline]
+    pub fn clear_flags(&self, flags: u8) -> bool {
+        self.0.fetch_and(!flags, Ordering::AcqRel) & flags != 0
+    }
+
+    /// Moves the token from whatever state it is in to `to` if `allowed(state)` says so and
+    /// no `FLAG_FINISHING` is set; returns the state it left and its flags, or the state that
+    /// made it impossible (with `None` flags when it was finishing).
+    pub fn settle(
+        &self,
+        to: TokenState,
+        allowed: impl Fn(TokenState) -> bool,
+    ) -> Result<(TokenState, u8), (TokenState, bool)> {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let st = TokenState::from_bits(cur);
+            if cur & FLAG_FINISHING != 0 {
+                return Err((st, true));
+            }
+            if !allowed(st) || !st.can_become(to) {
+                return Err((st, false));
+            }
+            let next = (cur & !STATE_MASK) | to as u8;
+            match self
+                .0
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok((st, cur & !STATE_MASK)),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Sets `FLAG_FINISHING` if the token is EXECUTING and not finishing already.
+    pub fn begin_finishing(&self) -> bool {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            if cur & STATE_MASK != TokenState::Executing as u8 || cur & FLAG_FINISHING != 0 {
+                return false;
+            }
+            match self.0.compare_exchange_weak(
+                cur,
+                cur | FLAG_FINISHING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
 }
 
 /// The pure part of a token: identity, routing metadata, state and timestamps.
 #[derive(Debug)]
 pub struct Header {
     pub id: u64,
-    pub weight: Weight,
-    pub priority: Priority,
+    weight: AtomicU8,
+    priority: AtomicU8,
     pub state: StateCell,
     core: AtomicU16,
     worker: AtomicU16,
+    /// Attempts started (1 once it runs; a retry is a new attempt of the same token).
+    attempt: AtomicU32,
     created_ns: u64,
     admitted_ns: AtomicU64,
     started_ns: AtomicU64,
@@ -192,16 +292,55 @@ impl Header {
     pub fn new(id: u64, weight: Weight, priority: Priority) -> Header {
         Header {
             id,
-            weight,
-            priority,
+            weight: AtomicU8::new(weight as u8),
+            priority: AtomicU8::new(priority as u8),
             state: StateCell::default(),
             core: AtomicU16::new(0),
             worker: AtomicU16::new(0),
+            attempt: AtomicU32::new(0),
             created_ns: now_ns(),
             admitted_ns: AtomicU64::new(0),
             started_ns: AtomicU64::new(0),
             finished_ns: AtomicU64::new(0),
         }
+    }
+
+    /// The routing weight (changed only by a re-route, while the token is queued).
+    #[inline]
+    pub fn weight(&self) -> Weight {
+        Weight::from_index(self.weight.load(Ordering::Relaxed)).unwrap_or(Weight::Medium)
+    }
+
+    /// The queue lane (changed only by a re-prioritization, while the token is queued).
+    #[inline]
+    pub fn priority(&self) -> Priority {
+        Priority::from_index(self.priority.load(Ordering::Relaxed)).unwrap_or(Priority::Normal)
+    }
+
+    pub(crate) fn set_weight(&self, w: Weight) {
+        self.weight.store(w as u8, Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_priority(&self, p: Priority) {
+        self.priority.store(p as u8, Ordering::Relaxed)
+    }
+
+    /// Attempts started so far.
+    #[inline]
+    pub fn attempt(&self) -> u32 {
+        self.attempt.load(Ordering::Acquire)
+    }
+
+    /// Counts a new attempt (before the transition to EXECUTING); returns its number.
+    #[inline]
+    pub(crate) fn next_attempt(&self) -> u32 {
+        self.attempt.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Takes back an attempt counted by `next_attempt` that did not start.
+    #[inline]
+    pub(crate) fn undo_attempt(&self) {
+        self.attempt.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// 0-based core index and worker index, once admitted.
@@ -321,14 +460,14 @@ mod tests {
         /// Random transition requests against a model: a request is applied exactly when the
         /// model says it is legal from the current state, and the state never leaves a final one.
         #[test]
-        fn random_requests_follow_the_model(reqs in proptest::collection::vec((0u8..7, 0u8..7, proptest::bool::ANY), 0..64)) {
+        fn random_requests_follow_the_model(reqs in proptest::collection::vec((0u8..9, 0u8..9, proptest::bool::ANY), 0..64)) {
             let c = StateCell::default();
             let mut model = Created;
             for (from, to, is_kill) in reqs {
                 let (from, to) = (TokenState::ALL[from as usize], TokenState::ALL[to as usize]);
                 if is_kill {
                     let r = c.kill();
-                    if model.can_become(Killed) {
+                    if model.is_queued() {
                         proptest::prop_assert_eq!(r, Ok((model, 0)));
                         model = Killed;
                     } else {

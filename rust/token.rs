@@ -13,6 +13,8 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{deadline_in, CoreError};
+use crate::governor::Gov;
+use crate::policy::Policy;
 use crate::router::{Priority, Weight};
 use crate::runtime::{enter_blocking, on_any_worker, try_run_inline, Shared, WaitFor};
 use crate::sched::Job;
@@ -28,6 +30,16 @@ pub struct OpSpec {
     pub priority: Priority,
     pub storage_speed: Option<u8>,
     pub tags: Option<Py<PyDict>>,
+    /// Timeout, retries, limit (None for an operation that uses none of them).
+    pub policy: Option<Box<Policy>>,
+}
+
+impl OpSpec {
+    /// Whether tokens of this operation take the governed path (policy or storage tier).
+    #[inline]
+    pub fn governed(&self) -> bool {
+        self.policy.is_some() || self.storage_speed.is_some()
+    }
 }
 
 pub(crate) struct Call {
@@ -37,14 +49,19 @@ pub(crate) struct Call {
 
 struct Slot {
     call: Option<Call>,
-    /// Done callbacks and threads parked until the token is final, in one list (the token
-    /// stays small: most have neither), taken by whoever makes it final.
+    /// Done callbacks, chained tokens and threads parked until the token is settled, in one
+    /// list (the token stays small: most have none), taken by whoever settles it.
     listeners: Vec<Listener>,
+    /// What the policy keeps per token (permits held, attempt errors, deadline generation);
+    /// None for a token without policy.
+    gov: Option<Box<Gov>>,
 }
 
-enum Listener {
+pub(crate) enum Listener {
     Callback(Py<PyAny>),
     Waiter(Thread),
+    /// A token made by `then()`, submitted (or ended with the cause) once this one settles.
+    Chain(Py<TaskToken>),
 }
 
 type Outcome = Result<Py<PyAny>, Py<PyBaseException>>;
@@ -115,6 +132,7 @@ impl TaskToken {
             slot: Mutex::new(Slot {
                 call: Some(call),
                 listeners: Vec::new(),
+                gov: None,
             }),
             outcome: OutcomeCell(UnsafeCell::new(None)),
         }
@@ -122,6 +140,38 @@ impl TaskToken {
 
     pub(crate) fn take_call(&self) -> Option<Call> {
         lock(&self.slot).call.take()
+    }
+
+    /// The call, left in place for another attempt.
+    pub(crate) fn clone_call(&self, py: Python<'_>) -> Option<Call> {
+        lock(&self.slot).call.as_ref().map(|c| Call {
+            args: c.args.clone_ref(py),
+            kwargs: c.kwargs.as_ref().map(|k| k.clone_ref(py)),
+        })
+    }
+
+    /// Replaces the call's arguments (a chain step gets the result of the step before it).
+    pub(crate) fn set_args(&self, args: Py<PyTuple>) {
+        let mut slot = lock(&self.slot);
+        if let Some(c) = slot.call.as_mut() {
+            c.args = args;
+        }
+    }
+
+    /// Runs `f` on the token's policy state (created on first use).
+    pub(crate) fn with_gov<R>(&self, f: impl FnOnce(&mut Gov) -> R) -> R {
+        let mut slot = lock(&self.slot);
+        f(slot.gov.get_or_insert_with(Default::default))
+    }
+
+    /// Adds a listener unless the token is settled already (then it is given back).
+    pub(crate) fn add_listener(&self, l: Listener) -> Result<(), Listener> {
+        let mut slot = lock(&self.slot);
+        if self.header.state.load().is_settled() {
+            return Err(l);
+        }
+        slot.listeners.push(l);
+        Ok(())
     }
 
     pub(crate) fn set_outcome(&self, o: Outcome) {
@@ -133,30 +183,37 @@ impl TaskToken {
         self.header.state.raw() & FLAG_PANIC != 0
     }
 
-    /// Takes the threads to wake and the done callbacks to run; call once the token is final
-    /// (nothing is added to them after that).
-    pub(crate) fn take_listeners(&self) -> (Vec<Thread>, Vec<Py<PyAny>>) {
+    /// Takes the threads to wake and the callbacks and chained tokens to run; call once the
+    /// token is settled (nothing is added to them after that).
+    pub(crate) fn take_listeners(&self) -> (Vec<Thread>, Vec<Listener>) {
         let listeners = std::mem::take(&mut lock(&self.slot).listeners);
         let mut threads = Vec::new();
-        let mut callbacks = Vec::new();
+        let mut others = Vec::new();
         for l in listeners {
             match l {
                 Listener::Waiter(t) => threads.push(t),
-                Listener::Callback(c) => callbacks.push(c),
+                other => others.push(other),
             }
         }
-        (threads, callbacks)
+        (threads, others)
     }
 
-    /// Runs `cbs`. Every callback runs; an `Exception` one raises is logged. A `BaseException`
-    /// that is not an `Exception` (`KeyboardInterrupt`, `SystemExit`) raised on a thread that
-    /// is not a worker (a Ctrl-C reaching the main thread inside a callback run by `kill()` or
-    /// `stop(wait=False)`) is re-raised once they all ran, as `concurrent.futures` does.
-    pub(crate) fn call_callbacks(slf: &Bound<'_, TaskToken>, cbs: Vec<Py<PyAny>>) -> PyResult<()> {
+    /// Runs `cbs`: done callbacks, and the chained tokens' next step. Every callback runs; an
+    /// `Exception` one raises is logged. A `BaseException` that is not an `Exception`
+    /// (`KeyboardInterrupt`, `SystemExit`) raised on a thread that is not a worker (a Ctrl-C
+    /// reaching the main thread inside a callback run by `kill()` or `stop(wait=False)`) is
+    /// re-raised once they all ran, as `concurrent.futures` does.
+    pub(crate) fn call_callbacks(slf: &Bound<'_, TaskToken>, cbs: Vec<Listener>) -> PyResult<()> {
         let mut interrupt = None;
-        for cb in cbs {
-            if let Some(e) = call_callback(slf, cb.bind(slf.py())) {
-                interrupt.get_or_insert(e);
+        for l in cbs {
+            match l {
+                Listener::Callback(cb) => {
+                    if let Some(e) = call_callback(slf, cb.bind(slf.py())) {
+                        interrupt.get_or_insert(e);
+                    }
+                }
+                Listener::Chain(child) => crate::governor::continue_chain(slf, child.bind(slf.py())),
+                Listener::Waiter(t) => t.unpark(),
             }
         }
         interrupt.map_or(Ok(()), Err)
@@ -175,7 +232,7 @@ impl TaskToken {
     /// `unregister_waiter`.
     fn register_waiter(&self) -> bool {
         let mut slot = lock(&self.slot);
-        if self.header.state.load().is_final() {
+        if self.header.state.load().is_settled() {
             return false;
         }
         slot.listeners
@@ -193,7 +250,7 @@ impl TaskToken {
     /// Parks (GIL released by the caller, registered as a waiter) until final or `until`.
     fn park_until_final(&self, until: Instant) -> bool {
         loop {
-            if self.header.state.load().is_final() {
+            if self.header.state.load().is_settled() {
                 return true;
             }
             let now = Instant::now();
@@ -217,7 +274,7 @@ impl TaskToken {
         timeout: Option<f64>,
     ) -> PyResult<bool> {
         let tok = slf.get();
-        if tok.header.state.load().is_final() {
+        if tok.header.state.load().is_settled() {
             return Ok(true);
         }
         if tok.rt.forked() {
@@ -270,15 +327,26 @@ impl TaskToken {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 tok.unregister_waiter();
-                return Ok(tok.header.state.load().is_final());
+                return Ok(tok.header.state.load().is_settled());
             }
         }
     }
 
+    /// The error a waiter gets from a token that settled without an outcome of its own.
     fn killed_error(&self, py: Python<'_>) -> PyErr {
-        CoreError::Killed {
-            id: self.header.id,
-            operation: self.op.operation_type.bind(py).to_string(),
+        let id = self.header.id;
+        let operation = self.op.operation_type.bind(py).to_string();
+        match self.header.state.load() {
+            TokenState::TimedOut => CoreError::TimedOut {
+                id,
+                operation,
+                seconds: self.op.policy.as_ref().and_then(|p| p.timeout).unwrap_or(0.0),
+            },
+            TokenState::Cancelling => CoreError::KilledRunning { id, operation },
+            TokenState::Killed if self.header.started_ns().is_some() => {
+                CoreError::KilledRunning { id, operation }
+            }
+            _ => CoreError::Killed { id, operation },
         }
         .into_pyerr(py)
     }
@@ -427,14 +495,20 @@ impl TaskToken {
                 None => {}
             }
         }
-        if state.is_final() {
+        if state.is_final() && self.op.policy.is_none() {
             // The call and the callbacks leave the slot as the token becomes final (a moment
             // later at most, and a reference not reported is only kept a cycle longer): no
-            // lock for the tokens a program keeps around after they finished.
+            // lock for the tokens a program keeps around after they finished (those with a
+            // policy keep their attempts' errors there).
             return Ok(());
         }
         // A worker holds the slot lock only for a moment; never block inside the collector.
         if let Ok(slot) = self.slot.try_lock() {
+            if let Some(gov) = &slot.gov {
+                for e in &gov.errors {
+                    visit.call(e)?;
+                }
+            }
             if let Some(call) = &slot.call {
                 visit.call(&call.args)?;
                 if let Some(kw) = &call.kwargs {
@@ -459,8 +533,9 @@ impl TaskToken {
         if let Ok(mut slot) = self.slot.try_lock() {
             let call = slot.call.take();
             let listeners = std::mem::take(&mut slot.listeners);
+            let errors = slot.gov.as_mut().map(|g| std::mem::take(&mut g.errors));
             drop(slot);
-            drop((call, listeners));
+            drop((call, listeners, errors));
         }
     }
 
@@ -477,7 +552,7 @@ impl TaskToken {
 
     #[getter]
     fn weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        weight_member(py, self.header.weight)
+        weight_member(py, self.header.weight())
     }
 
     /// The free-form tags given to the decorator (None if none).
@@ -486,9 +561,40 @@ impl TaskToken {
         self.op.tags.as_ref().map(|t| t.clone_ref(py))
     }
 
+    /// The storage tier ("SLOW", "MODERATE", "FAST", "INSANE"), or None.
     #[getter]
-    fn storage_speed(&self) -> Option<u8> {
-        self.op.storage_speed
+    fn storage_speed(&self) -> Option<&'static str> {
+        self.op
+            .storage_speed
+            .map(|t| crate::governor::TIERS[(t as usize).min(3)].0)
+    }
+
+    /// The queue lane: "high", "normal" or "low".
+    #[getter]
+    fn priority(&self) -> &'static str {
+        crate::runtime::priority_name(self.header.priority())
+    }
+
+    /// Attempts started so far (0 before it runs; more than 1 after retries).
+    #[getter]
+    fn attempts(&self) -> u32 {
+        self.header.attempt()
+    }
+
+    /// The exception of each failed attempt, oldest first (the last one is the token's own
+    /// error if its retries ran out).
+    #[getter]
+    fn errors(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        let slot = lock(&self.slot);
+        slot.gov.as_ref().map_or_else(Vec::new, |g| {
+            g.errors.iter().map(|e| e.clone_ref(py).into_any()).collect()
+        })
+    }
+
+    /// Seconds each attempt may take (None: no timeout).
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        self.op.policy.as_ref().and_then(|p| p.timeout)
     }
 
     #[getter]
@@ -532,9 +638,10 @@ impl TaskToken {
         secs(self.header.finished_ns())
     }
 
-    /// True once the token is COMPLETED, FAILED or KILLED.
+    /// True once the token's outcome is decided: COMPLETED, FAILED, KILLED, TIMED_OUT, or
+    /// CANCELLING (killed while it runs; its task may still be running).
     fn done(&self) -> bool {
-        self.header.state.load().is_final()
+        self.header.state.load().is_settled()
     }
 
     /// Waits until the token is final; returns False if `timeout` seconds passed first.
@@ -583,21 +690,64 @@ impl TaskToken {
         })
     }
 
-    /// Kills the token if it has not started: it becomes KILLED at once and its waiters get
-    /// `TokenKilled`. Returns False if it is already executing or final.
+    /// Kills the token. One that has not started becomes KILLED at once; one that is running
+    /// becomes CANCELLING: its waiters are released at once with `TokenKilled`, the task
+    /// keeps running until it returns or calls `tokengate.checkpoint()` (which then raises
+    /// `TokenCancelled`), and its result is discarded. Returns False if the token is already
+    /// settled (or storing its result right now).
     fn kill(slf: &Bound<'_, Self>) -> PyResult<bool> {
         let tok = slf.get();
         if tok.rt.forked() {
             return Ok(false); // the token lives in the parent process
         }
+        let py = slf.py();
+        let killed = match tok.rt.sched.kill(&tok.header) {
+            Ok(_) => {
+                drop(tok.take_call());
+                crate::governor::release_permits(py, slf);
+                true
+            }
+            Err(TokenState::Executing) => tok.rt.sched.cancel_running(&tok.header).is_ok(),
+            Err(_) => false,
+        };
+        if killed {
+            TaskToken::notify_listeners(slf)?;
+        }
+        Ok(killed)
+    }
+
+    /// Kills the token only if it has not started (what `concurrent.futures.Future.cancel`
+    /// does); returns whether it did.
+    fn cancel_queued(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        let tok = slf.get();
+        if tok.rt.forked() || !tok.header.state.load().is_queued() {
+            return Ok(false);
+        }
         match tok.rt.sched.kill(&tok.header) {
             Ok(_) => {
                 drop(tok.take_call());
+                crate::governor::release_permits(slf.py(), slf);
                 TaskToken::notify_listeners(slf)?;
                 Ok(true)
             }
             Err(_) => Ok(false),
         }
+    }
+
+    /// Runs `fn(result, *args)` as a new token once this one completes, without a worker
+    /// waiting for it, and returns that token at once. If this token fails, is killed or
+    /// times out, the new one ends the same way without running (a failure with this
+    /// token's exception), and so on down the chain. `fn` may be a guarded function (its
+    /// operation, weight and policy apply) or any callable; `options` are those of
+    /// `fn.options(...)` (priority, timeout, weight, retries, ...).
+    #[pyo3(signature = (func, *args, **options))]
+    fn then<'py>(
+        slf: &Bound<'py, Self>,
+        func: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        options: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, TaskToken>> {
+        no_panic(slf.py(), || crate::governor::chain(slf, func, args, options))
     }
 
     /// Calls `fn(token)` once the token is final (at once if it already is), on the thread
@@ -610,7 +760,7 @@ impl TaskToken {
             )));
         }
         if slf.get().rt.forked() {
-            if !slf.get().header.state.load().is_final() {
+            if !slf.get().header.state.load().is_settled() {
                 // It would never run here: the token finishes (or not) in the parent process.
                 return Err(CoreError::Forked.into_pyerr(slf.py()));
             }
@@ -618,14 +768,13 @@ impl TaskToken {
             // at fork time).
             return call_callback(slf, &func).map_or(Ok(()), Err);
         }
-        {
-            let mut slot = lock(&slf.get().slot);
-            if !slf.get().header.state.load().is_final() {
-                slot.listeners.push(Listener::Callback(func.unbind()));
-                return Ok(());
+        match slf.get().add_listener(Listener::Callback(func.unbind())) {
+            Ok(()) => Ok(()),
+            Err(Listener::Callback(func)) => {
+                call_callback(slf, func.bind(slf.py())).map_or(Ok(()), Err)
             }
+            Err(_) => unreachable!("the listener given back is the one passed"),
         }
-        call_callback(slf, &func).map_or(Ok(()), Err)
     }
 
     fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {

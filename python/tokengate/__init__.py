@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ._core import GuardedFunction, TaskToken
+from ._core import GuardedFunction, TaskToken, checkpoint, current_token
 from ._core import __version__ as __version__
 from ._types import STORAGE_SPEEDS, TaskWeight, TokenState
 from .coordinator import OperationsCoordinator
@@ -26,8 +26,11 @@ from .errors import (
     CoordinatorNotRunning,
     InternalError,
     InvalidDecoration,
+    InvalidOption,
     InvalidTag,
     PoolFull,
+    Retry,
+    TokenCancelled,
     TokenDeadlock,
     TokenGateError,
     TokenKilled,
@@ -60,11 +63,14 @@ __all__ = [
     "GuardedFunction",
     "InternalError",
     "InvalidDecoration",
+    "InvalidOption",
     "InvalidTag",
     "OperationsCoordinator",
     "PoolFull",
+    "Retry",
     "TaskToken",
     "TaskWeight",
+    "TokenCancelled",
     "TokenDeadlock",
     "TokenGateError",
     "TokenKilled",
@@ -72,6 +78,8 @@ __all__ = [
     "TokenTimeout",
     "__version__",
     "as_completed",
+    "checkpoint",
+    "current_token",
     "gather",
     "task_token_guard",
     "wait",

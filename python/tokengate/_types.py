@@ -10,7 +10,9 @@ __all__ = ["STORAGE_SPEEDS", "TaskWeight", "TokenState"]
 
 
 class TokenState(enum.IntEnum):
-    """Where a token is in its life. COMPLETED, FAILED and KILLED are final."""
+    """Where a token is in its life. COMPLETED, FAILED, KILLED and TIMED_OUT are final;
+    CANCELLING (killed while it runs) is settled: its waiters are released, the task still
+    runs until it returns, and the token then becomes KILLED."""
 
     CREATED = 0
     WAITING = 1
@@ -19,10 +21,17 @@ class TokenState(enum.IntEnum):
     COMPLETED = 4
     FAILED = 5
     KILLED = 6
+    TIMED_OUT = 7
+    CANCELLING = 8
 
     @property
     def is_final(self) -> bool:
-        """True for COMPLETED, FAILED and KILLED."""
+        """True for COMPLETED, FAILED, KILLED and TIMED_OUT."""
+        return TokenState.COMPLETED <= self <= TokenState.TIMED_OUT
+
+    @property
+    def is_settled(self) -> bool:
+        """True once the outcome is decided: a final state, or CANCELLING."""
         return self >= TokenState.COMPLETED
 
     def __str__(self) -> str:

@@ -12,13 +12,15 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from . import _core
 from ._core import TaskToken
+from ._types import STORAGE_SPEEDS
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
+from .policy import options as _options
 
 __all__ = ["OperationsCoordinator"]
 
@@ -64,6 +66,24 @@ def _check_timeout(name: str, value: object) -> float | None:
     except OverflowError:  # an int beyond the float range
         return None
     return None if seconds == math.inf else seconds
+
+
+def _check_storage_limits(limits: object) -> list[int] | None:
+    """Per-tier permits from a ``{"SLOW": n, ...}`` mapping, in tier order; None: defaults."""
+    if limits is None:
+        return None
+    if not isinstance(limits, Mapping):
+        raise ConfigurationError(
+            f"storage_limits must be a dict like {{'SLOW': 10}}, got {type(limits).__name__}"
+        )
+    out = dict(STORAGE_SPEEDS)
+    for name, n in limits.items():
+        key = name.upper() if isinstance(name, str) else name
+        if key not in out:
+            valid = ", ".join(STORAGE_SPEEDS)
+            raise ConfigurationError(f"storage_limits: unknown tier {name!r}; valid: {valid}")
+        out[key] = _check_int(f"storage_limits[{name!r}]", n, 1, 1_000_000)
+    return list(out.values())
 
 
 def _default_stack_size() -> int:
@@ -194,6 +214,13 @@ class OperationsCoordinator:
             coordinator while it runs (the last started one that accepts them gets them);
             ``False`` for a coordinator used only through :meth:`submit` or an
             :class:`~tokengate.Executor`, so it never takes decorated calls from another.
+        mode: ``"threads"`` (the default: tokens run on the workers) or ``"inline"``
+            (passthrough: every call runs synchronously in its caller and returns a finished
+            token; see docs/policy.md). The environment variable ``TOKENGATE_INLINE=1``
+            makes ``"inline"`` the default.
+        storage_limits: tokens of each storage tier that may run at once, e.g.
+            ``{"SLOW": 4}``; tiers not named keep ``STORAGE_SPEEDS`` (SLOW 10, MODERATE 25,
+            FAST 50, INSANE 70).
     """
 
     def __init__(
@@ -209,6 +236,8 @@ class OperationsCoordinator:
         worker_stack_size: int | None = None,
         *,
         decorated_calls: bool = True,
+        mode: Literal["threads", "inline"] | None = None,
+        storage_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -226,6 +255,12 @@ class OperationsCoordinator:
                 f"decorated_calls must be True or False, got {decorated_calls!r}"
             )
         self._decorated_calls = decorated_calls
+        if mode is None:
+            mode = "inline" if os.environ.get("TOKENGATE_INLINE", "") not in ("", "0") else "threads"
+        if mode not in ("threads", "inline"):
+            raise ConfigurationError(f"mode must be 'threads' or 'inline', got {mode!r}")
+        self._mode = mode
+        self._storage_limits = _check_storage_limits(storage_limits)
         self._max_workers = (
             None
             if max_workers_per_core is None
@@ -272,6 +307,8 @@ class OperationsCoordinator:
                     _default_stack_size() if self._stack_size is None else self._stack_size
                 ),
                 decorated_calls=self._decorated_calls,
+                mode=self._mode,
+                storage_limits=self._storage_limits,
             )
             rt.start()
             self._rt = rt
@@ -510,6 +547,60 @@ class OperationsCoordinator:
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
         return s
 
+    # -- policy ------------------------------------------------------------------------
+
+    def reprioritize(self, token_id: int, priority: str) -> bool:
+        """Move the queued token ``token_id`` to lane ``priority`` (high, normal, low); it
+        goes to the back of that lane. False (nothing changes) if it started, finished, or
+        is not queued here (a token waiting for a limiter's permit is not found either)."""
+        return self._runtime().reprioritize(
+            _check_id(token_id), ("high", "normal", "low")[_options.parse_priority(priority)]
+        )
+
+    def reroute(self, token_id: int, weight: str) -> bool:
+        """Route the queued token ``token_id`` as ``weight`` (light, medium, heavy): it moves
+        to a core that takes that weight. False (nothing changes) if it started, finished,
+        or is not queued here."""
+        return self._runtime().reroute(_check_id(token_id), _options.parse_weight(weight).value)
+
+    def set_limit(
+        self,
+        operation: str,
+        *,
+        max_concurrency: int | None = None,
+        rate_limit: float | None = None,
+        rate_burst: int | None = None,
+        limit_by: str | None = None,
+    ) -> None:
+        """Set the limit of ``operation`` (its ``operation_type``) for this coordinator,
+        replacing the one its decorator declares: at most ``max_concurrency`` running at
+        once and/or ``rate_limit`` per second (``rate_burst`` at once), per operation or per
+        value of the tag ``limit_by``. Raising a limit admits waiting tokens at once;
+        lowering one never stops running tokens. With neither ``max_concurrency`` nor
+        ``rate_limit`` the limit set here is removed."""
+        if not isinstance(operation, str) or not operation:
+            raise ConfigurationError(f"operation must be a non-empty str, got {operation!r}")
+        clean = _options.normalize(
+            {
+                "max_concurrency": max_concurrency,
+                "rate_limit": rate_limit,
+                "rate_burst": rate_burst,
+                "limit_by": limit_by,
+            }
+        )
+        self._runtime().set_limit(
+            operation,
+            clean["max_concurrency"],
+            clean["rate_limit"],
+            clean["rate_burst"],
+            clean["limit_by"],
+        )
+
+    def set_storage_limit(self, tier: str, limit: int) -> None:
+        """Set how many tokens of storage tier ``tier`` (SLOW, MODERATE, FAST, INSANE) may run
+        at once; raising it admits waiting tokens at once."""
+        self._runtime().set_storage_limit(tier, _check_int("limit", limit, 1, 1_000_000))
+
     def set_active_workers(self, core: int, n: int) -> None:
         """Set how many workers of 1-based ``core`` receive new work (1 to
         ``max_workers_per_core``); threads start as needed."""
@@ -581,6 +672,14 @@ class OperationsCoordinator:
     def __repr__(self) -> str:
         state = "running" if self._rt is not None else "stopped"
         return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
+
+
+def _check_id(token_id: object) -> int:
+    if isinstance(token_id, TaskToken):
+        return token_id.token_id
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+        raise ConfigurationError(f"token_id must be a token id (an int >= 0), got {token_id!r}")
+    return token_id
 
 
 def _after_fork_in_child() -> None:

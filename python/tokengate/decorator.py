@@ -8,22 +8,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from ._core import GuardedFunction
-from ._types import PRIORITIES, STORAGE_SPEEDS, WEIGHT_INDEX, TaskWeight
-from .errors import ConfigurationError, InvalidDecoration, InvalidTag
+from ._types import STORAGE_SPEEDS, TaskWeight
+from .errors import InvalidDecoration, InvalidTag
+from .policy import options as _options
 
 __all__ = ["GuardedFunction", "task_token_guard"]
 
-_WEIGHTS = {w.value: w for w in TaskWeight}
-
-
 def _parse_weight(value: object) -> TaskWeight:
-    if isinstance(value, TaskWeight):
-        return value
-    if isinstance(value, str) and value.lower() in _WEIGHTS:
-        return _WEIGHTS[value.lower()]
-    raise InvalidTag(
-        f"tags['weight'] must be one of 'light', 'medium', 'heavy' (any case), got {value!r}"
-    )
+    return _options.parse_weight(value, "tags['weight']")
 
 
 def _parse_storage(value: object) -> tuple[str, int] | None:
@@ -36,12 +28,7 @@ def _parse_storage(value: object) -> tuple[str, int] | None:
     raise InvalidTag(f"tags['storage_speed'] must be one of {valid} (any case), got {value!r}")
 
 
-def _parse_priority(value: object) -> int:
-    if isinstance(value, str) and value.lower() in PRIORITIES:
-        return PRIORITIES[value.lower()]
-    raise ConfigurationError(
-        f"priority must be one of 'high', 'normal', 'low' (any case), got {value!r}"
-    )
+_parse_priority = _options.parse_priority
 
 
 def _validate_tags(tags: object) -> tuple[dict[str, Any], TaskWeight, tuple[str, int] | None]:
@@ -104,6 +91,7 @@ def _guard(
     weight: TaskWeight,
     storage: tuple[str, int] | None,
     priority: int,
+    policy: dict[str, Any],
 ) -> GuardedFunction:
     if isinstance(fn, (staticmethod, classmethod)):
         raise InvalidDecoration(
@@ -118,16 +106,21 @@ def _guard(
     if not callable(fn):
         raise InvalidDecoration(f"task_token_guard needs a function, got {type(fn).__name__}")
     name = operation_type or _name_of(fn)
-    guarded = GuardedFunction(
-        fn,
-        name,
-        WEIGHT_INDEX[weight],
-        priority,
-        None if storage is None else storage[1],
-        tags,
+    return _options.build(
+        fn, name, weight, priority, None if storage is None else storage[0], tags, policy, fn
     )
-    functools.update_wrapper(guarded, fn)
-    return guarded
+
+
+def _chain_target(fn: object, options: Mapping[str, Any] | None) -> GuardedFunction:
+    """What ``token.then(fn, **options)`` runs: ``fn`` itself if it is a guarded function
+    (with ``options`` applied), else ``fn`` guarded on the spot (weight medium unless
+    ``options`` say otherwise)."""
+    if isinstance(fn, GuardedFunction):
+        return fn.options(**options) if options else fn
+    if not callable(fn):
+        raise InvalidDecoration(f"then() needs a callable, got {type(fn).__name__}")
+    base = _guard(fn, None, {"weight": "medium"}, TaskWeight.MEDIUM, None, 1, _options.normalize({}))  # type: ignore[arg-type]
+    return base.options(**options) if options else base
 
 
 @overload
@@ -136,6 +129,18 @@ def task_token_guard(
     tags: None = None,
     *,
     priority: str = "normal",
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_backoff: float = 0.0,
+    retry_backoff_max: float | None = None,
+    retry_jitter: bool = True,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    retry_budget: float | None = None,
+    on_exhausted: Callable[[Any], object] | None = None,
+    max_concurrency: int | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+    limit_by: str | None = None,
 ) -> GuardedFunction: ...
 
 
@@ -145,6 +150,18 @@ def task_token_guard(
     tags: Mapping[str, Any] | None = None,
     *,
     priority: str = "normal",
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_backoff: float = 0.0,
+    retry_backoff_max: float | None = None,
+    retry_jitter: bool = True,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    retry_budget: float | None = None,
+    on_exhausted: Callable[[Any], object] | None = None,
+    max_concurrency: int | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+    limit_by: str | None = None,
 ) -> Callable[[Callable[..., Any]], GuardedFunction]: ...
 
 
@@ -153,6 +170,7 @@ def task_token_guard(
     tags: Mapping[str, Any] | None = None,
     *,
     priority: str = "normal",
+    **policy: Any,
 ) -> GuardedFunction | Callable[[Callable[..., Any]], GuardedFunction]:
     """Turn every call of the decorated function into a :class:`TaskToken`.
 
@@ -166,17 +184,25 @@ def task_token_guard(
     ``normal``) picks the queue lane of the tokens; an invalid value raises
     :class:`ConfigurationError`.
 
+    Execution policy (keyword-only, see docs/policy.md): ``timeout`` (seconds per attempt),
+    ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``, ``retry_on``,
+    ``retry_budget``, ``on_exhausted``, ``max_concurrency``, ``rate_limit``, ``rate_burst``,
+    ``limit_by``. Bad values raise :class:`ConfigurationError` (a ``ValueError``) and bad
+    types :class:`InvalidOption` (a ``TypeError``) here. ``fn.options(...)`` sets any of
+    them, and ``weight``, ``priority`` and ``tags``, for the calls made through it.
+
     Usable as ``@task_token_guard`` or
     ``@task_token_guard(operation_type=..., tags=..., priority=...)``.
     """
     lane = _parse_priority(priority)
+    clean_policy = _options.normalize(policy)
     if isinstance(operation_type, (staticmethod, classmethod)) or (
         callable(operation_type) and not isinstance(operation_type, str)
     ):
         # The bare form, @task_token_guard. (A classmethod object is not callable, but it
         # means the decorator was put above @classmethod; _guard says so.)
         clean, weight, storage = _validate_tags(tags)
-        return _guard(operation_type, None, clean, weight, storage, lane)
+        return _guard(operation_type, None, clean, weight, storage, lane, clean_policy)
     if operation_type is not None and (
         not isinstance(operation_type, str) or not operation_type.strip()
     ):
@@ -186,6 +212,6 @@ def task_token_guard(
     clean, weight, storage = _validate_tags(tags)
 
     def decorate(fn: Callable[..., Any]) -> GuardedFunction:
-        return _guard(fn, operation_type, clean, weight, storage, lane)
+        return _guard(fn, operation_type, clean, weight, storage, lane, clean_policy)
 
     return decorate

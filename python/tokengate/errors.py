@@ -14,8 +14,11 @@ __all__ = [
     "CoordinatorNotRunning",
     "InternalError",
     "InvalidDecoration",
+    "InvalidOption",
     "InvalidTag",
     "PoolFull",
+    "Retry",
+    "TokenCancelled",
     "TokenDeadlock",
     "TokenGateError",
     "TokenKilled",
@@ -46,11 +49,34 @@ class PoolFull(TokenGateError):
 
 
 class TokenKilled(TokenGateError):
-    """The token was killed before it ran (``token.kill()`` or ``stop(wait=False)``)."""
+    """The token was killed (``token.kill()``, ``stop(wait=False)``): before it ran, or while
+    it ran (then its result is discarded)."""
 
 
 class TokenTimeout(TokenGateError, TimeoutError):
-    """A wait on a token (``get``, ``result``, ``exception``) ran out of time."""
+    """A wait on a token (``get(timeout=...)``) ran out of time, or the token's own
+    ``timeout`` passed (it ended TIMED_OUT)."""
+
+
+class TokenCancelled(TokenGateError):
+    """Raised inside a task by :func:`tokengate.checkpoint` once its token was killed or
+    timed out: the task should stop (its result would be discarded anyway). Never retried."""
+
+
+class Retry(TokenGateError):
+    """Raise it from a task to ask for another attempt after ``delay`` seconds (None: the
+    policy's backoff), whatever ``retry_on`` says, while the token has retries left. Once
+    they are used up the token fails with this exception."""
+
+    def __init__(self, delay: float | None = None, reason: str | None = None) -> None:
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay:
+                raise TypeError(f"Retry(delay=...) needs a number of seconds or None, got {delay!r}")
+            if delay < 0:
+                raise ValueError(f"Retry(delay=...) must be >= 0, got {delay}")
+        self.delay: float | None = None if delay is None else float(delay)
+        self.reason = reason
+        super().__init__(reason or f"retry requested (delay={delay!r})")
 
 
 class TokenDeadlock(TokenGateError, RuntimeError):
@@ -65,6 +91,12 @@ class InvalidTag(TokenGateError, ValueError):
 
 class InvalidDecoration(TokenGateError, TypeError):
     """``task_token_guard`` was applied to something it cannot guard (e.g. an ``async def``)."""
+
+
+class InvalidOption(TokenGateError, TypeError):
+    """A per-token option (of ``task_token_guard`` or ``fn.options``) has the wrong type,
+    e.g. a ``retry_on`` entry that is not an exception class; the message says what is
+    valid. Out-of-range values raise :class:`ConfigurationError`."""
 
 
 class ConfigurationError(TokenGateError, ValueError):

@@ -159,7 +159,7 @@ class _TokenFuture(concurrent.futures.Future[Any]):
                 token = self.token
                 if token is None:
                     return self._tg_cancel_now()
-        if token.kill() or token.state is _KILLED:
+        if token.cancel_queued() or token.state is _KILLED:
             self._tg_link(token)
             return True
         return self._state is _CANCELLED or self._state is _base.CANCELLED_AND_NOTIFIED

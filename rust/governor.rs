@@ -1,0 +1,965 @@
+//! The binding side of execution policy: what happens to a token whose operation has a
+//! timeout, retries, a limit or a storage tier, between its submission and its final state.
+//! The rules themselves are pure Rust (`permits`, `timers`, `policy`, the state machine);
+//! this wires them to tokens, the timer thread and the Python objects involved.
+//!
+//! The way of a governed token:
+//! 1. It is accepted as WAITING outside the pool (`Scheduler::hold_new`, counted against the
+//!    pool bound), and its deadline is scheduled if it has a timeout.
+//! 2. It takes a permit of its operation's limit, then one of its storage tier. A permit that
+//!    is not free leaves it held in that limiter (no worker, no queue slot) until a holder
+//!    releases one or, for a rate limit, until its time comes (a timer polls the limiter).
+//! 3. With its permits it enters the mailboxes or the pool (`Scheduler::unhold`) and runs.
+//! 4. When the attempt ends the worker releases its permits (which admits the next held
+//!    tokens) and either stores the outcome or, if the policy retries this error, sends it
+//!    back to step 2 after its backoff (a timer), ahead of its lane.
+//!
+//! A token that is settled while it waits (killed, timed out) releases its permits at once
+//! and is dropped by the limiter or timer that holds it when it comes up.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyBaseException, PyException};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::clock::now_ns;
+use crate::errors::CoreError;
+use crate::permits::{Admit, Granted, LimitConf, Limiter, LimiterStats};
+use crate::policy::{backoff_delay, unit_from, Policy};
+use crate::router::{Priority, Weight};
+use crate::runtime::Shared;
+use crate::state::{TokenState, FLAG_FINISHING, FLAG_PERMITS};
+use crate::sync::lock;
+use crate::timers::Timers;
+use crate::token::{Listener, TaskToken};
+
+type Job = Py<TaskToken>;
+
+/// Storage tiers, in `STORAGE_SPEEDS` order, and their default permits.
+pub const TIERS: [(&str, usize); 4] = [("SLOW", 10), ("MODERATE", 25), ("FAST", 50), ("INSANE", 70)];
+
+const PERMIT_LIMIT: u8 = 1;
+const PERMIT_TIER: u8 = 2;
+
+/// How soon to look again at a token that was storing its outcome when its deadline came.
+const FINISHING_RECHECK_NS: u64 = 1_000_000;
+
+/// A limit of one operation (per operation, or per value of the tag `limit_by`).
+pub struct LimitEntry {
+    pub operation: String,
+    pub limiter: Limiter<Job>,
+    pub limit_by: Option<String>,
+}
+
+/// What the policy keeps per token.
+#[derive(Default)]
+pub struct Gov {
+    permits: u8,
+    limit: Option<(Arc<LimitEntry>, String)>,
+    tier: Option<usize>,
+    pub errors: Vec<Py<PyBaseException>>,
+    /// Which of its deadlines is current (a retry schedules a new one).
+    deadline_gen: u32,
+}
+
+/// What the timer thread handles.
+pub enum TimerItem {
+    Deadline(Job, u32),
+    Retry(Job),
+    /// A rate-limited limiter may grant held tokens now.
+    PollLimit(Arc<LimitEntry>),
+}
+
+/// The policy state of one runtime.
+pub struct Governor {
+    pub timers: Timers<TimerItem>,
+    pub tiers: [Limiter<Job>; 4],
+    limits: RwLock<HashMap<String, Arc<LimitEntry>>>,
+    /// Whether any limit was set at runtime (then every token looks its operation up).
+    any_limits: AtomicBool,
+    /// Passthrough mode: calls run in the caller.
+    pub inline: bool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn tier_limiter(n: usize) -> Limiter<Job> {
+    Limiter::new(LimitConf {
+        per_key: None,
+        total: Some(n),
+        rate: None,
+    })
+    .expect("tier limits are validated")
+}
+
+impl Governor {
+    pub fn new(inline: bool, tier_limits: [usize; 4]) -> Governor {
+        Governor {
+            timers: Timers::default(),
+            tiers: tier_limits.map(tier_limiter),
+            limits: RwLock::new(HashMap::new()),
+            any_limits: AtomicBool::new(false),
+            inline,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Whether a token of an operation without policy and tier must still be governed (a
+    /// limit set at runtime for its operation).
+    #[inline]
+    pub fn limits_set(&self) -> bool {
+        self.any_limits.load(Ordering::Relaxed)
+    }
+
+    /// Sets (or, with `conf` None, removes) the limit of `operation`.
+    pub fn set_limit(
+        &self,
+        py: Python<'_>,
+        operation: &str,
+        conf: Option<LimitConf>,
+        limit_by: Option<String>,
+    ) -> Result<(), String> {
+        let mut released = Vec::new();
+        {
+            let mut map = self.limits.write().unwrap_or_else(|e| e.into_inner());
+            match conf {
+                None => {
+                    map.remove(operation);
+                }
+                Some(conf) => match map.get(operation) {
+                    Some(e) if e.limit_by == limit_by => {
+                        let g = e.limiter.set_conf(conf, now_ns(), alive)?;
+                        released.push((e.clone(), g));
+                    }
+                    _ => {
+                        let entry = Arc::new(LimitEntry {
+                            operation: operation.to_string(),
+                            limiter: Limiter::new(conf)?,
+                            limit_by,
+                        });
+                        map.insert(operation.to_string(), entry);
+                    }
+                },
+            }
+            self.any_limits.store(!map.is_empty(), Ordering::Relaxed);
+        }
+        for (entry, g) in released {
+            self.after_grant_limit(py, &entry, g);
+        }
+        Ok(())
+    }
+
+    /// The limit a token of `op` is under: the one set for it, else the one its decorator
+    /// declares (registered on first use).
+    fn limit_for(&self, tok: &TaskToken) -> Option<Arc<LimitEntry>> {
+        let decl = tok.op.policy.as_ref().and_then(|p| p.limit.as_ref());
+        if decl.is_none() && !self.limits_set() {
+            return None;
+        }
+        let name = Python::attach(|py| tok.op.operation_type.bind(py).to_string());
+        if let Some(e) = self
+            .limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+        {
+            return Some(e.clone());
+        }
+        let decl = decl?;
+        let mut map = self.limits.write().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(LimitEntry {
+                    operation: name,
+                    limiter: Limiter::new(decl.conf.clone()).expect("validated"),
+                    limit_by: decl.limit_by.clone(),
+                })
+            })
+            .clone();
+        self.any_limits.store(true, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    /// Limits by operation, for `stats()`.
+    pub fn limit_stats(&self) -> Vec<(String, Option<String>, LimitConf, LimiterStats)> {
+        let map = self.limits.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = map
+            .values()
+            .map(|e| {
+                (
+                    e.operation.clone(),
+                    e.limit_by.clone(),
+                    e.limiter.conf(),
+                    e.limiter.stats(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn after_grant_limit(&self, py: Python<'_>, entry: &Arc<LimitEntry>, g: Granted<Job>) {
+        let Granted { jobs, dead } = g;
+        let shared = jobs.first().or(dead.first()).map(|j| j.get().rt.clone());
+        for j in jobs {
+            grant(j.get(), PERMIT_LIMIT);
+            advance(py, &j.get().rt.clone(), j, Stage::Tier, false);
+        }
+        if let Some(sh) = shared {
+            for _ in &dead {
+                sh.sched.drop_held();
+            }
+        }
+        drop(dead);
+        if let Some(due) = entry.limiter.next_due() {
+            self.schedule(due, TimerItem::PollLimit(entry.clone()));
+        }
+    }
+
+    fn after_grant_tier(&self, py: Python<'_>, shared: &Arc<Shared>, t: usize, g: Granted<Job>) {
+        let Granted { jobs, dead } = g;
+        for j in jobs {
+            grant(j.get(), PERMIT_TIER);
+            enter(py, shared, j, false);
+        }
+        for _ in &dead {
+            shared.sched.drop_held();
+        }
+        drop(dead);
+        let _ = t;
+    }
+
+    /// Every token a limiter holds (the coordinator kills them: `stop(wait=False)`).
+    pub fn take_held(&self) -> Vec<Job> {
+        let mut out = Vec::new();
+        for l in self.tiers.iter() {
+            out.extend(l.take_all());
+        }
+        let map = self.limits.read().unwrap_or_else(|e| e.into_inner());
+        for e in map.values() {
+            out.extend(e.limiter.take_all());
+        }
+        out
+    }
+
+    /// The tokens waiting out a retry's delay (they stay scheduled: killed, they are dropped
+    /// when their time comes).
+    pub fn delayed(&self, py: Python<'_>) -> Vec<Job> {
+        let mut out = Vec::new();
+        self.timers.for_each(|item| {
+            if let TimerItem::Retry(j) = item {
+                out.push(j.clone_ref(py));
+            }
+        });
+        out
+    }
+
+    /// Gives a token waiting for its retry delay a new priority or weight (it enters the
+    /// pool with them). False if no such token waits for one.
+    pub fn retarget(&self, id: u64, prio: Option<Priority>, weight: Option<Weight>) -> bool {
+        let mut found = false;
+        self.timers.for_each(|item| {
+            if let TimerItem::Retry(j) = item {
+                let h = &j.get().header;
+                if h.id == id && h.state.load() == TokenState::Waiting {
+                    if let Some(p) = prio {
+                        h.set_priority(p);
+                    }
+                    if let Some(w) = weight {
+                        h.set_weight(w);
+                    }
+                    found = true;
+                }
+            }
+        });
+        found
+    }
+
+    /// Sets the permits of storage tier `tier`.
+    pub fn set_tier_limit(
+        &self,
+        py: Python<'_>,
+        shared: &Arc<Shared>,
+        tier: &str,
+        limit: usize,
+    ) -> Result<(), String> {
+        let t = TIERS
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(tier))
+            .ok_or_else(|| {
+                format!("storage tier must be one of SLOW, MODERATE, FAST, INSANE, got {tier:?}")
+            })?;
+        if limit == 0 {
+            return Err(format!("storage limit of {} must be at least 1, got 0", TIERS[t].0));
+        }
+        let conf = LimitConf {
+            per_key: None,
+            total: Some(limit),
+            rate: None,
+        };
+        let g = self.tiers[t].set_conf(conf, now_ns(), alive)?;
+        self.after_grant_tier(py, shared, t, g);
+        Ok(())
+    }
+
+    /// `stats()["storage"]`: per tier, its limit, running and held tokens and held waits.
+    pub fn tier_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (i, (name, _)) in TIERS.iter().enumerate() {
+            let l = &self.tiers[i];
+            let st = l.stats();
+            let td = stats_dict(py, &st)?;
+            td.set_item("limit", l.conf().total)?;
+            d.set_item(*name, td)?;
+        }
+        Ok(d)
+    }
+
+    /// `stats()["limits"]`: per limited operation, its limit and its figures.
+    pub fn limits_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (op, by, conf, st) in self.limit_stats() {
+            let od = stats_dict(py, &st)?;
+            od.set_item("max_concurrency", conf.per_key)?;
+            od.set_item("rate", conf.rate.as_ref().map(|r| r.per_second))?;
+            od.set_item("burst", conf.rate.as_ref().map(|r| r.burst))?;
+            od.set_item("limit_by", by)?;
+            d.set_item(op, od)?;
+        }
+        Ok(d)
+    }
+
+    pub fn schedule(&self, due: u64, item: TimerItem) {
+        let stale = self.timers.schedule(due, item, stale_item);
+        drop(stale);
+    }
+
+    /// Starts the timer thread (once per runtime start).
+    pub fn start(&self, shared: &Arc<Shared>) -> Result<(), CoreError> {
+        let me = shared.clone();
+        let h = std::thread::Builder::new()
+            .name("tokengate-timers".into())
+            .spawn(move || timer_main(me))
+            .map_err(|e| CoreError::Internal(format!("could not start the timer thread: {e}")))?;
+        *lock(&self.thread) = Some(h);
+        Ok(())
+    }
+
+    /// Stops the timer thread and returns what it still held (the caller kills those tokens).
+    pub fn stop(&self, py: Python<'_>) -> Vec<Job> {
+        let left = self.timers.stop();
+        if let Some(h) = lock(&self.thread).take() {
+            py.detach(|| {
+                let _ = h.join();
+            });
+        }
+        let mut out = Vec::new();
+        for item in left {
+            match item {
+                TimerItem::Retry(j) => out.push(j),
+                TimerItem::Deadline(..) | TimerItem::PollLimit(_) => {}
+            }
+        }
+        out.extend(self.take_held());
+        out
+    }
+}
+
+fn stats_dict<'py>(py: Python<'py>, st: &LimiterStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("running", st.holders)?;
+    d.set_item("held", st.held)?;
+    d.set_item("granted", st.granted)?;
+    d.set_item("delayed", st.delayed)?;
+    d.set_item("keys", st.keys)?;
+    d.set_item("wait_seconds_total", st.wait_ns_sum as f64 / 1e9)?;
+    d.set_item("wait_seconds_max", st.wait_ns_max as f64 / 1e9)?;
+    d.set_item("wait_seconds_p95", st.wait_quantile(0.95))?;
+    Ok(d)
+}
+
+fn alive(j: &Job) -> bool {
+    j.get().header.state.load() == TokenState::Waiting
+}
+
+fn stale_item(item: &TimerItem) -> bool {
+    match item {
+        TimerItem::Deadline(j, _) => j.get().header.state.load().is_settled(),
+        TimerItem::Retry(_) | TimerItem::PollLimit(_) => false,
+    }
+}
+
+fn grant(tok: &TaskToken, bit: u8) {
+    tok.with_gov(|g| g.permits |= bit);
+    tok.header.state.set_flags(FLAG_PERMITS);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Limit,
+    Tier,
+}
+
+/// Takes the permits a WAITING (held) token needs from `stage` on, then lets it into the
+/// mailboxes or pool; stops where a permit is not free (the limiter keeps the token).
+fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: bool) {
+    let gov = &shared.gov;
+    let keep = job.clone_ref(py);
+    let tok = keep.get();
+    let mut job = job;
+    if stage <= Stage::Limit {
+        if let Some(entry) = gov.limit_for(tok) {
+            let key = match &entry.limit_by {
+                None => String::new(),
+                Some(tag) => tag_value(py, tok, tag),
+            };
+            tok.with_gov(|g| g.limit = Some((entry.clone(), key.clone())));
+            match entry.limiter.acquire(&key, job, now_ns()) {
+                Admit::Now(j) => {
+                    job = j;
+                    grant(tok, PERMIT_LIMIT);
+                }
+                Admit::Held => {
+                    if let Some(due) = entry.limiter.next_due() {
+                        gov.schedule(due, TimerItem::PollLimit(entry));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+    if let Some(speed) = tok.op.storage_speed {
+        let t = (speed as usize).min(3);
+        tok.with_gov(|g| g.tier = Some(t));
+        let key = tok.op.operation_type.bind(py).to_string();
+        match gov.tiers[t].acquire(&key, job, now_ns()) {
+            Admit::Now(j) => {
+                job = j;
+                grant(tok, PERMIT_TIER);
+            }
+            Admit::Held => return,
+        }
+    }
+    enter(py, shared, job, front);
+}
+
+/// Into the mailboxes or pool; a token settled meanwhile gives its permits back.
+fn enter(py: Python<'_>, shared: &Arc<Shared>, job: Job, front: bool) {
+    let keep = job.clone_ref(py);
+    if !shared.sched.unhold(job, front) {
+        release_permits(py, keep.bind(py));
+    }
+}
+
+/// The value of tag `tag` of a token, as a limit key ("" when it has none).
+fn tag_value(py: Python<'_>, tok: &TaskToken, tag: &str) -> String {
+    tok.op
+        .tags
+        .as_ref()
+        .and_then(|t| t.bind(py).get_item(tag).ok().flatten())
+        .map(|v| v.str().map(|s| s.to_string()).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// Gives back the permits `tok` holds (once: whoever clears `FLAG_PERMITS` does it), which
+/// admits the held tokens they go to.
+pub fn release_permits(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
+    let t = tok.get();
+    if !t.header.state.clear_flags(FLAG_PERMITS) {
+        return;
+    }
+    let (permits, limit, tier) = t.with_gov(|g| {
+        let p = std::mem::take(&mut g.permits);
+        (p, g.limit.clone(), g.tier)
+    });
+    let shared = t.rt.clone();
+    let now = now_ns();
+    if permits & PERMIT_LIMIT != 0 {
+        if let Some((entry, key)) = limit {
+            let g = entry.limiter.release(&key, now, alive);
+            shared.gov.after_grant_limit(py, &entry, g);
+        }
+    }
+    if permits & PERMIT_TIER != 0 {
+        if let Some(ti) = tier {
+            let key = t.op.operation_type.bind(py).to_string();
+            let g = shared.gov.tiers[ti].release(&key, now, alive);
+            shared.gov.after_grant_tier(py, &shared, ti, g);
+        }
+    }
+}
+
+/// A governed token accepted outside the pool (`Scheduler::hold_new`, or `hold_accepted`
+/// for a chain step): its deadline is scheduled, then it goes on to its permits.
+pub fn submit_governed(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>) {
+    schedule_deadline(shared, tok, 0);
+    advance(py, shared, tok.clone().unbind(), Stage::Limit, false);
+}
+
+fn secs_to_ns(s: f64) -> u64 {
+    if s >= 1e9 {
+        u64::MAX / 2
+    } else {
+        (s.max(0.0) * 1e9) as u64
+    }
+}
+
+fn timer_main(shared: Arc<Shared>) {
+    loop {
+        let due = shared.gov.timers.wait_due(Duration::from_secs(1));
+        if shared.gov.timers.is_stopped() {
+            drop(due);
+            return;
+        }
+        if due.is_empty() {
+            continue;
+        }
+        let attached = Python::try_attach(|py| {
+            for item in due {
+                handle(py, &shared, item);
+            }
+        });
+        if attached.is_none() {
+            return; // the interpreter is finalizing
+        }
+    }
+}
+
+fn handle(py: Python<'_>, shared: &Arc<Shared>, item: TimerItem) {
+    match item {
+        TimerItem::Deadline(job, gen) => {
+            let tok = job.bind(py);
+            if tok.get().with_gov(|g| g.deadline_gen) == gen {
+                on_deadline(py, shared, tok, gen);
+            }
+        }
+        TimerItem::Retry(job) => advance(py, shared, job, Stage::Limit, true),
+        TimerItem::PollLimit(entry) => {
+            let g = entry.limiter.poll(now_ns(), alive);
+            shared.gov.after_grant_limit(py, &entry, g);
+        }
+    }
+}
+
+/// A token's deadline passed: it times out (or, if it runs and its policy retries timeouts,
+/// its attempt is abandoned and another one scheduled).
+fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>, gen: u32) {
+    let t = tok.get();
+    let h = &t.header;
+    let st = h.state.load();
+    if st.is_settled() {
+        return;
+    }
+    let recheck = || {
+        shared.gov.schedule(
+            now_ns() + FINISHING_RECHECK_NS,
+            TimerItem::Deadline(tok.clone().unbind(), gen),
+        )
+    };
+    if st == TokenState::Executing {
+        if let Some(pol) = t.op.policy.as_ref().filter(|p| p.overlapping_attempts()) {
+            let attempt = h.attempt();
+            let err = timeout_error(py, t);
+            if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
+                h.state.set_flags(crate::state::FLAG_HELD);
+                match h.state.settle(TokenState::Waiting, |s| s == TokenState::Executing) {
+                    Ok(_) => {
+                        t.with_gov(|g| g.errors.push(err));
+                        shared.sched.hold_again(h);
+                        release_permits(py, tok);
+                        schedule_retry(py, shared, tok, delay);
+                    }
+                    Err((_, finishing)) => {
+                        h.state.clear_flags(crate::state::FLAG_HELD);
+                        if finishing {
+                            recheck();
+                        }
+                    }
+                }
+                return;
+            }
+        }
+    }
+    match shared.sched.time_out(h) {
+        Ok(from) => {
+            if from != TokenState::Executing {
+                drop(t.take_call());
+                release_permits(py, tok);
+            }
+            let _ = TaskToken::notify_listeners(tok);
+        }
+        Err(true) => recheck(),
+        Err(false) => {}
+    }
+}
+
+fn timeout_error(py: Python<'_>, t: &TaskToken) -> Py<PyBaseException> {
+    CoreError::TimedOut {
+        id: t.header.id,
+        operation: t.op.operation_type.bind(py).to_string(),
+        seconds: t.op.policy.as_ref().and_then(|p| p.timeout).unwrap_or(0.0),
+    }
+    .into_pyerr(py)
+    .into_value(py)
+}
+
+/// The delay before another attempt of `t` after attempt `attempt` raised `err`, or None
+/// if the policy does not retry it (not retryable, retries used up, budget spent).
+fn retry_delay(
+    py: Python<'_>,
+    t: &TaskToken,
+    pol: &Policy,
+    err: &Bound<'_, PyBaseException>,
+    attempt: u32,
+) -> Option<f64> {
+    if attempt > pol.retries {
+        return None;
+    }
+    let retry_cls = crate::errors::error_class(py, "Retry").ok();
+    let explicit = retry_cls.as_ref().is_some_and(|c| err.is_instance(c).unwrap_or(false));
+    let delay = if explicit {
+        err.getattr("delay")
+            .ok()
+            .and_then(|d| d.extract::<Option<f64>>().ok().flatten())
+    } else {
+        None
+    };
+    if !explicit {
+        if let Ok(c) = crate::errors::error_class(py, "TokenCancelled") {
+            if err.is_instance(&c).unwrap_or(false) {
+                return None;
+            }
+        }
+        let is_timeout = crate::errors::error_class(py, "TokenTimeout")
+            .is_ok_and(|c| err.is_instance(&c).unwrap_or(false));
+        let matches = match &pol.retry_on {
+            None => err.is_instance_of::<PyException>() && !is_timeout,
+            Some(classes) => err.is_instance(classes.bind(py).as_any()).unwrap_or(false),
+        };
+        if !matches {
+            return None;
+        }
+    }
+    let delay = delay.unwrap_or_else(|| {
+        backoff_delay(
+            pol.backoff,
+            pol.backoff_max,
+            attempt,
+            pol.jitter,
+            unit_from(t.header.id ^ now_ns().rotate_left(17)),
+        )
+    });
+    if let Some(budget) = pol.budget {
+        let created = t.header.created_ns();
+        let start_next = now_ns().saturating_add(secs_to_ns(delay));
+        if start_next > created.saturating_add(secs_to_ns(budget)) {
+            return None;
+        }
+    }
+    Some(delay.max(0.0))
+}
+
+/// Sends a WAITING (held) token back to its permits after `delay` seconds, ahead of its lane.
+fn schedule_retry(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>, delay: f64) {
+    let delay_ns = secs_to_ns(delay);
+    schedule_deadline(shared, tok, delay_ns);
+    if delay_ns == 0 {
+        advance(py, shared, tok.clone().unbind(), Stage::Limit, true);
+    } else {
+        shared.gov.schedule(
+            now_ns().saturating_add(delay_ns),
+            TimerItem::Retry(tok.clone().unbind()),
+        );
+    }
+}
+
+/// Schedules the deadline of the token's next attempt: its timeout after `delay_ns` from now.
+fn schedule_deadline(shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>, delay_ns: u64) {
+    let t = tok.get();
+    let Some(timeout) = t.op.policy.as_ref().and_then(|p| p.timeout) else {
+        return;
+    };
+    let gen = t.with_gov(|g| {
+        g.deadline_gen += 1;
+        g.deadline_gen
+    });
+    let due = now_ns()
+        .saturating_add(delay_ns)
+        .saturating_add(secs_to_ns(timeout));
+    shared
+        .gov
+        .schedule(due, TimerItem::Deadline(tok.clone().unbind(), gen));
+}
+
+/// What the worker does with the outcome of attempt `attempt` of a governed token: retry it,
+/// or store it and finish. Returns whether the token was finished here (its listeners are
+/// then the caller's to notify).
+pub fn end_attempt(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    core: usize,
+    wi: usize,
+    tok: &Bound<'_, TaskToken>,
+    attempt: u32,
+    outcome: Result<Py<PyAny>, Py<PyBaseException>>,
+) -> EndOfAttempt {
+    let t = tok.get();
+    let h = &t.header;
+    let Some(pol) = t.op.policy.as_ref() else {
+        return EndOfAttempt::Store(outcome);
+    };
+    if pol.overlapping_attempts() {
+        if !h.state.begin_finishing() {
+            shared.sched.discard(core, wi, h);
+            return EndOfAttempt::Discarded;
+        }
+        if h.attempt() != attempt {
+            h.state.clear_flags(FLAG_FINISHING);
+            shared.sched.discard(core, wi, h);
+            return EndOfAttempt::Discarded;
+        }
+    }
+    if let Err(e) = &outcome {
+        if let Some(delay) = retry_delay(py, t, pol, e.bind(py), attempt) {
+            let Err(e) = outcome else { unreachable!() };
+            t.with_gov(|g| g.errors.push(e));
+            h.state.clear_flags(FLAG_FINISHING);
+            if shared.sched.retry(core, wi, h) {
+                shared.sched.hold_again(h);
+                release_permits(py, tok);
+                schedule_retry(py, shared, tok, delay);
+                return EndOfAttempt::Retried;
+            }
+            return EndOfAttempt::Discarded;
+        }
+        if pol.retries > 0 {
+            t.with_gov(|g| g.errors.push(e.clone_ref(py)));
+        }
+    }
+    EndOfAttempt::Store(outcome)
+}
+
+pub enum EndOfAttempt {
+    /// Store this outcome and finish the token as usual.
+    Store(Result<Py<PyAny>, Py<PyBaseException>>),
+    /// Another attempt is scheduled; nothing to finish.
+    Retried,
+    /// The token was settled meanwhile; the result was dropped.
+    Discarded,
+}
+
+/// Calls the policy's `on_exhausted(token)` once a token with retries failed for good.
+pub fn after_failure(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
+    let Some(pol) = tok.get().op.policy.as_ref() else {
+        return;
+    };
+    let Some(cb) = pol.on_exhausted.as_ref() else {
+        return;
+    };
+    if let Err(e) = cb.bind(py).call1((tok,)) {
+        e.write_unraisable(py, Some(cb.bind(py)));
+    }
+}
+
+// ---- chains -------------------------------------------------------------------------------
+
+/// `token.then(fn, *args, **options)`.
+pub fn chain<'py>(
+    parent: &Bound<'py, TaskToken>,
+    func: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    options: Option<Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, TaskToken>> {
+    let py = parent.py();
+    let p = parent.get();
+    let shared = p.rt.clone();
+    if shared.forked() {
+        return Err(CoreError::Forked.into_pyerr(py));
+    }
+    let gf = py
+        .import("tokengate.decorator")?
+        .call_method1("_chain_target", (func, options))?;
+    let gf = gf.cast_into::<crate::guarded::GuardedFunction>()?;
+    let op = gf.get().op.clone();
+    let id = shared.sched.next_id();
+    let child = Bound::new(
+        py,
+        TaskToken::new(
+            id,
+            op,
+            shared.clone(),
+            crate::token::Call {
+                args: args.unbind(),
+                kwargs: None,
+            },
+        ),
+    )?;
+    shared.sched.accept_early();
+    if let Err(Listener::Chain(c)) = p.add_listener(Listener::Chain(child.clone().unbind())) {
+        continue_chain(parent, c.bind(py));
+    }
+    Ok(child)
+}
+
+/// The step before `child` settled: submit `child` with its result, or end it the same way.
+pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) {
+    let py = parent.py();
+    let p = parent.get();
+    let c = child.get();
+    let shared = c.rt.clone();
+    match p.header.state.load() {
+        TokenState::Completed => {
+            let result = match parent.call_method0("result") {
+                Ok(v) => v,
+                Err(e) => {
+                    fail_outside(py, &shared, child, e.into_value(py));
+                    return;
+                }
+            };
+            let extra = c.clone_call(py).map(|call| call.args);
+            let mut items = vec![result];
+            if let Some(extra) = extra {
+                items.extend(extra.bind(py).iter());
+            }
+            match PyTuple::new(py, items) {
+                Ok(t) => c.set_args(t.unbind()),
+                Err(e) => {
+                    fail_outside(py, &shared, child, e.into_value(py));
+                    return;
+                }
+            }
+            if shared.gov.inline {
+                run_inline(py, &shared, child, true);
+                return;
+            }
+            if !shared.sched.hold_accepted(&c.header) {
+                return; // killed while it waited for its parent
+            }
+            submit_governed(py, &shared, child);
+        }
+        TokenState::Failed => {
+            let err = parent
+                .call_method0("exception")
+                .ok()
+                .and_then(|e| e.cast_into::<PyBaseException>().ok())
+                .map(Bound::unbind)
+                .unwrap_or_else(|| {
+                    crate::errors::internal_error_value(
+                        py,
+                        format!("token {} failed without an exception", p.header.id),
+                    )
+                });
+            fail_outside(py, &shared, child, err);
+        }
+        TokenState::TimedOut => {
+            if shared.sched.time_out(&c.header).is_ok() {
+                drop(c.take_call());
+                let _ = TaskToken::notify_listeners(child);
+            }
+        }
+        _ => {
+            // Killed (before or while it ran).
+            if shared.sched.kill(&c.header).is_ok() {
+                drop(c.take_call());
+                let _ = TaskToken::notify_listeners(child);
+            }
+        }
+    }
+}
+
+/// Ends a CREATED (accepted early) token as FAILED with `err`, without running it.
+fn fail_outside(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    child: &Bound<'_, TaskToken>,
+    err: Py<PyBaseException>,
+) {
+    let c = child.get();
+    if !shared.sched.claim_outside(&c.header, true) {
+        return;
+    }
+    drop(c.take_call());
+    c.set_outcome(Err(err));
+    shared.sched.finish_outside(&c.header, false);
+    let _ = TaskToken::notify_listeners(child);
+    let _ = py;
+}
+
+// ---- passthrough mode -------------------------------------------------------------------
+
+/// Runs a token in the calling thread (passthrough mode): every attempt, its retries' delays
+/// slept here; a timeout cannot interrupt the call, so a call that took longer than its
+/// timeout ends TIMED_OUT with its result discarded.
+pub fn run_inline(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    tok: &Bound<'_, TaskToken>,
+    accepted: bool,
+) {
+    let t = tok.get();
+    let h = &t.header;
+    if !shared.sched.claim_outside(h, accepted) {
+        return;
+    }
+    let started = now_ns();
+    let outcome = loop {
+        let call = if t.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
+            t.clone_call(py)
+        } else {
+            t.take_call()
+        };
+        let outcome = match call {
+            None => Err(crate::errors::internal_error_value(
+                py,
+                format!("token {} has no call to run", h.id),
+            )),
+            Some(call) => crate::runtime::with_inline_current(tok, || {
+                crate::exitguard::call(
+                    t.op.func.bind(py),
+                    call.args.bind(py),
+                    call.kwargs.as_ref().map(|k| k.bind(py)),
+                )
+                .map(Bound::unbind)
+                .map_err(|e| e.into_value(py))
+            }),
+        };
+        let (Err(e), Some(pol)) = (&outcome, t.op.policy.as_ref()) else {
+            break outcome;
+        };
+        match retry_delay(py, t, pol, e.bind(py), h.attempt()) {
+            Some(delay) => {
+                let Err(e) = outcome else { unreachable!() };
+                t.with_gov(|g| g.errors.push(e));
+                if delay > 0.0 {
+                    py.detach(|| std::thread::sleep(Duration::from_secs_f64(delay)));
+                }
+                h.next_attempt();
+            }
+            None => {
+                if pol.retries > 0 {
+                    t.with_gov(|g| g.errors.push(e.clone_ref(py)));
+                }
+                break outcome;
+            }
+        }
+    };
+    let timeout = t.op.policy.as_ref().and_then(|p| p.timeout);
+    let late = timeout.is_some_and(|s| now_ns().saturating_sub(started) > secs_to_ns(s));
+    drop(t.take_call());
+    if late && shared.sched.time_out(h).is_ok() {
+        shared.sched.finish_outside(h, false);
+    } else {
+        let ok = outcome.is_ok();
+        t.set_outcome(outcome);
+        shared.sched.finish_outside(h, ok);
+        if !ok {
+            after_failure(py, tok);
+        }
+    }
+    let _ = TaskToken::notify_listeners(tok);
+}
