@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -84,7 +84,10 @@ pub struct Governor {
     any_limits: AtomicBool,
     /// Passthrough mode: calls run in the caller.
     pub inline: bool,
+    /// The timer thread, started with the first timer (most programs never need one).
     thread: Mutex<Option<JoinHandle<()>>>,
+    thread_started: AtomicBool,
+    runtime: OnceLock<Weak<Shared>>,
 }
 
 fn tier_limiter(n: usize) -> Limiter<Job> {
@@ -105,6 +108,8 @@ impl Governor {
             any_limits: AtomicBool::new(false),
             inline,
             thread: Mutex::new(None),
+            thread_started: AtomicBool::new(false),
+            runtime: OnceLock::new(),
         }
     }
 
@@ -334,26 +339,62 @@ impl Governor {
         Ok(d)
     }
 
+    /// Adds a timer, starting the timer thread first if it is not running yet. If it cannot
+    /// be started, a retry goes ahead at once and a deadline is not enforced (counted in
+    /// `internal_errors`): nothing is left waiting for a timer that never fires.
     pub fn schedule(&self, due: u64, item: TimerItem) {
+        if !self.thread_started.load(Ordering::Acquire) && !self.start_thread() {
+            if let TimerItem::Retry(job) = item {
+                Python::attach(|py| {
+                    let sh = job.get().rt.clone();
+                    advance(py, &sh, job, Stage::Limit, true);
+                });
+            }
+            return;
+        }
         let stale = self.timers.schedule(due, item, stale_item);
         drop(stale);
     }
 
-    /// Starts the timer thread (once per runtime start).
-    pub fn start(&self, shared: &Arc<Shared>) -> Result<(), CoreError> {
-        let me = shared.clone();
-        let h = std::thread::Builder::new()
-            .name("tokengate-timers".into())
-            .spawn(move || timer_main(me))
-            .map_err(|e| CoreError::Internal(format!("could not start the timer thread: {e}")))?;
-        *lock(&self.thread) = Some(h);
-        Ok(())
+    /// Lets `schedule` start the timer thread of `shared` when it first needs it.
+    pub fn bind(&self, shared: &Arc<Shared>) {
+        let _ = self.runtime.set(Arc::downgrade(shared));
     }
 
-    /// Stops the timer thread and returns what it still held (the caller kills those tokens).
-    pub fn stop(&self, py: Python<'_>) -> Vec<Job> {
+    fn start_thread(&self) -> bool {
+        let mut slot = lock(&self.thread);
+        if self.thread_started.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(shared) = self.runtime.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        if self.timers.is_stopped() {
+            return false;
+        }
+        let sh = shared.clone();
+        match std::thread::Builder::new()
+            .name("tokengate-timers".into())
+            .spawn(move || timer_main(sh))
+        {
+            Ok(h) => {
+                *slot = Some(h);
+                self.thread_started.store(true, Ordering::Release);
+                true
+            }
+            Err(_) => {
+                shared.note_internal_error();
+                false
+            }
+        }
+    }
+
+    /// Stops the timer thread (joined unless `join` is false: called from a worker, which
+    /// it may be waiting for) and returns what it still held (the caller kills them).
+    pub fn stop(&self, py: Python<'_>, join: bool) -> Vec<Job> {
         let left = self.timers.stop();
-        if let Some(h) = lock(&self.thread).take() {
+        let handle = lock(&self.thread).take();
+        if let (Some(h), true) = (handle, join) {
             py.detach(|| {
                 let _ = h.join();
             });

@@ -127,6 +127,10 @@ pub fn _after_fork_in_child() {
 }
 
 impl Shared {
+    pub(crate) fn note_internal_error(&self) {
+        self.internal_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Whether this runtime was started before a fork (in this process it has no threads).
     pub(crate) fn forked(&self) -> bool {
         self.fork_gen != FORK_GEN.load(Ordering::Relaxed)
@@ -983,10 +987,8 @@ impl Runtime {
                 }
             }
         }
-        let spawned = s.spawn_workers(slots).and_then(|()| {
-            s.gov.start(s).map_err(|e| (e, Vec::new()))
-        });
-        if let Err((e, _)) = spawned {
+        s.gov.bind(s);
+        if let Err((e, _)) = s.spawn_workers(slots) {
             // Don't leave the workers that did start behind.
             s.sched.close();
             s.sched.shutdown();
@@ -1172,16 +1174,17 @@ impl Runtime {
         }
         unregister(&self.shared);
         self.shared.sched.shutdown();
-        if is_worker_of(&self.shared) {
-            return Ok(true);
-        }
-        for job in self.shared.gov.stop(py) {
+        let on_worker = is_worker_of(&self.shared);
+        for job in self.shared.gov.stop(py, !on_worker) {
             // Only what raced in after the last kill_pending() is left: it can never run now.
             let tok = job.get();
             if self.shared.sched.kill(&tok.header).is_ok() {
                 drop(tok.take_call());
                 let _ = TaskToken::notify_listeners(job.bind(py));
             }
+        }
+        if on_worker {
+            return Ok(true);
         }
         let deadline = deadline_in(timeout.map(|t| t.max(0.0)));
         let mut remaining: Vec<_> = std::mem::take(&mut *lock(&self.shared.threads));

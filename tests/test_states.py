@@ -14,7 +14,7 @@ from tokengate import TokenKilled, TokenState, task_token_guard
 # time.monotonic() vs. the core's clock: both read CLOCK_MONOTONIC, allow float rounding only.
 EPS = 1e-3
 
-FINAL = {TokenState.COMPLETED, TokenState.FAILED, TokenState.KILLED}
+FINAL = {TokenState.COMPLETED, TokenState.FAILED, TokenState.KILLED, TokenState.TIMED_OUT}
 
 
 def test_token_state_enum_matches_contract():
@@ -27,7 +27,11 @@ def test_token_state_enum_matches_contract():
         "COMPLETED",
         "FAILED",
         "KILLED",
+        "TIMED_OUT",
+        "CANCELLING",
     ]
+    assert {s for s in TokenState if s.is_final} == FINAL
+    assert {s for s in TokenState if s.is_settled} == FINAL | {TokenState.CANCELLING}
     # declared in lifecycle order
     values = [int(s) for s in TokenState]
     assert values == sorted(values)

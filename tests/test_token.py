@@ -9,7 +9,7 @@ import traceback
 
 import pytest
 
-from _support import SAFETY
+from _support import SAFETY, wait_until
 from tokengate import (
     TaskToken,
     TokenGateError,
@@ -196,16 +196,36 @@ def test_kill_before_start_is_immediate_and_waiter_gets_token_killed(coord):
     assert token.finished_at is not None
 
 
-def test_kill_during_execution_returns_false_and_token_completes(make_coord, make_latch):
-    make_coord(cores=1, workers_per_core=1)
+def test_kill_during_execution_cancels_and_discards_the_late_result(make_coord, make_latch):
+    coord = make_coord(cores=1, workers_per_core=1)
     latch = make_latch()
     token = task_token_guard()(lambda: latch.enter() or 42)()
     assert latch.wait_entered(1)
-    assert token.kill() is False
+    assert token.kill() is True
+    assert token.state is TokenState.CANCELLING
+    assert token.done()
+    with pytest.raises(TokenKilled, match="was killed while it ran"):
+        token.get()  # released at once, while the task still runs
+    assert token.kill() is False  # once
+    latch.release()
+    # The outcome was decided at kill(): the worker moves it to KILLED when the task returns.
+    assert wait_until(lambda: token.state is TokenState.KILLED)
+    with pytest.raises(TokenKilled):
+        token.result()
+    s = coord.stats()
+    assert (s["killed"], s["completed"], s["discarded"]) == (1, 0, 1)
+
+
+def test_cancel_queued_leaves_a_running_token_alone(make_coord, make_latch):
+    coord = make_coord(cores=1, workers_per_core=1)
+    latch = make_latch()
+    token = task_token_guard()(lambda: latch.enter() or 42)()
+    assert latch.wait_entered(1)
+    assert token.cancel_queued() is False
     assert token.state is TokenState.EXECUTING
     latch.release()
     assert token.get() == 42
-    assert token.state is TokenState.COMPLETED
+    assert coord.stats()["completed"] == 1
 
 
 def test_kill_after_completion_returns_false(coord):
