@@ -51,6 +51,13 @@ pub enum CoreError {
         capacity: usize,
         waited: Option<f64>,
     },
+    /// The queued tokens' arguments would exceed the memory budget.
+    MemoryBudget {
+        budget: u64,
+        queued: u64,
+        bytes: u64,
+        waited: Option<f64>,
+    },
     Killed {
         id: u64,
         operation: String,
@@ -89,7 +96,7 @@ impl CoreError {
             CoreError::NotRunning => "CoordinatorNotRunning",
             CoreError::Forked => "CoordinatorForked",
             CoreError::AdmissionClosed => "AdmissionClosed",
-            CoreError::PoolFull { .. } => "PoolFull",
+            CoreError::PoolFull { .. } | CoreError::MemoryBudget { .. } => "PoolFull",
             CoreError::Killed { .. } | CoreError::KilledRunning { .. } => "TokenKilled",
             CoreError::Timeout { .. } | CoreError::TimedOut { .. } => "TokenTimeout",
             CoreError::Cancelled { .. } => "TokenCancelled",
@@ -126,6 +133,22 @@ impl CoreError {
                  submit_timeout={} s",
                 fmt_secs(*s)
             ),
+            CoreError::MemoryBudget {
+                budget,
+                queued,
+                bytes,
+                waited,
+            } => {
+                let tail = match waited {
+                    None => "and overflow='reject'; raise memory_budget or use overflow='block'"
+                        .to_string(),
+                    Some(s) => format!("and no room freed within submit_timeout={} s", fmt_secs(*s)),
+                };
+                format!(
+                    "memory budget for queued work is full (memory_budget={budget} bytes, \
+                     {queued} queued, this call's arguments about {bytes}) {tail}"
+                )
+            }
             CoreError::Killed { id, operation } => {
                 format!("token {id} ({operation}) was killed before it ran")
             }

@@ -506,6 +506,9 @@ fn run_started(
                 return Vec::new();
             }
             EndOfAttempt::Discarded => {
+                if tok.header.state.load().is_settled() {
+                    drop(tok.take_call()); // kept for a retry that will not come
+                }
                 governor::release_permits(py, job.bind(py));
                 shared.sched.release(core, wi);
                 return Vec::new();
@@ -520,8 +523,13 @@ fn run_started(
     if tok.header.state.raw() & FLAG_PERMITS != 0 {
         governor::release_permits(py, job.bind(py));
     }
-    if finished.is_some() && !ok && tok.op.policy.is_some() {
-        governor::after_failure(py, job.bind(py));
+    if let Some(pol) = tok.op.policy.as_ref() {
+        if pol.retries > 0 {
+            drop(tok.take_call()); // kept for retries: none will come now
+        }
+        if finished.is_some() && !ok {
+            governor::after_failure(py, job.bind(py));
+        }
     }
     let (waiters, callbacks) = tok.take_listeners();
     let deferred = if callbacks.is_empty() {
@@ -708,21 +716,72 @@ pub(crate) fn submit_token<'py>(
         py,
         TaskToken::new(id, op.clone(), shared.clone(), Call { args, kwargs }),
     )?;
+    let mut room = RoomWait::default();
+    if shared.sched.config().memory_budget.is_some() {
+        room.reserve_bytes(py, shared, tok.get())?;
+    }
     if op.governed() || shared.gov.limits_set() || shared.gov.inline {
-        submit_governed(py, shared, &tok)?;
+        let r = submit_governed(py, shared, &tok, room);
+        if r.is_err() {
+            shared.sched.release_bytes(tok.get().header.take_bytes());
+        }
+        r?;
         return Ok(tok);
     }
     let mut job = tok.clone().unbind();
-    let mut room = RoomWait::default();
     loop {
         match shared.sched.try_submit(job) {
             Ok(()) => return Ok(tok),
             Err(Rejected { reason, job: back }) => {
                 job = back;
-                room.wait(py, shared, reason)?;
+                if let Err(e) = room.wait(py, shared, reason) {
+                    shared.sched.release_bytes(tok.get().header.take_bytes());
+                    return Err(e);
+                }
             }
         }
     }
+}
+
+/// Calls whose arguments are estimated below this are bounded by `pool_capacity` alone (not
+/// counted against the memory budget, so most calls pay nothing for it).
+const BUDGET_MIN_BYTES: u64 = 1024;
+
+/// A cheap estimate of the memory a call's arguments hold: the length of bytes, bytearray,
+/// str and memoryview arguments, 8 bytes a slot for lists, tuples, sets and dicts, a flat 64
+/// for anything else (one level deep: it is a guard, not an accountant).
+fn estimate_bytes(py: Python<'_>, call: &Call) -> u64 {
+    use pyo3::types::{PyByteArray, PyBytes, PyFrozenSet, PyMemoryView, PySet};
+    fn one(v: &Bound<'_, PyAny>) -> u64 {
+        if let Ok(b) = v.cast::<PyBytes>() {
+            b.as_bytes().len() as u64
+        } else if let Ok(s) = v.cast::<PyString>() {
+            s.len().unwrap_or(0) as u64
+        } else if let Ok(b) = v.cast::<PyByteArray>() {
+            b.len() as u64
+        } else if v.is_instance_of::<PyMemoryView>() {
+            v.getattr("nbytes")
+                .and_then(|n| n.extract::<u64>())
+                .unwrap_or(64)
+        } else if let Ok(l) = v.cast::<PyList>() {
+            56 + 8 * l.len() as u64
+        } else if let Ok(t) = v.cast::<PyTuple>() {
+            40 + 8 * t.len() as u64
+        } else if let Ok(d) = v.cast::<PyDict>() {
+            64 + 24 * d.len() as u64
+        } else if let Ok(s) = v.cast::<PySet>() {
+            200 + 16 * s.len() as u64
+        } else if let Ok(s) = v.cast::<PyFrozenSet>() {
+            200 + 16 * s.len() as u64
+        } else {
+            64
+        }
+    }
+    let mut n: u64 = call.args.bind(py).iter().map(|a| one(&a)).sum();
+    if let Some(kw) = &call.kwargs {
+        n += kw.bind(py).values().iter().map(|v| one(&v)).sum::<u64>();
+    }
+    n
 }
 
 /// The governed path of a new token (policy, storage tier, a limit, passthrough mode).
@@ -730,13 +789,13 @@ fn submit_governed(
     py: Python<'_>,
     shared: &Arc<Shared>,
     tok: &Bound<'_, TaskToken>,
+    mut room: RoomWait,
 ) -> PyResult<()> {
     if shared.gov.inline {
         governor::run_inline(py, shared, tok, false);
         return Ok(());
     }
     let job = tok.clone().unbind();
-    let mut room = RoomWait::default();
     loop {
         match shared.sched.hold_new(&job) {
             Ok(true) => break,
@@ -755,20 +814,51 @@ fn submit_governed(
 struct RoomWait {
     deadline: Option<Option<Instant>>,
     blocked: Option<Blocked>,
+    /// Bytes waited for under the memory budget.
+    bytes: u64,
 }
 
 impl RoomWait {
+    /// Counts a large call's arguments against the memory budget, waiting for room (or
+    /// failing) as at the pool bound.
+    fn reserve_bytes(&mut self, py: Python<'_>, shared: &Arc<Shared>, tok: &TaskToken) -> PyResult<()> {
+        let n = tok
+            .with_call(|c| estimate_bytes(py, c))
+            .unwrap_or(0);
+        if n < BUDGET_MIN_BYTES {
+            return Ok(());
+        }
+        self.bytes = n;
+        while !shared.sched.reserve_bytes(n) {
+            self.wait(py, shared, RejectReason::Budget)?;
+        }
+        tok.header.set_bytes(n);
+        Ok(())
+    }
+
     fn wait(&mut self, py: Python<'_>, shared: &Arc<Shared>, reason: RejectReason) -> PyResult<()> {
+        let budget = reason == RejectReason::Budget;
         match reason {
             RejectReason::Closed => Err(CoreError::AdmissionClosed.into_pyerr(py)),
-            RejectReason::PoolFull => {
+            RejectReason::PoolFull | RejectReason::Budget => {
                 let cap = shared.sched.config().pool_capacity;
-                if shared.sched.config().overflow == Overflow::Reject {
-                    return Err(CoreError::PoolFull {
-                        capacity: cap,
-                        waited: None,
+                let full = |waited| {
+                    if budget {
+                        CoreError::MemoryBudget {
+                            budget: shared.sched.config().memory_budget.unwrap_or(0),
+                            queued: shared.sched.queued_bytes(),
+                            bytes: self.bytes,
+                            waited,
+                        }
+                    } else {
+                        CoreError::PoolFull {
+                            capacity: cap,
+                            waited,
+                        }
                     }
-                    .into_pyerr(py));
+                };
+                if shared.sched.config().overflow == Overflow::Reject {
+                    return Err(full(None).into_pyerr(py));
                 }
                 let deadline = *self
                     .deadline
@@ -782,15 +872,16 @@ impl RoomWait {
                     d.saturating_duration_since(Instant::now())
                         .min(Duration::from_millis(50))
                 });
-                py.detach(|| shared.sched.wait_pool_room(chunk));
+                if budget {
+                    let n = self.bytes;
+                    py.detach(|| shared.sched.wait_budget(n, chunk));
+                } else {
+                    py.detach(|| shared.sched.wait_pool_room(chunk));
+                }
                 py.check_signals()?;
                 if let Some(d) = deadline {
                     if Instant::now() >= d {
-                        return Err(CoreError::PoolFull {
-                            capacity: cap,
-                            waited: shared.submit_timeout,
-                        }
-                        .into_pyerr(py));
+                        return Err(full(shared.submit_timeout).into_pyerr(py));
                     }
                 }
                 Ok(())
@@ -872,7 +963,7 @@ impl Runtime {
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
         pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
-        mode="threads", storage_limits=None))]
+        mode="threads", storage_limits=None, memory_budget=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -888,6 +979,7 @@ impl Runtime {
         decorated_calls: bool,
         mode: &str,
         storage_limits: Option<[usize; 4]>,
+        memory_budget: Option<u64>,
     ) -> PyResult<Self> {
         let inline = match mode {
             "threads" => false,
@@ -943,6 +1035,7 @@ impl Runtime {
             pool_capacity,
             overflow,
             first_id: first_token_id,
+            memory_budget,
         };
         let sched = Scheduler::new(cfg).map_err(CoreError::Config)?;
         let cpu_map = (0..n).map(|i| cpus[i % cpus.len()]).collect();
@@ -1269,6 +1362,8 @@ impl Runtime {
         d.set_item("discarded", st.discarded)?;
         d.set_item("moved", st.moved)?;
         d.set_item("mode", if self.shared.gov.inline { "inline" } else { "threads" })?;
+        d.set_item("memory_budget", cfg.memory_budget)?;
+        d.set_item("queued_bytes", self.shared.sched.queued_bytes())?;
         d.set_item("storage", self.shared.gov.tier_stats(py)?)?;
         d.set_item("limits", self.shared.gov.limits_dict(py)?)?;
         d.set_item("illegal_transitions", st.illegal_transitions)?;

@@ -66,6 +66,8 @@ pub struct Config {
     pub overflow: Overflow,
     /// The id of the first token (ids keep increasing across restarts of a coordinator).
     pub first_id: u64,
+    /// Bytes of arguments that queued tokens may hold (None: no budget); see `reserve_bytes`.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for Config {
@@ -78,6 +80,7 @@ impl Default for Config {
             pool_capacity: 100_000,
             overflow: Overflow::Block,
             first_id: 1,
+            memory_budget: None,
         }
     }
 }
@@ -120,6 +123,8 @@ pub enum RejectReason {
     Closed,
     /// The pool is at `pool_capacity`.
     PoolFull,
+    /// The queued tokens' arguments would exceed `memory_budget`.
+    Budget,
 }
 
 #[derive(Debug)]
@@ -348,6 +353,8 @@ pub struct Scheduler<J> {
     quiet_cv: Condvar,
     quiet_waiters: AtomicUsize,
     spinners: AtomicUsize,
+    /// Argument bytes of the queued tokens that are counted (see `reserve_bytes`).
+    queued_bytes: AtomicU64,
 }
 
 impl<J: Job> Scheduler<J> {
@@ -400,6 +407,7 @@ impl<J: Job> Scheduler<J> {
             quiet_cv: Condvar::new(),
             quiet_waiters: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),
+            queued_bytes: AtomicU64::new(0),
         })
     }
 
@@ -742,6 +750,64 @@ impl<J: Job> Scheduler<J> {
 
     /// Waits (blocking: call it with the GIL released) until the pool has room, admission
     /// closes, a kill may have freed room, or `timeout` passes. Returns whether there is room.
+    /// Counts `n` more bytes of queued arguments against the budget; false if they do not
+    /// fit (a token alone larger than the whole budget still fits when nothing is counted,
+    /// so it is not refused for ever). Always true without a budget.
+    pub fn reserve_bytes(&self, n: u64) -> bool {
+        let Some(budget) = self.cfg.memory_budget else {
+            return true;
+        };
+        let mut cur = self.queued_bytes.load(Ordering::Acquire);
+        loop {
+            if cur > 0 && cur.saturating_add(n) > budget {
+                return false;
+            }
+            match self.queued_bytes.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Gives back bytes counted by `reserve_bytes` (the token's arguments were released).
+    pub fn release_bytes(&self, n: u64) {
+        if n > 0 {
+            self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+            self.notify_pool_waiters(true);
+        }
+    }
+
+    /// Waits (GIL released) until `n` more bytes fit the budget, admission closes, or
+    /// `timeout` passes.
+    pub fn wait_budget(&self, n: u64, timeout: Duration) {
+        let Some(budget) = self.cfg.memory_budget else {
+            return;
+        };
+        self.pool_waiters.fetch_add(1, Ordering::SeqCst);
+        let pool = lock(&self.pool);
+        let cur = self.queued_bytes.load(Ordering::Acquire);
+        if cur > 0 && cur.saturating_add(n) > budget && !self.is_closed() {
+            drop(
+                self.pool_cv
+                    .wait_timeout(pool, timeout)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        } else {
+            drop(pool);
+        }
+        self.pool_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Bytes of queued arguments counted against the budget.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
     pub fn wait_pool_room(&self, timeout: Duration) -> bool {
         self.pool_waiters.fetch_add(1, Ordering::SeqCst);
         let mut pool = lock(&self.pool);

@@ -282,6 +282,8 @@ pub struct Header {
     worker: AtomicU16,
     /// Attempts started (1 once it runs; a retry is a new attempt of the same token).
     attempt: AtomicU32,
+    /// Estimated bytes of its arguments counted against the memory budget (0: not counted).
+    bytes: AtomicU32,
     created_ns: u64,
     admitted_ns: AtomicU64,
     started_ns: AtomicU64,
@@ -298,6 +300,7 @@ impl Header {
             core: AtomicU16::new(0),
             worker: AtomicU16::new(0),
             attempt: AtomicU32::new(0),
+            bytes: AtomicU32::new(0),
             created_ns: now_ns(),
             admitted_ns: AtomicU64::new(0),
             started_ns: AtomicU64::new(0),
@@ -323,6 +326,21 @@ impl Header {
 
     pub(crate) fn set_priority(&self, p: Priority) {
         self.priority.store(p as u8, Ordering::Relaxed)
+    }
+
+    /// Records the argument bytes counted against the memory budget (saturating at 4 GiB).
+    pub(crate) fn set_bytes(&self, n: u64) {
+        self.bytes
+            .store(n.min(u32::MAX as u64) as u32, Ordering::Release)
+    }
+
+    /// Takes the counted bytes (once); 0 if none were counted or they were taken already.
+    #[inline]
+    pub(crate) fn take_bytes(&self) -> u64 {
+        if self.bytes.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.bytes.swap(0, Ordering::AcqRel) as u64
     }
 
     /// Attempts started so far.

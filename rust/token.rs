@@ -138,8 +138,20 @@ impl TaskToken {
         }
     }
 
+    /// Takes the call out (to run it, or to drop it as the token settles); its bytes leave
+    /// the memory budget.
     pub(crate) fn take_call(&self) -> Option<Call> {
-        lock(&self.slot).call.take()
+        let call = lock(&self.slot).call.take();
+        let n = self.header.take_bytes();
+        if n > 0 {
+            self.rt.sched.release_bytes(n);
+        }
+        call
+    }
+
+    /// Runs `f` on the call (if it is still there).
+    pub(crate) fn with_call<R>(&self, f: impl FnOnce(&Call) -> R) -> Option<R> {
+        lock(&self.slot).call.as_ref().map(f)
     }
 
     /// The call, left in place for another attempt.

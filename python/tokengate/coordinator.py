@@ -221,6 +221,11 @@ class OperationsCoordinator:
         storage_limits: tokens of each storage tier that may run at once, e.g.
             ``{"SLOW": 4}``; tiers not named keep ``STORAGE_SPEEDS`` (SLOW 10, MODERATE 25,
             FAST 50, INSANE 70).
+        memory_budget: bytes of arguments that queued tokens may hold (estimated: the
+            length of bytes/str arguments, 8 bytes a slot of containers; calls estimated
+            under 1 KiB are bounded by ``pool_capacity`` alone). Above it, ``overflow``
+            applies as at the pool bound (:class:`PoolFull`, or waiting for room). Default
+            75 MiB; None: no budget.
     """
 
     def __init__(
@@ -238,6 +243,7 @@ class OperationsCoordinator:
         decorated_calls: bool = True,
         mode: Literal["threads", "inline"] | None = None,
         storage_limits: Mapping[str, int] | None = None,
+        memory_budget: int | None = 75 * 1024 * 1024,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -261,6 +267,11 @@ class OperationsCoordinator:
             raise ConfigurationError(f"mode must be 'threads' or 'inline', got {mode!r}")
         self._mode = mode
         self._storage_limits = _check_storage_limits(storage_limits)
+        self._memory_budget = (
+            None
+            if memory_budget is None
+            else _check_int("memory_budget", memory_budget, 1024, 2**62)
+        )
         self._max_workers = (
             None
             if max_workers_per_core is None
@@ -309,6 +320,7 @@ class OperationsCoordinator:
                 decorated_calls=self._decorated_calls,
                 mode=self._mode,
                 storage_limits=self._storage_limits,
+                memory_budget=self._memory_budget,
             )
             rt.start()
             self._rt = rt
