@@ -142,7 +142,9 @@ impl CoreError {
                 let tail = match waited {
                     None => "and overflow='reject'; raise memory_budget or use overflow='block'"
                         .to_string(),
-                    Some(s) => format!("and no room freed within submit_timeout={} s", fmt_secs(*s)),
+                    Some(s) => {
+                        format!("and no room freed within submit_timeout={} s", fmt_secs(*s))
+                    }
                 };
                 format!(
                     "memory budget for queued work is full (memory_budget={budget} bytes, \
@@ -169,9 +171,9 @@ impl CoreError {
                  finished",
                 fmt_secs(*seconds)
             ),
-            CoreError::KilledRunning { id, operation } => format!(
-                "token {id} ({operation}) was killed while it ran; its result is discarded"
-            ),
+            CoreError::KilledRunning { id, operation } => {
+                format!("token {id} ({operation}) was killed while it ran; its result is discarded")
+            }
             CoreError::Cancelled { id, operation, why } => format!(
                 "token {id} ({operation}) was {why}: stop this task (checkpoint() raises \
                  until it returns)"

@@ -41,7 +41,8 @@ use crate::token::{Listener, TaskToken};
 type Job = Py<TaskToken>;
 
 /// Storage tiers, in `STORAGE_SPEEDS` order, and their default permits.
-pub const TIERS: [(&str, usize); 4] = [("SLOW", 10), ("MODERATE", 25), ("FAST", 50), ("INSANE", 70)];
+pub const TIERS: [(&str, usize); 4] =
+    [("SLOW", 10), ("MODERATE", 25), ("FAST", 50), ("INSANE", 70)];
 
 const PERMIT_LIMIT: u8 = 1;
 const PERMIT_TIER: u8 = 2;
@@ -181,7 +182,7 @@ impl Governor {
             .or_insert_with(|| {
                 Arc::new(LimitEntry {
                     operation: name,
-                    limiter: Limiter::new(decl.conf.clone()).expect("validated"),
+                    limiter: Limiter::new(decl.conf).expect("validated"),
                     limit_by: decl.limit_by.clone(),
                 })
             })
@@ -300,7 +301,10 @@ impl Governor {
                 format!("storage tier must be one of SLOW, MODERATE, FAST, INSANE, got {tier:?}")
             })?;
         if limit == 0 {
-            return Err(format!("storage limit of {} must be at least 1, got 0", TIERS[t].0));
+            return Err(format!(
+                "storage limit of {} must be at least 1, got 0",
+                TIERS[t].0
+            ));
         }
         let conf = LimitConf {
             per_key: None,
@@ -608,7 +612,10 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             let err = timeout_error(py, t);
             if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
                 h.state.set_flags(crate::state::FLAG_HELD);
-                match h.state.settle(TokenState::Waiting, |s| s == TokenState::Executing) {
+                match h
+                    .state
+                    .settle(TokenState::Waiting, |s| s == TokenState::Executing)
+                {
                     Ok(_) => {
                         t.with_gov(|g| g.errors.push(err));
                         shared.sched.hold_again(h);
@@ -662,7 +669,9 @@ fn retry_delay(
         return None;
     }
     let retry_cls = crate::errors::error_class(py, "Retry").ok();
-    let explicit = retry_cls.as_ref().is_some_and(|c| err.is_instance(c).unwrap_or(false));
+    let explicit = retry_cls
+        .as_ref()
+        .is_some_and(|c| err.is_instance(c).unwrap_or(false));
     let delay = if explicit {
         err.getattr("delay")
             .ok()

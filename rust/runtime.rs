@@ -821,10 +821,13 @@ struct RoomWait {
 impl RoomWait {
     /// Counts a large call's arguments against the memory budget, waiting for room (or
     /// failing) as at the pool bound.
-    fn reserve_bytes(&mut self, py: Python<'_>, shared: &Arc<Shared>, tok: &TaskToken) -> PyResult<()> {
-        let n = tok
-            .with_call(|c| estimate_bytes(py, c))
-            .unwrap_or(0);
+    fn reserve_bytes(
+        &mut self,
+        py: Python<'_>,
+        shared: &Arc<Shared>,
+        tok: &TaskToken,
+    ) -> PyResult<()> {
+        let n = tok.with_call(|c| estimate_bytes(py, c)).unwrap_or(0);
         if n < BUDGET_MIN_BYTES {
             return Ok(());
         }
@@ -1361,7 +1364,14 @@ impl Runtime {
         d.set_item("retried", st.retried)?;
         d.set_item("discarded", st.discarded)?;
         d.set_item("moved", st.moved)?;
-        d.set_item("mode", if self.shared.gov.inline { "inline" } else { "threads" })?;
+        d.set_item(
+            "mode",
+            if self.shared.gov.inline {
+                "inline"
+            } else {
+                "threads"
+            },
+        )?;
         d.set_item("memory_budget", cfg.memory_budget)?;
         d.set_item("queued_bytes", self.shared.sched.queued_bytes())?;
         d.set_item("storage", self.shared.gov.tier_stats(py)?)?;

@@ -1163,7 +1163,10 @@ impl<J: Job> Scheduler<J> {
     pub fn retry(&self, core: usize, wi: usize, h: &Header) -> bool {
         // Marked held first: a waiter must not run it inline while it waits for its delay.
         h.state.set_flags(FLAG_HELD);
-        match h.state.transition(TokenState::Executing, TokenState::Waiting) {
+        match h
+            .state
+            .transition(TokenState::Executing, TokenState::Waiting)
+        {
             Ok(_) => {
                 self.cores[core].workers[wi]
                     .retried
@@ -1221,8 +1224,7 @@ impl<J: Job> Scheduler<J> {
     /// step failing with its parent's cause): EXECUTING. `accepted`: it was counted by
     /// `accept_early`. Pair with `finish_outside`.
     pub fn claim_outside(&self, h: &Header, accepted: bool) -> bool {
-        if h
-            .state
+        if h.state
             .transition(TokenState::Created, TokenState::Executing)
             .is_err()
         {
@@ -1574,8 +1576,7 @@ impl<J: Job> Scheduler<J> {
             let mut hit = None;
             'find: for w in 0..3 {
                 for p in 0..3 {
-                    if let Some(pos) = pool.lanes[w][p].iter().position(|j| j.header().id == id)
-                    {
+                    if let Some(pos) = pool.lanes[w][p].iter().position(|j| j.header().id == id) {
                         hit = Some((w, p, pos));
                         break 'find;
                     }
@@ -1613,10 +1614,9 @@ impl<J: Job> Scheduler<J> {
         }
         for (ci, cs) in self.cores.iter().enumerate() {
             for (wi, slot) in cs.workers.iter().enumerate() {
-                let Some(job) = slot
-                    .mailbox
-                    .take_where(|j| j.header().id == id && j.header().state.load() == TokenState::Admitted)
-                else {
+                let Some(job) = slot.mailbox.take_where(|j| {
+                    j.header().id == id && j.header().state.load() == TokenState::Admitted
+                }) else {
                     continue;
                 };
                 let h = job.header();
@@ -1637,8 +1637,7 @@ impl<J: Job> Scheduler<J> {
                 // that does takes it.
                 slot.load.fetch_sub(1, Ordering::AcqRel);
                 cs.load.fetch_sub(1, Ordering::AcqRel);
-                if h
-                    .state
+                if h.state
                     .transition(TokenState::Admitted, TokenState::Waiting)
                     .is_err()
                 {
@@ -1713,8 +1712,7 @@ impl<J: Job> Scheduler<J> {
         let executing = (started + o_started).saturating_sub(
             completed + failed + discarded + retried + o_completed + o_failed + o_discarded,
         );
-        let admitted =
-            (pulled + direct).saturating_sub(started + killed_a + timed_a + requeued);
+        let admitted = (pulled + direct).saturating_sub(started + killed_a + timed_a + requeued);
         let waiting = (to_pool + held_in).saturating_sub(pulled + held_out + killed_w + timed_w);
         Stats {
             created: accepted,
@@ -1771,6 +1769,7 @@ mod tests {
                 pool_capacity: pool,
                 overflow,
                 first_id: 1,
+                memory_budget: None,
             })
             .unwrap(),
         );
@@ -1853,7 +1852,7 @@ mod tests {
         assert_eq!(st.illegal_transitions, 0);
         for j in &jobs {
             let (core, _) = j.header.placement().unwrap();
-            assert!(router::core_allows(core + 1, j.header.weight, 3));
+            assert!(router::core_allows(core + 1, j.header.weight(), 3));
             assert_eq!(j.header.state.load(), TokenState::Completed);
         }
     }
@@ -2151,6 +2150,172 @@ mod tests {
         assert_eq!(st.waiting + st.admitted + st.executing, 0);
         assert!(st.per_core.iter().all(|c| c.load == 0));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    /// The gauges at quiescence: nothing waiting, admitted, executing or held, and every
+    /// accepted job in exactly one final count.
+    fn assert_quiet(s: &S) {
+        let st = s.stats();
+        assert_eq!(
+            (st.waiting, st.admitted, st.executing, st.held),
+            (0, 0, 0, 0),
+            "{st:?}"
+        );
+        assert_eq!(
+            st.created,
+            st.completed + st.failed + st.killed + st.timed_out,
+            "{st:?}"
+        );
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn timeouts_settle_a_job_in_every_state_exactly_once() {
+        let s = sched(1, 1, 8, 100, Overflow::Reject);
+        s.pause();
+        let queued = job(&s, Weight::Heavy); // WAITING in the pool (paused)
+        s.try_submit(queued.clone()).unwrap();
+        let held = job(&s, Weight::Heavy); // WAITING outside the pool
+        assert_eq!(s.hold_new(&held), Ok(true));
+        assert_eq!(s.stats().held, 1);
+        let never = job(&s, Weight::Heavy); // CREATED
+        s.accept_early();
+        for h in [&queued.header, &held.header, &never.header] {
+            assert!(s.time_out(h).is_ok());
+            assert_eq!(h.state.load(), TokenState::TimedOut);
+            assert_eq!(s.time_out(h), Err(false), "only once");
+        }
+        s.drop_held(); // the limiter found the held one dead
+        s.unpause();
+        assert!(
+            drain_worker(&s, 0, 0).is_empty(),
+            "a timed-out job never runs"
+        );
+        // A running one: it times out at once; the worker's late finish is discarded.
+        let running = job(&s, Weight::Heavy);
+        s.try_submit(running.clone()).unwrap();
+        let j = s.next_job(0, 0).unwrap();
+        assert!(s.start(0, 0, &j.header));
+        assert_eq!(s.time_out(&j.header), Ok(TokenState::Executing));
+        assert_eq!(s.finish(0, 0, &j.header, true), None);
+        s.release(0, 0);
+        let st = s.stats();
+        assert_eq!((st.timed_out, st.discarded, st.completed), (4, 1, 0));
+        assert_quiet(&s);
+    }
+
+    #[test]
+    fn a_running_job_killed_is_cancelling_until_its_worker_returns() {
+        let s = sched(1, 1, 8, 100, Overflow::Reject);
+        let a = job(&s, Weight::Heavy);
+        s.try_submit(a.clone()).unwrap();
+        let j = s.next_job(0, 0).unwrap();
+        assert!(s.start(0, 0, &j.header));
+        assert_eq!(s.kill(&a.header), Err(TokenState::Executing));
+        assert!(s.cancel_running(&a.header).is_ok());
+        assert_eq!(a.header.state.load(), TokenState::Cancelling);
+        assert!(s.cancel_running(&a.header).is_err(), "once");
+        assert_eq!(s.in_flight(), 0, "its outcome is decided");
+        assert_eq!(s.stats().executing, 1, "its task still runs");
+        assert_eq!(s.finish(0, 0, &a.header, true), None);
+        s.release(0, 0);
+        assert_eq!(a.header.state.load(), TokenState::Killed);
+        assert_quiet(&s);
+    }
+
+    #[test]
+    fn a_retry_leaves_its_worker_waits_outside_and_comes_back_first() {
+        let s = sched(1, 1, 8, 100, Overflow::Reject);
+        let a = job(&s, Weight::Heavy);
+        s.try_submit(a.clone()).unwrap();
+        let j = s.next_job(0, 0).unwrap();
+        assert!(s.start(0, 0, &j.header));
+        assert_eq!(a.header.attempt(), 1);
+        assert!(s.retry(0, 0, &a.header));
+        s.hold_again(&a.header);
+        s.release(0, 0);
+        let st = s.stats();
+        assert_eq!(
+            (st.waiting, st.held, st.executing, st.retried),
+            (1, 1, 0, 1)
+        );
+        // Others queue meanwhile; the retry goes ahead of them.
+        s.pause();
+        let b = job(&s, Weight::Heavy);
+        s.try_submit(b.clone()).unwrap();
+        assert!(s.unhold(a.clone(), true));
+        s.unpause();
+        assert_eq!(drain_worker(&s, 0, 0), vec![a.header.id, b.header.id]);
+        assert_eq!(a.header.attempt(), 2);
+        assert_quiet(&s);
+    }
+
+    #[test]
+    fn held_jobs_count_against_the_pool_bound_and_never_run_inline() {
+        let s = sched(1, 1, 8, 2, Overflow::Reject);
+        let a = job(&s, Weight::Heavy);
+        let b = job(&s, Weight::Heavy);
+        assert_eq!(s.hold_new(&a), Ok(true));
+        assert_eq!(s.hold_new(&b), Ok(true));
+        let c = job(&s, Weight::Heavy);
+        assert_eq!(s.hold_new(&c), Err(RejectReason::PoolFull));
+        assert!(!s.claim_inline(0, 0, &a.header), "it waits for a permit");
+        s.close();
+        assert!(
+            s.unhold(a.clone(), false),
+            "accepted before close: it still enters"
+        );
+        assert!(s.kill(&b.header).is_ok());
+        assert!(!s.unhold(b.clone(), false), "killed while held: dropped");
+        assert_eq!(drain_worker(&s, 0, 0), vec![a.header.id]);
+        assert_quiet(&s);
+    }
+
+    #[test]
+    fn requeue_moves_queued_jobs_between_lanes_and_cores() {
+        let s = sched(3, 1, 8, 100, Overflow::Reject);
+        s.pause();
+        let jobs: Vec<_> = (0..3).map(|_| job(&s, Weight::Heavy)).collect();
+        for j in &jobs {
+            s.try_submit(j.clone()).unwrap();
+        }
+        assert!(s.requeue(jobs[2].header.id, Some(Priority::High), None));
+        assert!(s.requeue(jobs[0].header.id, None, Some(Weight::Light)));
+        assert!(!s.requeue(999, Some(Priority::Low), None));
+        s.unpause();
+        // Core 1 runs the high one first and never the re-routed light one; core 3 does.
+        assert_eq!(
+            drain_worker(&s, 0, 0),
+            vec![jobs[2].header.id, jobs[1].header.id]
+        );
+        assert_eq!(drain_worker(&s, 2, 0), vec![jobs[0].header.id]);
+        assert!(
+            !s.requeue(jobs[1].header.id, Some(Priority::Low), None),
+            "finished"
+        );
+        assert_eq!(s.stats().moved, 2);
+        assert_quiet(&s);
+    }
+
+    #[test]
+    fn the_memory_budget_admits_one_large_call_alone_and_frees_on_release() {
+        let s = Scheduler::<Arc<TestJob>>::new(Config {
+            memory_budget: Some(1000),
+            ..Config::default()
+        })
+        .unwrap();
+        assert!(
+            s.reserve_bytes(5000),
+            "alone, even a call above the budget fits"
+        );
+        assert!(!s.reserve_bytes(1));
+        s.release_bytes(5000);
+        assert!(s.reserve_bytes(600));
+        assert!(s.reserve_bytes(400));
+        assert!(!s.reserve_bytes(1));
+        assert_eq!(s.queued_bytes(), 1000);
+        let unbounded = Scheduler::<Arc<TestJob>>::new(Config::default()).unwrap();
+        assert!(unbounded.reserve_bytes(u64::MAX / 2));
     }
 
     #[test]

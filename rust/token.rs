@@ -224,7 +224,9 @@ impl TaskToken {
                         interrupt.get_or_insert(e);
                     }
                 }
-                Listener::Chain(child) => crate::governor::continue_chain(slf, child.bind(slf.py())),
+                Listener::Chain(child) => {
+                    crate::governor::continue_chain(slf, child.bind(slf.py()))
+                }
                 Listener::Waiter(t) => t.unpark(),
             }
         }
@@ -352,7 +354,12 @@ impl TaskToken {
             TokenState::TimedOut => CoreError::TimedOut {
                 id,
                 operation,
-                seconds: self.op.policy.as_ref().and_then(|p| p.timeout).unwrap_or(0.0),
+                seconds: self
+                    .op
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.timeout)
+                    .unwrap_or(0.0),
             },
             TokenState::Cancelling => CoreError::KilledRunning { id, operation },
             TokenState::Killed if self.header.started_ns().is_some() => {
@@ -599,7 +606,10 @@ impl TaskToken {
     fn errors(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
         let slot = lock(&self.slot);
         slot.gov.as_ref().map_or_else(Vec::new, |g| {
-            g.errors.iter().map(|e| e.clone_ref(py).into_any()).collect()
+            g.errors
+                .iter()
+                .map(|e| e.clone_ref(py).into_any())
+                .collect()
         })
     }
 
@@ -759,7 +769,9 @@ impl TaskToken {
         args: Bound<'py, PyTuple>,
         options: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, TaskToken>> {
-        no_panic(slf.py(), || crate::governor::chain(slf, func, args, options))
+        no_panic(slf.py(), || {
+            crate::governor::chain(slf, func, args, options)
+        })
     }
 
     /// Calls `fn(token)` once the token is final (at once if it already is), on the thread

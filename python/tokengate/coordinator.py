@@ -262,7 +262,9 @@ class OperationsCoordinator:
             )
         self._decorated_calls = decorated_calls
         if mode is None:
-            mode = "inline" if os.environ.get("TOKENGATE_INLINE", "") not in ("", "0") else "threads"
+            mode = (
+                "inline" if os.environ.get("TOKENGATE_INLINE", "") not in ("", "0") else "threads"
+            )
         if mode not in ("threads", "inline"):
             raise ConfigurationError(f"mode must be 'threads' or 'inline', got {mode!r}")
         self._mode = mode

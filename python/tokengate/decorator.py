@@ -14,6 +14,7 @@ from .policy import options as _options
 
 __all__ = ["GuardedFunction", "task_token_guard"]
 
+
 def _parse_weight(value: object) -> TaskWeight:
     return _options.parse_weight(value, "tags['weight']")
 
@@ -119,7 +120,9 @@ def _chain_target(fn: object, options: Mapping[str, Any] | None) -> GuardedFunct
         return fn.options(**options) if options else fn
     if not callable(fn):
         raise InvalidDecoration(f"then() needs a callable, got {type(fn).__name__}")
-    base = _guard(fn, None, {"weight": "medium"}, TaskWeight.MEDIUM, None, 1, _options.normalize({}))  # type: ignore[arg-type]
+    base = _guard(
+        fn, None, {"weight": "medium"}, TaskWeight.MEDIUM, None, 1, _options.normalize({})
+    )  # type: ignore[arg-type]
     return base.options(**options) if options else base
 
 

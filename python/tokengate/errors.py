@@ -71,7 +71,9 @@ class Retry(TokenGateError):
     def __init__(self, delay: float | None = None, reason: str | None = None) -> None:
         if delay is not None:
             if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay:
-                raise TypeError(f"Retry(delay=...) needs a number of seconds or None, got {delay!r}")
+                raise TypeError(
+                    f"Retry(delay=...) needs a number of seconds or None, got {delay!r}"
+                )
             if delay < 0:
                 raise ValueError(f"Retry(delay=...) must be >= 0, got {delay}")
         self.delay: float | None = None if delay is None else float(delay)

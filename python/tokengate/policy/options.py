@@ -57,7 +57,9 @@ def _seconds(name: str, value: object, *, allow_zero: bool) -> float | None:
     s = _number(name, value)
     if s < 0 or (s == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{name} must be a number of seconds {bound} or None, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a number of seconds {bound} or None, got {value!r}"
+        )
     return None if s == math.inf else s
 
 
