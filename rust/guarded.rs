@@ -101,7 +101,11 @@ impl GuardedFunction {
                 retries,
                 backoff: retry_backoff,
                 backoff_max: retry_backoff_max.unwrap_or(f64::INFINITY),
-                jitter: if retry_jitter { Jitter::Full } else { Jitter::None },
+                jitter: if retry_jitter {
+                    Jitter::Full
+                } else {
+                    Jitter::None
+                },
                 retry_on: retry_on.map(Bound::unbind),
                 retry_timeouts,
                 budget: retry_budget,

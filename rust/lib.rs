@@ -8,10 +8,10 @@ pub mod clock;
 pub mod mailbox;
 pub mod permits;
 pub mod router;
-pub mod timers;
 pub mod sched;
 pub mod state;
 pub mod sync;
+pub mod timers;
 pub mod waits;
 
 mod errors;
@@ -38,7 +38,9 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
-    use super::runtime::{_after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime};
+    use super::runtime::{
+        _after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime,
+    };
     #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 
