@@ -711,14 +711,17 @@ pub(crate) fn submit_token<'py>(
     if shared.forked() {
         return Err(CoreError::Forked.into_pyerr(py));
     }
+    let call = Call { args, kwargs };
+    let bytes = if shared.sched.config().memory_budget.is_some() {
+        estimate_bytes(py, &call)
+    } else {
+        0
+    };
     let id = shared.sched.next_id();
-    let tok = Bound::new(
-        py,
-        TaskToken::new(id, op.clone(), shared.clone(), Call { args, kwargs }),
-    )?;
+    let tok = Bound::new(py, TaskToken::new(id, op.clone(), shared.clone(), call))?;
     let mut room = RoomWait::default();
-    if shared.sched.config().memory_budget.is_some() {
-        room.reserve_bytes(py, shared, tok.get())?;
+    if bytes >= BUDGET_MIN_BYTES {
+        room.reserve_bytes(py, shared, tok.get(), bytes)?;
     }
     if op.governed() || shared.gov.limits_set() || shared.gov.inline {
         let r = submit_governed(py, shared, &tok, room);
@@ -777,7 +780,11 @@ fn estimate_bytes(py: Python<'_>, call: &Call) -> u64 {
             64
         }
     }
-    let mut n: u64 = call.args.bind(py).iter().map(|a| one(&a)).sum();
+    let args = call.args.bind(py);
+    if args.is_empty() && call.kwargs.is_none() {
+        return 0;
+    }
+    let mut n: u64 = args.iter().map(|a| one(&a)).sum();
     if let Some(kw) = &call.kwargs {
         n += kw.bind(py).values().iter().map(|v| one(&v)).sum::<u64>();
     }
@@ -826,11 +833,8 @@ impl RoomWait {
         py: Python<'_>,
         shared: &Arc<Shared>,
         tok: &TaskToken,
+        n: u64,
     ) -> PyResult<()> {
-        let n = tok.with_call(|c| estimate_bytes(py, c)).unwrap_or(0);
-        if n < BUDGET_MIN_BYTES {
-            return Ok(());
-        }
         self.bytes = n;
         while !shared.sched.reserve_bytes(n) {
             self.wait(py, shared, RejectReason::Budget)?;

@@ -149,11 +149,6 @@ impl TaskToken {
         call
     }
 
-    /// Runs `f` on the call (if it is still there).
-    pub(crate) fn with_call<R>(&self, f: impl FnOnce(&Call) -> R) -> Option<R> {
-        lock(&self.slot).call.as_ref().map(f)
-    }
-
     /// The call, left in place for another attempt.
     pub(crate) fn clone_call(&self, py: Python<'_>) -> Option<Call> {
         lock(&self.slot).call.as_ref().map(|c| Call {

@@ -1,0 +1,80 @@
+"""What execution policy costs per token, against ThreadPoolExecutor in the same run.
+
+100 000 no-op calls submitted, then every result, for: ThreadPoolExecutor; a decorated function
+without options (the fast path, unchanged by policy); the same with a timeout; with retries
+(none needed); with a storage tier (a permit per call); with a per-operation concurrency limit.
+Each figure is microseconds per call; the session table shows its ratio to ThreadPoolExecutor's.
+The option-less row is the promise: policy costs nothing to a token that uses none of it.
+
+Run: ``pytest benches/bench_policy.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("tokengate.bench")
+import tokengate
+
+perf = time.perf_counter
+BURST = 100_000
+
+
+def noop() -> None:
+    return None
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no options": {},
+    "timeout": {"timeout": 60.0},
+    "retries": {"retries": 3},
+    "storage tier": {"tags": {"storage_speed": "INSANE"}},
+    "concurrency limit": {"max_concurrency": 1000},
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def submit(system_name: str, variant: str) -> Iterator[Callable[[], Any]]:
+    if system_name == "threadpool":
+        ex = cf.ThreadPoolExecutor(max_workers=tokengate.topology.allowed_cpu_count() * 4)
+        yield lambda: ex.submit(noop)
+        ex.shutdown(wait=True)
+        return
+    opts = dict(VARIANTS[variant])
+    tags = opts.pop("tags", {})
+    fn = tokengate.task_token_guard(operation_type=f"noop {variant}", tags=tags, **opts)(noop)
+    with tokengate.OperationsCoordinator(pool_capacity=1_000_000):
+        for t in [fn() for _ in range(2_000)]:
+            t.wait()
+        yield fn
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.systems(["threadpool", "tokengate"])
+@pytest.mark.benchmark(group="policy: 100 000 no-op calls, then every result")
+def test_policy_cost(benchmark, system_name, variant, submit, record):
+    # ThreadPoolExecutor has none of these options: it runs its plain no-op under every
+    # variant's name, so each TokenGate row has its ratio to a baseline measured beside it.
+    rng = range(BURST)
+    samples: list[float] = []
+
+    def burst() -> None:
+        t0 = perf()
+        handles = [submit() for _ in rng]
+        for h in handles:
+            h.result()
+        samples.append((perf() - t0) / BURST * 1e6)
+
+    benchmark.pedantic(burst, rounds=3)
+    record(f"policy no-op, {variant}", statistics.median(samples), "us/call", n=BURST)
