@@ -18,7 +18,7 @@
 //! and is dropped by the limiter or timer that holds it when it comes up.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -55,6 +55,15 @@ pub struct LimitEntry {
     pub operation: String,
     pub limiter: Limiter<Job>,
     pub limit_by: Option<String>,
+    /// Held tokens settled (killed, timed out) while the limiter still holds them.
+    dead: AtomicUsize,
+}
+
+/// Where a held token waits.
+#[derive(Clone)]
+enum HeldAt {
+    Limit(Arc<LimitEntry>),
+    Tier(usize),
 }
 
 /// What the policy keeps per token.
@@ -63,6 +72,7 @@ pub struct Gov {
     permits: u8,
     limit: Option<(Arc<LimitEntry>, String)>,
     tier: Option<usize>,
+    held_at: Option<HeldAt>,
     pub errors: Vec<Py<PyBaseException>>,
     /// Which of its deadlines is current (a retry schedules a new one).
     deadline_gen: u32,
@@ -80,6 +90,8 @@ pub enum TimerItem {
 pub struct Governor {
     pub timers: Timers<TimerItem>,
     pub tiers: [Limiter<Job>; 4],
+    /// Per tier: held tokens settled while the tier still holds them.
+    tier_dead: [AtomicUsize; 4],
     limits: RwLock<HashMap<String, Arc<LimitEntry>>>,
     /// Whether any limit was set at runtime (then every token looks its operation up).
     any_limits: AtomicBool,
@@ -105,6 +117,7 @@ impl Governor {
         Governor {
             timers: Timers::default(),
             tiers: tier_limits.map(tier_limiter),
+            tier_dead: Default::default(),
             limits: RwLock::new(HashMap::new()),
             any_limits: AtomicBool::new(false),
             inline,
@@ -146,6 +159,7 @@ impl Governor {
                             operation: operation.to_string(),
                             limiter: Limiter::new(conf)?,
                             limit_by,
+                            dead: AtomicUsize::new(0),
                         });
                         map.insert(operation.to_string(), entry);
                     }
@@ -184,6 +198,7 @@ impl Governor {
                     operation: name,
                     limiter: Limiter::new(decl.conf).expect("validated"),
                     limit_by: decl.limit_by.clone(),
+                    dead: AtomicUsize::new(0),
                 })
             })
             .clone();
@@ -197,11 +212,13 @@ impl Governor {
         let mut out: Vec<_> = map
             .values()
             .map(|e| {
+                let mut st = e.limiter.stats();
+                st.held = st.held.saturating_sub(e.dead.load(Ordering::Relaxed));
                 (
                     e.operation.clone(),
                     e.limit_by.clone(),
                     e.limiter.conf(),
-                    e.limiter.stats(),
+                    st,
                 )
             })
             .collect();
@@ -211,6 +228,7 @@ impl Governor {
 
     fn after_grant_limit(&self, py: Python<'_>, entry: &Arc<LimitEntry>, g: Granted<Job>) {
         let Granted { jobs, dead } = g;
+        sub_sat(&entry.dead, dead.len());
         let shared = jobs.first().or(dead.first()).map(|j| j.get().rt.clone());
         for j in jobs {
             grant(j.get(), PERMIT_LIMIT);
@@ -229,6 +247,7 @@ impl Governor {
 
     fn after_grant_tier(&self, py: Python<'_>, shared: &Arc<Shared>, t: usize, g: Granted<Job>) {
         let Granted { jobs, dead } = g;
+        sub_sat(&self.tier_dead[t], dead.len());
         for j in jobs {
             grant(j.get(), PERMIT_TIER);
             enter(py, shared, j, false);
@@ -237,18 +256,22 @@ impl Governor {
             shared.sched.drop_held();
         }
         drop(dead);
-        let _ = t;
     }
 
     /// Every token a limiter holds (the coordinator kills them: `stop(wait=False)`).
     pub fn take_held(&self) -> Vec<Job> {
         let mut out = Vec::new();
-        for l in self.tiers.iter() {
+        for (l, dead) in self.tiers.iter().zip(&self.tier_dead) {
             out.extend(l.take_all());
+            dead.store(0, Ordering::Relaxed);
         }
         let map = self.limits.read().unwrap_or_else(|e| e.into_inner());
         for e in map.values() {
             out.extend(e.limiter.take_all());
+            e.dead.store(0, Ordering::Relaxed);
+        }
+        for j in &out {
+            j.get().with_gov(|g| g.held_at = None);
         }
         out
     }
@@ -321,7 +344,10 @@ impl Governor {
         let d = PyDict::new(py);
         for (i, (name, _)) in TIERS.iter().enumerate() {
             let l = &self.tiers[i];
-            let st = l.stats();
+            let mut st = l.stats();
+            st.held = st
+                .held
+                .saturating_sub(self.tier_dead[i].load(Ordering::Relaxed));
             let td = stats_dict(py, &st)?;
             td.set_item("limit", l.conf().total)?;
             d.set_item(*name, td)?;
@@ -440,7 +466,10 @@ fn stale_item(item: &TimerItem) -> bool {
 }
 
 fn grant(tok: &TaskToken, bit: u8) {
-    tok.with_gov(|g| g.permits |= bit);
+    tok.with_gov(|g| {
+        g.permits |= bit;
+        g.held_at = None;
+    });
     tok.header.state.set_flags(FLAG_PERMITS);
 }
 
@@ -470,6 +499,7 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
                     grant(tok, PERMIT_LIMIT);
                 }
                 Admit::Held => {
+                    tok.with_gov(|g| g.held_at = Some(HeldAt::Limit(entry.clone())));
                     if let Some(due) = entry.limiter.next_due() {
                         gov.schedule(due, TimerItem::PollLimit(entry));
                     }
@@ -480,7 +510,10 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
     }
     if let Some(speed) = tok.op.storage_speed {
         let t = (speed as usize).min(3);
-        tok.with_gov(|g| g.tier = Some(t));
+        tok.with_gov(|g| {
+            g.tier = Some(t);
+            g.held_at = Some(HeldAt::Tier(t));
+        });
         let key = tok.op.operation_type.bind(py).to_string();
         match gov.tiers[t].acquire(&key, job, now_ns()) {
             Admit::Now(j) => {
@@ -509,6 +542,40 @@ fn tag_value(py: Python<'_>, tok: &TaskToken, tag: &str) -> String {
         .and_then(|t| t.bind(py).get_item(tag).ok().flatten())
         .map(|v| v.str().map(|s| s.to_string()).unwrap_or_default())
         .unwrap_or_default()
+}
+
+fn sub_sat(a: &AtomicUsize, n: usize) {
+    if n > 0 {
+        let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+}
+
+/// A token that was not running was settled (killed, timed out): its permits go back, and if
+/// a limiter holds it, that limiter counts it as dead until it reaches the head of its queue
+/// (swept earlier when the dead are many, so their memory does not wait for a permit).
+pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
+    let t = tok.get();
+    if t.op.governed() {
+        if let Some(at) = t.with_gov(|g| g.held_at.take()) {
+            let shared = t.rt.clone();
+            let (limiter, dead) = match &at {
+                HeldAt::Limit(e) => (&e.limiter, &e.dead),
+                HeldAt::Tier(i) => (&shared.gov.tiers[*i], &shared.gov.tier_dead[*i]),
+            };
+            let n = dead.fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= 64 && n * 2 >= limiter.stats().held {
+                let swept = limiter.purge(alive);
+                sub_sat(dead, swept.len());
+                for _ in &swept {
+                    shared.sched.drop_held();
+                }
+                drop(swept);
+            }
+        }
+    }
+    release_permits(py, tok);
 }
 
 /// Gives back the permits `tok` holds (once: whoever clears `FLAG_PERMITS` does it), which
@@ -611,23 +678,15 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             let attempt = h.attempt();
             let err = timeout_error(py, t);
             if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
-                h.state.set_flags(crate::state::FLAG_HELD);
-                match h
-                    .state
-                    .settle(TokenState::Waiting, |s| s == TokenState::Executing)
-                {
-                    Ok(_) => {
+                match shared.sched.abandon_for_retry(h) {
+                    Ok(()) => {
                         t.with_gov(|g| g.errors.push(err));
                         shared.sched.hold_again(h);
                         release_permits(py, tok);
                         schedule_retry(py, shared, tok, delay);
                     }
-                    Err((_, finishing)) => {
-                        h.state.clear_flags(crate::state::FLAG_HELD);
-                        if finishing {
-                            recheck();
-                        }
-                    }
+                    Err(true) => recheck(),
+                    Err(false) => {}
                 }
                 return;
             }
@@ -637,7 +696,7 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
         Ok(from) => {
             if from != TokenState::Executing {
                 drop(t.take_call());
-                release_permits(py, tok);
+                settled(py, tok);
             }
             let _ = TaskToken::notify_listeners(tok);
         }
@@ -808,7 +867,7 @@ pub fn after_failure(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     let Some(pol) = tok.get().op.policy.as_ref() else {
         return;
     };
-    let Some(cb) = pol.on_exhausted.as_ref() else {
+    let Some(cb) = pol.on_exhausted.as_ref().filter(|_| pol.retries > 0) else {
         return;
     };
     if let Err(e) = cb.bind(py).call1((tok,)) {

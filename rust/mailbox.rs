@@ -84,6 +84,11 @@ impl<T> Mailbox<T> {
         lock(&self.lanes)[prio as usize].push_back(item);
     }
 
+    /// Pushes a reserved item ahead of its lane (a retry that is due).
+    pub fn push_reserved_front(&self, item: T, prio: Priority) {
+        lock(&self.lanes)[prio as usize].push_front(item);
+    }
+
     /// Pushes several reserved items under one lock.
     pub fn push_reserved_all(&self, items: impl IntoIterator<Item = (T, Priority)>) {
         let mut lanes = lock(&self.lanes);

@@ -1244,7 +1244,7 @@ impl Runtime {
                 let tok = job.get();
                 if self.shared.sched.kill(&tok.header).is_ok() {
                     drop(tok.take_call());
-                    governor::release_permits(py, job.bind(py));
+                    governor::settled(py, job.bind(py));
                     let (threads, callbacks) = tok.take_listeners();
                     wake_threads(threads);
                     killed.push((job, callbacks));

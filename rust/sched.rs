@@ -330,6 +330,8 @@ pub struct Scheduler<J> {
     to_pool: AtomicU64,
     direct: AtomicU64,
     pulled: AtomicU64,
+    /// Running attempts abandoned by their deadline for a retry (`abandon_for_retry`).
+    retried_outside: AtomicU64,
     /// Kills by the state they left: CREATED, WAITING, ADMITTED, EXECUTING (CANCELLING).
     killed_from: [AtomicU64; 4],
     /// Timeouts by the state they left: CREATED, WAITING, ADMITTED, EXECUTING.
@@ -345,6 +347,8 @@ pub struct Scheduler<J> {
     /// Entries into and live exits from that place (a killed or timed-out one just leaves).
     held_in: AtomicU64,
     held_out: AtomicU64,
+    /// Held jobs settled (killed, timed out) while outside the pool.
+    held_dead: AtomicU64,
     /// ADMITTED tokens sent back to the pool by a re-route.
     requeued: AtomicU64,
     moved: AtomicU64,
@@ -393,6 +397,7 @@ impl<J: Job> Scheduler<J> {
             pulled: AtomicU64::new(0),
             killed_from: Default::default(),
             timed_out_from: Default::default(),
+            retried_outside: AtomicU64::new(0),
             outside_completed: AtomicU64::new(0),
             outside_failed: AtomicU64::new(0),
             outside_started: AtomicU64::new(0),
@@ -400,6 +405,7 @@ impl<J: Job> Scheduler<J> {
             held: AtomicUsize::new(0),
             held_in: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
+            held_dead: AtomicU64::new(0),
             requeued: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             illegal: AtomicU64::new(0),
@@ -497,7 +503,7 @@ impl<J: Job> Scheduler<J> {
         let h = job.header();
         let w = h.weight() as usize;
         if gate & GATE_PAUSED == 0 && self.pool_len_w[w].load(Ordering::Acquire) == 0 {
-            match self.route_direct(job, Entry::New) {
+            match self.route_direct(job, Entry::New, false) {
                 Ok(_) => return Ok(()),
                 Err(back) => return self.push_pool(back, Entry::New, false),
             }
@@ -515,7 +521,7 @@ impl<J: Job> Scheduler<J> {
     /// Into the least-loaded mailbox of the least-loaded allowed core, if any has room.
     /// `Ok(false)`: it was no longer in the state `entry` expects (killed or timed out
     /// meanwhile) and is dropped.
-    fn route_direct(&self, job: J, entry: Entry) -> Result<bool, J> {
+    fn route_direct(&self, job: J, entry: Entry, front: bool) -> Result<bool, J> {
         let h = job.header();
         let Some((core, wi)) = self.reserve_for(h) else {
             return Err(job);
@@ -540,7 +546,11 @@ impl<J: Job> Scheduler<J> {
         }
         self.direct.fetch_add(1, Ordering::AcqRel);
         let prio = h.priority();
-        slot.mailbox.push_reserved(job, prio);
+        if front {
+            slot.mailbox.push_reserved_front(job, prio);
+        } else {
+            slot.mailbox.push_reserved(job, prio);
+        }
         slot.wake();
         Ok(true)
     }
@@ -712,14 +722,15 @@ impl<J: Job> Scheduler<J> {
     pub fn unhold(&self, job: J, front: bool) -> bool {
         let h = job.header();
         self.held.fetch_sub(1, Ordering::AcqRel);
-        h.state.clear_flags(FLAG_HELD);
-        if h.state.load() != TokenState::Waiting {
-            return false;
+        if !h.state.leave_held() {
+            return false; // settled while held: counted by `kill`/`time_out` already
         }
         self.held_out.fetch_add(1, Ordering::AcqRel);
         let w = h.weight() as usize;
-        if !front && !self.is_paused() && self.pool_len_w[w].load(Ordering::Acquire) == 0 {
-            match self.route_direct(job, Entry::Back) {
+        // A due retry goes ahead of everything queued in its lane: the front of a mailbox's
+        // lane (ahead of the pool too, which only feeds mailboxes behind it).
+        if !self.is_paused() && (front || self.pool_len_w[w].load(Ordering::Acquire) == 0) {
+            match self.route_direct(job, Entry::Back, front) {
                 Ok(went) => return went,
                 Err(back) => return self.push_pool(back, Entry::Back, front).is_ok(),
             }
@@ -1185,12 +1196,36 @@ impl<J: Job> Scheduler<J> {
     /// not in the middle of storing its outcome). Returns the state it left; `Err(true)` if
     /// it is storing its outcome right now (look again a moment later).
     pub fn time_out(&self, h: &Header) -> Result<TokenState, bool> {
-        let (from, _) = h
+        let (from, flags) = h
             .state
             .settle(TokenState::TimedOut, |st| !st.is_settled())
             .map_err(|(_, finishing)| finishing)?;
+        if from == TokenState::Waiting && flags & FLAG_HELD != 0 {
+            self.held_dead.fetch_add(1, Ordering::AcqRel);
+        }
         self.count_settled(&self.timed_out_from, from, h);
         Ok(from)
+    }
+
+    /// The deadline of a running attempt passed and the policy retries timeouts: WAITING
+    /// (marked held; the caller holds it with `hold_again`) while the old attempt's thread
+    /// may still run (its worker discards its result). `Err(true)`: it is storing its outcome
+    /// right now (look again a moment later).
+    pub fn abandon_for_retry(&self, h: &Header) -> Result<(), bool> {
+        h.state.set_flags(FLAG_HELD);
+        match h
+            .state
+            .settle(TokenState::Waiting, |s| s == TokenState::Executing)
+        {
+            Ok(_) => {
+                self.retried_outside.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err((_, finishing)) => {
+                h.state.clear_flags(FLAG_HELD);
+                Err(finishing)
+            }
+        }
     }
 
     /// A running token is killed: CANCELLING (its waiters are released; the worker discards
@@ -1438,6 +1473,9 @@ impl<J: Job> Scheduler<J> {
         };
         self.killed_from[idx].fetch_add(1, Ordering::AcqRel);
         if from == TokenState::Waiting {
+            if flags & FLAG_HELD != 0 {
+                self.held_dead.fetch_add(1, Ordering::AcqRel);
+            }
             // Room for blocked submitters once the entry is purged.
             self.notify_pool_waiters(true);
         }
@@ -1612,8 +1650,8 @@ impl<J: Job> Scheduler<J> {
             }
             return true;
         }
-        for (ci, cs) in self.cores.iter().enumerate() {
-            for (wi, slot) in cs.workers.iter().enumerate() {
+        for cs in self.cores.iter() {
+            for slot in cs.workers.iter() {
                 let Some(job) = slot.mailbox.take_where(|j| {
                     j.header().id == id && j.header().state.load() == TokenState::Admitted
                 }) else {
@@ -1633,17 +1671,27 @@ impl<J: Job> Scheduler<J> {
                     slot.wake();
                     return true;
                 }
-                // Its core does not take the new weight: back to the pool, from where a core
-                // that does takes it.
+                // Its core does not take the new weight: into a mailbox of one that does (in
+                // its lane there), else back to the pool, from where such a core takes it.
                 slot.load.fetch_sub(1, Ordering::AcqRel);
                 cs.load.fetch_sub(1, Ordering::AcqRel);
+                if let Some((c2, w2)) = self.reserve_for(h) {
+                    let cs2 = &self.cores[c2];
+                    h.set_placement(c2, w2);
+                    cs2.routed[h.weight() as usize].fetch_add(1, Ordering::Relaxed);
+                    cs2.load.fetch_add(1, Ordering::AcqRel);
+                    cs2.workers[w2].load.fetch_add(1, Ordering::AcqRel);
+                    let p = h.priority();
+                    cs2.workers[w2].mailbox.push_reserved(job, p);
+                    cs2.workers[w2].wake();
+                    return true;
+                }
                 if h.state
                     .transition(TokenState::Admitted, TokenState::Waiting)
                     .is_err()
                 {
                     return false; // killed or timed out this very moment: dropped
                 }
-                let _ = (ci, wi);
                 self.requeued.fetch_add(1, Ordering::AcqRel);
                 let _ = self.push_pool(job, Entry::Back, false);
                 return true;
@@ -1723,8 +1771,9 @@ impl<J: Job> Scheduler<J> {
             failed: failed + o_failed,
             killed: killed_a + killed_w + killed_c + killed_x,
             timed_out: timed_a + timed_w + timed_c + timed_x,
-            held: self.held.load(Ordering::Acquire),
-            retried,
+            held: (held_in.saturating_sub(held_out + self.held_dead.load(Ordering::Acquire)))
+                as usize,
+            retried: retried + self.retried_outside.load(Ordering::Acquire),
             discarded: discarded + o_discarded,
             moved: self.moved.load(Ordering::Relaxed),
             illegal_transitions: self.illegal.load(Ordering::Relaxed),

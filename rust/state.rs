@@ -251,6 +251,26 @@ impl StateCell {
         }
     }
 
+    /// Clears `FLAG_HELD` if the token is still WAITING (it leaves its place outside the
+    /// pool alive); false, with the flag kept, if it was settled there.
+    pub fn leave_held(&self) -> bool {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            if cur & STATE_MASK != TokenState::Waiting as u8 {
+                return false;
+            }
+            match self.0.compare_exchange_weak(
+                cur,
+                cur & !FLAG_HELD,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
     /// Sets `FLAG_FINISHING` if the token is EXECUTING and not finishing already.
     pub fn begin_finishing(&self) -> bool {
         let mut cur = self.0.load(Ordering::Acquire);

@@ -721,7 +721,7 @@ impl TaskToken {
         let killed = match tok.rt.sched.kill(&tok.header) {
             Ok(_) => {
                 drop(tok.take_call());
-                crate::governor::release_permits(py, slf);
+                crate::governor::settled(py, slf);
                 true
             }
             Err(TokenState::Executing) => tok.rt.sched.cancel_running(&tok.header).is_ok(),
@@ -743,7 +743,7 @@ impl TaskToken {
         match tok.rt.sched.kill(&tok.header) {
             Ok(_) => {
                 drop(tok.take_call());
-                crate::governor::release_permits(slf.py(), slf);
+                crate::governor::settled(slf.py(), slf);
                 TaskToken::notify_listeners(slf)?;
                 Ok(true)
             }
