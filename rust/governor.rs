@@ -527,10 +527,24 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
 }
 
 /// Into the mailboxes or pool; a token settled meanwhile gives its permits back.
+/// A token that enters after the workers were told to stop (a retry or chain step of a token
+/// that outlived `stop()`'s timeout) could never run: it is killed instead.
 fn enter(py: Python<'_>, shared: &Arc<Shared>, job: Job, front: bool) {
     let keep = job.clone_ref(py);
     if !shared.sched.unhold(job, front) {
         release_permits(py, keep.bind(py));
+        return;
+    }
+    if shared.sched.is_shutdown() {
+        kill_stranded(py, shared, keep.bind(py));
+    }
+}
+
+fn kill_stranded(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>) {
+    if shared.sched.kill(&tok.get().header).is_ok() {
+        drop(tok.get().take_call());
+        settled(py, tok);
+        let _ = TaskToken::notify_listeners(tok);
     }
 }
 
@@ -908,6 +922,9 @@ pub fn chain<'py>(
             },
         ),
     )?;
+    if shared.sched.is_shutdown() {
+        return Err(CoreError::NotRunning.into_pyerr(py));
+    }
     shared.sched.accept_early();
     if let Err(Listener::Chain(c)) = p.add_listener(Listener::Chain(child.clone().unbind())) {
         continue_chain(parent, c.bind(py));
@@ -944,6 +961,10 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
             }
             if shared.gov.inline {
                 run_inline(py, &shared, child, true);
+                return;
+            }
+            if shared.sched.is_shutdown() {
+                kill_stranded(py, &shared, child);
                 return;
             }
             if !shared.sched.hold_accepted(&c.header) {
