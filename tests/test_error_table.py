@@ -29,9 +29,12 @@ from tokengate import (
     GuardedFunction,
     InternalError,
     InvalidDecoration,
+    InvalidOption,
     InvalidTag,
     OperationsCoordinator,
     PoolFull,
+    Retry,
+    TokenCancelled,
     TokenDeadlock,
     TokenGateError,
     TokenKilled,
@@ -105,6 +108,81 @@ def _get_killed(ctx):
     token = coord.submit(print)
     assert token.kill()
     token.get()
+
+
+def _get_killed_running(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    latch = ctx.make_latch()
+    token = coord.submit(latch.enter)
+    assert latch.wait_entered(1)
+    assert token.kill()  # CANCELLING: the waiters are released, the task still runs
+    try:
+        token.get(timeout=SAFETY)
+    finally:
+        latch.release()
+
+
+def _own_timeout(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1)
+    latch = ctx.make_latch()
+    token = task_token_guard(operation_type="slow", timeout=0.01)(latch.enter)()
+    try:
+        token.get(timeout=SAFETY)
+    finally:
+        latch.release()
+
+
+def _checkpoint_after_kill(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    started, killed, returned = threading.Event(), threading.Event(), threading.Event()
+    box = {}
+
+    def task():
+        started.set()
+        killed.wait(SAFETY)
+        try:
+            tokengate.checkpoint()
+        except BaseException as exc:
+            box["exc"] = exc
+        finally:
+            returned.set()
+
+    token = coord.submit(task)
+    assert started.wait(SAFETY)
+    assert token.kill()
+    killed.set()
+    assert returned.wait(SAFETY)
+    if "exc" in box:
+        raise box["exc"]
+
+
+def _retry_exhausted(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1)
+
+    def poll():
+        raise Retry(delay=0)
+
+    token = task_token_guard(operation_type="poll", retries=1)(poll)()
+    token.get(timeout=SAFETY)
+
+
+def _unknown_option(ctx):
+    task_token_guard(operation_type="typo")(print).options(priorty="high")
+
+
+def _reprioritize_bad_id(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.reprioritize("7", "high")
+
+
+def _set_limit_bad_operation(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.set_limit("", max_concurrency=1)
+
+
+def _set_storage_limit_bad_tier(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.set_storage_limit("WARP", 3)
 
 
 def _get_timeout(ctx):
@@ -367,7 +445,29 @@ ROWS = [
         _pool_full_timeout,
     ),
     Row("killed", TokenKilled, Exception, "was killed before it ran", _get_killed),
+    Row(
+        "killed-running",
+        TokenKilled,
+        Exception,
+        "was killed while it ran; its result is discarded",
+        _get_killed_running,
+    ),
     Row("timeout", TokenTimeout, TimeoutError, "(held) did not finish within 0.01 s", _get_timeout),
+    Row(
+        "token-timeout",
+        TokenTimeout,
+        TimeoutError,
+        "(slow) timed out: its timeout of 0.01 s passed before it finished",
+        _own_timeout,
+    ),
+    Row(
+        "checkpoint",
+        TokenCancelled,
+        Exception,
+        "was killed: stop this task (checkpoint() raises until it returns)",
+        _checkpoint_after_kill,
+    ),
+    Row("retry-exhausted", Retry, Exception, "retry requested (delay=0)", _retry_exhausted),
     Row(
         "deadlock",
         TokenDeadlock,
@@ -416,6 +516,28 @@ ROWS = [
         ValueError,
         "operation_type must be a non-empty string or None, got '  '",
         _decorate(operation_type="  "),
+    ),
+    Row(
+        "option-type",
+        InvalidOption,
+        TypeError,
+        "retry_on must be an exception class or a tuple of them "
+        "(e.g. (ConnectionError, TokenTimeout)), got 42",
+        _decorate(retry_on=42),
+    ),
+    Row(
+        "option-range",
+        ConfigurationError,
+        ValueError,
+        "timeout must be a number of seconds > 0 or None, got 0",
+        _decorate(timeout=0),
+    ),
+    Row(
+        "unknown-option",
+        InvalidOption,
+        TypeError,
+        "unknown option(s) 'priorty'; valid: limit_by, max_concurrency, on_exhausted, priority,",
+        _unknown_option,
     ),
     Row(
         "decorate-coroutine",
@@ -503,6 +625,27 @@ ROWS = [
         _bad_active,
     ),
     Row(
+        "token-id",
+        ConfigurationError,
+        ValueError,
+        "token_id must be a token id (an int >= 0), got '7'",
+        _reprioritize_bad_id,
+    ),
+    Row(
+        "limit-operation",
+        ConfigurationError,
+        ValueError,
+        "operation must be a non-empty str, got ''",
+        _set_limit_bad_operation,
+    ),
+    Row(
+        "storage-tier",
+        ConfigurationError,
+        ValueError,
+        "storage tier must be one of SLOW, MODERATE, FAST, INSANE, got",
+        _set_storage_limit_bad_tier,
+    ),
+    Row(
         "token-timeout-value",
         ConfigurationError,
         ValueError,
@@ -522,6 +665,20 @@ ROWS = [
         ValueError,
         "decorated_calls must be True or False, got 1",
         _config(decorated_calls=1),
+    ),
+    Row(
+        "config-mode",
+        ConfigurationError,
+        ValueError,
+        "mode must be 'threads' or 'inline', got 'fast'",
+        _config(mode="fast"),
+    ),
+    Row(
+        "config-storage-limits",
+        ConfigurationError,
+        ValueError,
+        "storage_limits: unknown tier 'WARP'; valid: SLOW, MODERATE, FAST, INSANE",
+        _config(storage_limits={"WARP": 1}),
     ),
     Row(
         "executor-weight",
