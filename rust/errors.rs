@@ -78,6 +78,14 @@ pub enum CoreError {
         id: u64,
         operation: String,
     },
+    /// A chain step ended without running because the step before it was killed or timed
+    /// out.
+    Upstream {
+        id: u64,
+        operation: String,
+        parent: u64,
+        timed_out: bool,
+    },
     /// Raised inside a task by `checkpoint()` once its token was killed or timed out.
     Cancelled {
         id: u64,
@@ -100,6 +108,10 @@ impl CoreError {
             CoreError::Killed { .. } | CoreError::KilledRunning { .. } => "TokenKilled",
             CoreError::Timeout { .. } | CoreError::TimedOut { .. } => "TokenTimeout",
             CoreError::Cancelled { .. } => "TokenCancelled",
+            CoreError::Upstream {
+                timed_out: true, ..
+            } => "TokenTimeout",
+            CoreError::Upstream { .. } => "TokenKilled",
             CoreError::Deadlock(_) => "TokenDeadlock",
             CoreError::Config(_) => "ConfigurationError",
             CoreError::Internal(_) => "InternalError",
@@ -174,6 +186,20 @@ impl CoreError {
             CoreError::KilledRunning { id, operation } => {
                 format!("token {id} ({operation}) was killed while it ran; its result is discarded")
             }
+            CoreError::Upstream {
+                id,
+                operation,
+                parent,
+                timed_out,
+            } => format!(
+                "token {id} ({operation}) did not run: token {parent}, the step before it in \
+                 its chain, {}",
+                if *timed_out {
+                    "timed out"
+                } else {
+                    "was killed"
+                }
+            ),
             CoreError::Cancelled { id, operation, why } => format!(
                 "token {id} ({operation}) was {why}: stop this task (checkpoint() raises \
                  until it returns)"

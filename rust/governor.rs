@@ -73,6 +73,9 @@ pub struct Gov {
     limit: Option<(Arc<LimitEntry>, String)>,
     tier: Option<usize>,
     held_at: Option<HeldAt>,
+    /// The step before this one in its chain, when it ended this one by ending (killed,
+    /// timed out) without running it.
+    pub upstream: Option<u64>,
     pub errors: Vec<Py<PyBaseException>>,
     /// Which of its deadlines is current (a retry schedules a new one).
     deadline_gen: u32,
@@ -97,6 +100,9 @@ pub struct Governor {
     any_limits: AtomicBool,
     /// Passthrough mode: calls run in the caller.
     pub inline: bool,
+    /// Set by `kill_pending` (a stop that kills what has not started), cleared when
+    /// admission opens again: a retry or chain step that comes up meanwhile is killed too.
+    pub killing: AtomicBool,
     /// The timer thread, started with the first timer (most programs never need one).
     thread: Mutex<Option<JoinHandle<()>>>,
     thread_started: AtomicBool,
@@ -121,6 +127,7 @@ impl Governor {
             limits: RwLock::new(HashMap::new()),
             any_limits: AtomicBool::new(false),
             inline,
+            killing: AtomicBool::new(false),
             thread: Mutex::new(None),
             thread_started: AtomicBool::new(false),
             runtime: OnceLock::new(),
@@ -145,10 +152,9 @@ impl Governor {
         let mut released = Vec::new();
         {
             let mut map = self.limits.write().unwrap_or_else(|e| e.into_inner());
-            match conf {
-                None => {
-                    map.remove(operation);
-                }
+            // No limit at all is a limit too: it overrides the decorator's.
+            match Some(conf.unwrap_or_default()) {
+                None => unreachable!(),
                 Some(conf) => match map.get(operation) {
                     Some(e) if e.limit_by == limit_by => {
                         let g = e.limiter.set_conf(conf, now_ns(), alive)?;
@@ -321,7 +327,7 @@ impl Governor {
             .iter()
             .position(|(n, _)| n.eq_ignore_ascii_case(tier))
             .ok_or_else(|| {
-                format!("storage tier must be one of SLOW, MODERATE, FAST, INSANE, got {tier:?}")
+                format!("storage tier must be one of 'SLOW', 'MODERATE', 'FAST', 'INSANE', got '{tier}'")
             })?;
         if limit == 0 {
             return Err(format!(
@@ -535,9 +541,16 @@ fn enter(py: Python<'_>, shared: &Arc<Shared>, job: Job, front: bool) {
         release_permits(py, keep.bind(py));
         return;
     }
-    if shared.sched.is_shutdown() {
+    if stranded(shared) {
         kill_stranded(py, shared, keep.bind(py));
     }
+}
+
+/// Whether a token coming up now (a retry, a chain step) must be killed rather than run: the
+/// workers were told to stop, or a stop is killing everything that has not started.
+fn stranded(shared: &Shared) -> bool {
+    shared.sched.is_shutdown()
+        || (shared.gov.killing.load(Ordering::Acquire) && shared.sched.is_closed())
 }
 
 fn kill_stranded(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>) {
@@ -885,7 +898,7 @@ pub fn after_failure(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
         return;
     };
     if let Err(e) = cb.bind(py).call1((tok,)) {
-        e.write_unraisable(py, Some(cb.bind(py)));
+        crate::token::log_callback_error(py, cb.bind(py), e);
     }
 }
 
@@ -963,7 +976,7 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
                 run_inline(py, &shared, child, true);
                 return;
             }
-            if shared.sched.is_shutdown() {
+            if stranded(&shared) {
                 kill_stranded(py, &shared, child);
                 return;
             }
@@ -987,6 +1000,7 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
             fail_outside(py, &shared, child, err);
         }
         TokenState::TimedOut => {
+            c.with_gov(|g| g.upstream = Some(p.header.id));
             if shared.sched.time_out(&c.header).is_ok() {
                 drop(c.take_call());
                 let _ = TaskToken::notify_listeners(child);
@@ -994,6 +1008,7 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
         }
         _ => {
             // Killed (before or while it ran).
+            c.with_gov(|g| g.upstream = Some(p.header.id));
             if shared.sched.kill(&c.header).is_ok() {
                 drop(c.take_call());
                 let _ = TaskToken::notify_listeners(child);
@@ -1010,7 +1025,7 @@ fn fail_outside(
     err: Py<PyBaseException>,
 ) {
     let c = child.get();
-    if !shared.sched.claim_outside(&c.header, true) {
+    if !shared.sched.claim_outside(&c.header, true, false) {
         return;
     }
     drop(c.take_call());
@@ -1033,7 +1048,7 @@ pub fn run_inline(
 ) {
     let t = tok.get();
     let h = &t.header;
-    if !shared.sched.claim_outside(h, accepted) {
+    if !shared.sched.claim_outside(h, accepted, true) {
         return;
     }
     let started = now_ns();
@@ -1068,6 +1083,7 @@ pub fn run_inline(
                 if delay > 0.0 {
                     py.detach(|| std::thread::sleep(Duration::from_secs_f64(delay)));
                 }
+                shared.sched.count_outside_retry();
                 h.next_attempt();
             }
             None => {

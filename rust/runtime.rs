@@ -185,6 +185,17 @@ fn current(py: Python<'_>) -> Option<(Bound<'_, TaskToken>, u32)> {
     any.cast_into::<TaskToken>().ok().map(|t| (t, top.attempt))
 }
 
+/// Whether a passthrough call has run longer than its timeout (nothing else can see it: no
+/// timer watches calls run in their caller).
+fn inline_overdue(t: &TaskToken) -> bool {
+    let Some(timeout) = t.op.policy.as_ref().and_then(|p| p.timeout) else {
+        return false;
+    };
+    t.header
+        .started_ns()
+        .is_some_and(|s| (crate::clock::now_ns().saturating_sub(s) as f64) / 1e9 > timeout)
+}
+
 /// The token of the task running on this thread (None outside a task).
 #[pyfunction]
 pub fn current_token(py: Python<'_>) -> Option<Bound<'_, TaskToken>> {
@@ -200,9 +211,11 @@ pub fn checkpoint(py: Python<'_>) -> PyResult<()> {
         return Ok(());
     };
     let t = tok.get();
+    let replaced = "timed out (a new attempt replaces this one)";
     let why = match t.header.state.load() {
-        TokenState::Executing if t.header.attempt() == attempt => return Ok(()),
-        TokenState::Executing => "timed out (a new attempt replaces this one)",
+        _ if t.header.attempt() != attempt => replaced,
+        TokenState::Executing if t.rt.gov.inline && inline_overdue(t) => "timed out",
+        TokenState::Executing => return Ok(()),
         TokenState::TimedOut => "timed out",
         TokenState::Waiting | TokenState::Admitted => "timed out (a new attempt replaces this one)",
         _ => "killed",
@@ -799,6 +812,9 @@ fn submit_governed(
     mut room: RoomWait,
 ) -> PyResult<()> {
     if shared.gov.inline {
+        if shared.sched.is_closed() {
+            return Err(CoreError::AdmissionClosed.into_pyerr(py));
+        }
         governor::run_inline(py, shared, tok, false);
         return Ok(());
     }
@@ -1168,6 +1184,7 @@ impl Runtime {
     }
 
     fn open(&self) {
+        self.shared.gov.killing.store(false, Ordering::Release);
         self.shared.sched.open();
     }
 
@@ -1230,6 +1247,7 @@ impl Runtime {
         if self.shared.forked() {
             return Ok(0);
         }
+        self.shared.gov.killing.store(true, Ordering::Release);
         no_panic(py, || {
             let mut pending = self.shared.sched.take_pending();
             // Tokens waiting outside the pool: held by a limiter, or for a retry's delay.

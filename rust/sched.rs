@@ -1258,7 +1258,8 @@ impl<J: Job> Scheduler<J> {
     /// Claims a CREATED token to run or end it outside any worker (passthrough mode, a chain
     /// step failing with its parent's cause): EXECUTING. `accepted`: it was counted by
     /// `accept_early`. Pair with `finish_outside`.
-    pub fn claim_outside(&self, h: &Header, accepted: bool) -> bool {
+    /// `run`: it runs (an attempt is counted and its start stamped); else it only ends.
+    pub fn claim_outside(&self, h: &Header, accepted: bool, run: bool) -> bool {
         if h.state
             .transition(TokenState::Created, TokenState::Executing)
             .is_err()
@@ -1269,9 +1270,16 @@ impl<J: Job> Scheduler<J> {
             self.accepted.fetch_add(1, Ordering::AcqRel);
         }
         self.outside_started.fetch_add(1, Ordering::AcqRel);
-        h.next_attempt();
-        h.stamp_started(now_ns());
+        if run {
+            h.next_attempt();
+            h.stamp_started(now_ns());
+        }
         true
+    }
+
+    /// A passthrough call failed and runs again in its caller.
+    pub fn count_outside_retry(&self) {
+        self.retried_outside.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Ends a token claimed by `claim_outside` as COMPLETED or FAILED (false if it was

@@ -345,7 +345,18 @@ impl TaskToken {
     fn killed_error(&self, py: Python<'_>) -> PyErr {
         let id = self.header.id;
         let operation = self.op.operation_type.bind(py).to_string();
-        match self.header.state.load() {
+        let state = self.header.state.load();
+        let upstream = lock(&self.slot).gov.as_ref().and_then(|g| g.upstream);
+        if let Some(parent) = upstream {
+            return CoreError::Upstream {
+                id,
+                operation,
+                parent,
+                timed_out: state == TokenState::TimedOut,
+            }
+            .into_pyerr(py);
+        }
+        match state {
             TokenState::TimedOut => CoreError::TimedOut {
                 id,
                 operation,
@@ -430,7 +441,7 @@ fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) -> Option<Py
 
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-fn log_callback_error(py: Python<'_>, cb: &Bound<'_, PyAny>, e: PyErr) {
+pub(crate) fn log_callback_error(py: Python<'_>, cb: &Bound<'_, PyAny>, e: PyErr) {
     let logged = LOGGER
         .get_or_try_init(py, || {
             py.import("logging")?
@@ -599,13 +610,23 @@ impl TaskToken {
     /// error if its retries ran out).
     #[getter]
     fn errors(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
-        let slot = lock(&self.slot);
-        slot.gov.as_ref().map_or_else(Vec::new, |g| {
-            g.errors
-                .iter()
-                .map(|e| e.clone_ref(py).into_any())
-                .collect()
-        })
+        let mut out: Vec<Py<PyAny>> = {
+            let slot = lock(&self.slot);
+            slot.gov.as_ref().map_or_else(Vec::new, |g| {
+                g.errors
+                    .iter()
+                    .map(|e| e.clone_ref(py).into_any())
+                    .collect()
+            })
+        };
+        // A failed token's own exception is its last attempt's error (kept apart from the
+        // list when it had no retries).
+        if let Some(Err(e)) = self.outcome() {
+            if !out.last().is_some_and(|l| l.is(e.as_any())) {
+                out.push(e.clone_ref(py).into_any());
+            }
+        }
+        out
     }
 
     /// Seconds each attempt may take (None: no timeout).

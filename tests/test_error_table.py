@@ -102,6 +102,29 @@ def _pool_full_timeout(ctx):
     coord.submit(print)
 
 
+def _memory_budget_reject(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1, memory_budget=4096, overflow="reject")
+    coord.pause()
+    coord.submit(len, b"x" * 3000)
+    coord.submit(len, b"x" * 3000)
+
+
+def _memory_budget_timeout(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1, memory_budget=4096, submit_timeout=0.01)
+    coord.pause()
+    coord.submit(len, b"x" * 3000)
+    coord.submit(len, b"x" * 3000)
+
+
+def _chain_upstream_killed(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.pause()
+    first = coord.submit(print)
+    second = first.then(print)
+    assert first.kill()
+    second.get(timeout=SAFETY)
+
+
 def _get_killed(ctx):
     coord = ctx.make_coord(cores=1, workers_per_core=1)
     coord.pause()
@@ -444,6 +467,23 @@ ROWS = [
         "token pool is full (pool_capacity=2) and no room freed within submit_timeout=0.01 s",
         _pool_full_timeout,
     ),
+    Row(
+        "memory-budget-reject",
+        PoolFull,
+        Exception,
+        "memory budget for queued work is full (memory_budget=4096 bytes, 3000 queued, this "
+        "call's arguments about 3000) and overflow='reject'; raise memory_budget or use "
+        "overflow='block'",
+        _memory_budget_reject,
+    ),
+    Row(
+        "memory-budget-timeout",
+        PoolFull,
+        Exception,
+        "(memory_budget=4096 bytes, 3000 queued, this call's arguments about 3000) and no room "
+        "freed within submit_timeout=0.01 s",
+        _memory_budget_timeout,
+    ),
     Row("killed", TokenKilled, Exception, "was killed before it ran", _get_killed),
     Row(
         "killed-running",
@@ -459,6 +499,13 @@ ROWS = [
         TimeoutError,
         "(slow) timed out: its timeout of 0.01 s passed before it finished",
         _own_timeout,
+    ),
+    Row(
+        "chain-upstream",
+        TokenKilled,
+        Exception,
+        "did not run: token 1, the step before it in its chain, was killed",
+        _chain_upstream_killed,
     ),
     Row(
         "checkpoint",
@@ -642,7 +689,7 @@ ROWS = [
         "storage-tier",
         ConfigurationError,
         ValueError,
-        "storage tier must be one of SLOW, MODERATE, FAST, INSANE, got",
+        "storage tier must be one of 'SLOW', 'MODERATE', 'FAST', 'INSANE', got",
         _set_storage_limit_bad_tier,
     ),
     Row(

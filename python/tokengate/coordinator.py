@@ -591,7 +591,7 @@ class OperationsCoordinator:
         once and/or ``rate_limit`` per second (``rate_burst`` at once), per operation or per
         value of the tag ``limit_by``. Raising a limit admits waiting tokens at once;
         lowering one never stops running tokens. With neither ``max_concurrency`` nor
-        ``rate_limit`` the limit set here is removed."""
+        ``rate_limit`` the operation runs unlimited (its decorator's limit is lifted too)."""
         if not isinstance(operation, str) or not operation:
             raise ConfigurationError(f"operation must be a non-empty str, got {operation!r}")
         clean = _options.normalize(

@@ -198,7 +198,7 @@ def task_token_guard(
     ``@task_token_guard(operation_type=..., tags=..., priority=...)``.
     """
     lane = _parse_priority(priority)
-    clean_policy = _options.normalize(policy)
+    clean_policy = _options.normalize(policy, also_valid=("priority",))
     if isinstance(operation_type, (staticmethod, classmethod)) or (
         callable(operation_type) and not isinstance(operation_type, str)
     ):

@@ -40,9 +40,9 @@ _SPEED_INDEX = {name: i for i, name in enumerate(STORAGE_SPEEDS)}
 _INDEX_SPEED = {i: name for name, i in _SPEED_INDEX.items()}
 
 
-def _number(name: str, value: object) -> float:
+def _number(name: str, value: object, unit: str = "seconds") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidOption(f"{name} must be a number of seconds, got {value!r}")
+        raise InvalidOption(f"{name} must be a number of {unit}, got {value!r}")
     try:
         return float(value)
     except OverflowError:
@@ -105,14 +105,15 @@ def _retry_on(value: object) -> tuple[type[BaseException], ...] | None:
     return tuple(items)
 
 
-def normalize(options: Mapping[str, Any]) -> dict[str, Any]:
+def normalize(options: Mapping[str, Any], also_valid: tuple[str, ...] = ()) -> dict[str, Any]:
     """Checks the policy keywords in ``options`` and returns them as the core takes them
-    (unknown names raise :class:`InvalidOption` listing the valid ones)."""
+    (unknown names raise :class:`InvalidOption` listing the valid ones: the policy keywords
+    and ``also_valid``, the caller's own)."""
     unknown = sorted(set(options) - set(POLICY_OPTIONS))
     if unknown:
         raise InvalidOption(
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid: "
-            f"{', '.join(sorted(POLICY_OPTIONS))}"
+            f"{', '.join(sorted((*also_valid, *POLICY_OPTIONS)))}"
         )
     o = {**POLICY_OPTIONS, **options}
     out: dict[str, Any] = {}
@@ -143,7 +144,7 @@ def normalize(options: Mapping[str, Any]) -> dict[str, Any]:
     out["max_concurrency"] = None if mc is None else _count("max_concurrency", mc, 1)
     rate = o["rate_limit"]
     if rate is not None:
-        r = _number("rate_limit", rate)
+        r = _number("rate_limit", rate, "tokens per second")
         if not (0 < r < math.inf):
             raise ConfigurationError(
                 f"rate_limit must be a number of tokens per second > 0, got {rate!r}"
