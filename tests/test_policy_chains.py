@@ -183,7 +183,6 @@ def test_failure_propagates_down_the_chain(coord):
     assert s["failed"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="bug B6: a propagated failure counts an attempt")
 def test_a_step_failed_by_propagation_did_not_start(coord):
     ran = []
     head = coord.submit(lambda: 1 / 0)
@@ -302,7 +301,6 @@ def test_a_timeout_propagates_down_the_chain(make_coord, make_latch):
     assert s["timed_out"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="bug B7: propagated timeout says 'timeout of 0 s'")
 def test_a_propagated_timeout_says_which_token_timed_out(make_coord, make_latch):
     """The later steps have no timeout of their own: their error must not claim one."""
     make_coord(cores=1, workers_per_core=2)
@@ -392,7 +390,6 @@ def test_drain_waits_for_chain_steps_not_yet_submitted(make_coord, make_latch):
     _quiescent(coord)
 
 
-@pytest.mark.xfail(strict=True, reason="bug B8: stop(wait=False) lets pending chain steps run")
 def test_stop_without_wait_kills_pending_steps(make_coord, make_latch):
     """stop(wait=False) kills every token that has not started: a chain step whose head is
     still running when the stop begins must not run afterwards."""
