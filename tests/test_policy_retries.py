@@ -346,6 +346,22 @@ def test_retry_backoff_max_caps_the_delay(make_coord):
     assert all(g >= 0.01 - EPS for g in gaps)
 
 
+@pytest.mark.xfail(strict=True, reason="bug B14: decorator backoff options without retries dropped")
+def test_backoff_from_the_decorator_applies_to_retries_given_per_call(make_coord):
+    """Declare the retry policy once, enable retries per call."""
+    make_coord(cores=1, workers_per_core=2)
+
+    @task_token_guard(operation_type="rt_deco_backoff", retry_backoff=0.05, retry_jitter=False)
+    def fetch(flaky):
+        return flaky()
+
+    flaky = Flaky(fails=1)
+    token = fetch.options(retries=1)(flaky)
+    assert token.get(timeout=SAFETY) == "ok"
+    assert token.attempts == 2
+    assert flaky.starts[1] - flaky.starts[0] >= 0.05 - EPS
+
+
 def test_full_jitter_spreads_the_delays_below_the_backoff(make_coord):
     """With full jitter each delay is uniform in [0, backoff]: among 20 tokens at least one
     waited less than half the backoff (all waiting more has probability 2**-20)."""
