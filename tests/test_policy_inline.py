@@ -222,7 +222,6 @@ def test_a_closed_gate_refuses_inline_calls(inline):
     assert fn().get(timeout=0) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug B12: inline mode starts every worker thread")
 def test_inline_mode_starts_no_worker_threads(tmp_path):
     """Passthrough runs "without threads": starting an inline coordinator must not spawn its
     workers (counted by the OS, in a fresh interpreter)."""
@@ -271,7 +270,6 @@ def test_tokengate_inline_env_off(make_coord, monkeypatch, value):
     assert token.get(timeout=SAFETY) != threading.get_ident()
 
 
-@pytest.mark.xfail(strict=True, reason="bug B13: TOKENGATE_INLINE=false enables inline mode")
 @pytest.mark.parametrize("value", ["false", "no", "off", "False"])
 def test_tokengate_inline_env_false_words_do_not_enable_it(make_coord, monkeypatch, value):
     monkeypatch.setenv("TOKENGATE_INLINE", value)

@@ -331,7 +331,6 @@ def test_rate_limit_no_fixed_window_double_burst(make_coord):
         assert s - t0 >= max(0, k - burst + 1) / rate - 0.01, (k, s - t0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug B9: removing a keyed limit leaves tokens held")
 def test_rate_limit_per_tenant(make_coord):
     coord = make_coord(cores=1, workers_per_core=4)
     work = task_token_guard(
@@ -401,7 +400,6 @@ def test_set_limit_removed_means_no_limit(make_coord, make_latch):
     _quiescent(coord)
 
 
-@pytest.mark.xfail(strict=True, reason="bug B9: removing a keyed limit leaves tokens held")
 def test_set_limit_removing_a_keyed_limit_admits_held_tokens(make_coord, make_latch):
     coord = make_coord(cores=1, workers_per_core=6)
     latch = make_latch()

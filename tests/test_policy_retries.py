@@ -346,7 +346,6 @@ def test_retry_backoff_max_caps_the_delay(make_coord):
     assert all(g >= 0.01 - EPS for g in gaps)
 
 
-@pytest.mark.xfail(strict=True, reason="bug B14: decorator backoff options without retries dropped")
 def test_backoff_from_the_decorator_applies_to_retries_given_per_call(make_coord):
     """Declare the retry policy once, enable retries per call."""
     make_coord(cores=1, workers_per_core=2)

@@ -428,7 +428,6 @@ def test_a_failed_options_call_leaves_the_function_untouched(coord):
     assert token.priority == "low"
 
 
-@pytest.mark.xfail(strict=True, reason="bug B14: decorator backoff options without retries dropped")
 def test_options_validates_the_merged_options_not_only_the_new_ones():
     fn = task_token_guard(operation_type="val_merged", rate_limit=5.0)(_target)
     fn.options(rate_burst=3)  # rate_limit comes from the decorator
