@@ -552,3 +552,27 @@ def test_stop_without_wait_kills_held_tokens(make_coord, make_latch):
     assert s["held"] == 0
     assert s["killed"] == 8
     assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug B16: priority is ignored while a token is held")
+def test_a_high_priority_token_gets_the_next_slot(make_coord, make_latch):
+    coord = make_coord(cores=1, workers_per_core=4)
+    latch = make_latch()
+    order = []
+
+    @task_token_guard(operation_type="lim_prio", max_concurrency=1)
+    def work(label):
+        if label == "blocker":
+            latch.enter()
+        else:
+            order.append(label)
+
+    blocker = work("blocker")
+    assert latch.wait_entered(1)
+    lows = [work.options(priority="low")(f"low{i}") for i in range(3)]
+    high = work.options(priority="high")("high")
+    assert wait_until(lambda: coord.stats()["held"] == 4)
+    latch.release()
+    for t in [blocker, *lows, high]:
+        t.get(timeout=SAFETY)
+    assert order == ["high", "low0", "low1", "low2"]

@@ -555,6 +555,40 @@ def test_a_timed_out_attempt_is_retried_when_retry_on_includes_token_timeout(
     assert s["retried"] == 1
 
 
+def test_each_attempt_gets_its_full_timeout(make_coord):
+    """timeout=0.2: attempt 1 runs out its 0.2 s; attempt 2, started at about 0.2 s, runs for
+    at least 0.1 s more (until a 0.1 s witness timed out). Had its deadline been counted from
+    the token's submission it would have been overdue at once."""
+    make_coord(cores=1, workers_per_core=3)
+
+    def until_cancelled():
+        def cancelled():
+            try:
+                tokengate.checkpoint()
+            except TokenCancelled:
+                return True
+            return False
+
+        assert wait_until(cancelled)
+        tokengate.checkpoint()
+
+    witness = task_token_guard(operation_type="rt_witness", timeout=0.1)(until_cancelled)
+
+    @task_token_guard(operation_type="rt_full", timeout=0.2, retries=1, retry_on=TokenTimeout)
+    def fn():
+        if tokengate.current_token().attempts == 1:
+            until_cancelled()
+        w = witness()
+        with pytest.raises(TokenTimeout):
+            w.get(timeout=SAFETY)
+        return "second"
+
+    token = fn()
+    assert token.get(timeout=SAFETY) == "second"
+    assert token.attempts == 2
+    assert [type(e) for e in token.errors] == [TokenTimeout]
+
+
 def test_a_timeout_is_not_retried_by_default(make_coord, make_latch):
     coord = make_coord(cores=1, workers_per_core=2)
     latch = make_latch()

@@ -625,3 +625,24 @@ def test_permits_go_round_robin_across_operations(make_coord, make_latch):
     # B's last token ran within the first few grants, not after A's backlog
     assert order.index("b2") <= 8, order
     _quiescent(coord)
+
+
+@pytest.mark.xfail(strict=True, reason="bug B16: priority is ignored while a token is held")
+def test_a_high_priority_token_gets_the_next_permit(make_coord, make_latch):
+    """SLOW limit 1: three low-priority SLOW tokens and then a high-priority one wait for the
+    permit; when it frees, the high one should run first (priority orders every queue a token
+    waits in, not only the mailboxes)."""
+    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 1})
+    latch = make_latch()
+    order = []
+    slow = task_token_guard(operation_type="tier_prio", tags={"storage_speed": "SLOW"})
+    blocker = slow(latch.enter)()
+    assert latch.wait_entered(1)
+    record = slow(order.append)
+    lows = [record.options(priority="low")(f"low{i}") for i in range(3)]
+    high = record.options(priority="high")("high")
+    assert wait_until(lambda: coord.stats()["storage"]["SLOW"]["held"] == 4)
+    latch.release()
+    for t in [blocker, *lows, high]:
+        t.get(timeout=SAFETY)
+    assert order == ["high", "low0", "low1", "low2"]
