@@ -149,32 +149,45 @@ impl Governor {
         conf: Option<LimitConf>,
         limit_by: Option<String>,
     ) -> Result<(), String> {
-        let mut released = Vec::new();
+        // No limit at all is a limit too: it overrides the decorator's.
+        let conf = conf.unwrap_or_default();
+        let mut released = None;
+        let mut moved = Vec::new();
         {
             let mut map = self.limits.write().unwrap_or_else(|e| e.into_inner());
-            // No limit at all is a limit too: it overrides the decorator's.
-            match Some(conf.unwrap_or_default()) {
-                None => unreachable!(),
-                Some(conf) => match map.get(operation) {
-                    Some(e) if e.limit_by == limit_by => {
-                        let g = e.limiter.set_conf(conf, now_ns(), alive)?;
-                        released.push((e.clone(), g));
+            match map.get(operation) {
+                Some(e) if e.limit_by == limit_by => {
+                    let g = e.limiter.set_conf(conf, now_ns(), alive)?;
+                    released = Some((e.clone(), g));
+                }
+                old => {
+                    let entry = Arc::new(LimitEntry {
+                        operation: operation.to_string(),
+                        limiter: Limiter::new(conf)?,
+                        limit_by,
+                        dead: AtomicUsize::new(0),
+                    });
+                    // Keyed differently now: the old limiter's held tokens queue again under
+                    // the new one (its running tokens release into the old one and are gone).
+                    if let Some(old) = old {
+                        moved = old.limiter.take_all();
                     }
-                    _ => {
-                        let entry = Arc::new(LimitEntry {
-                            operation: operation.to_string(),
-                            limiter: Limiter::new(conf)?,
-                            limit_by,
-                            dead: AtomicUsize::new(0),
-                        });
-                        map.insert(operation.to_string(), entry);
-                    }
-                },
+                    map.insert(operation.to_string(), entry);
+                }
             }
             self.any_limits.store(!map.is_empty(), Ordering::Relaxed);
         }
-        for (entry, g) in released {
+        if let Some((entry, g)) = released {
             self.after_grant_limit(py, &entry, g);
+        }
+        for job in moved {
+            if alive(&job) {
+                job.get().with_gov(|g| g.held_at = None);
+                let sh = job.get().rt.clone();
+                advance(py, &sh, job, Stage::Limit, false);
+            } else {
+                job.get().rt.sched.drop_held();
+            }
         }
         Ok(())
     }
@@ -898,7 +911,7 @@ pub fn after_failure(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
         return;
     };
     if let Err(e) = cb.bind(py).call1((tok,)) {
-        crate::token::log_callback_error(py, cb.bind(py), e);
+        crate::token::log_raised(py, "on_exhausted callback", cb.bind(py), e);
     }
 }
 

@@ -90,29 +90,35 @@ impl GuardedFunction {
         } else {
             None
         };
+        // Any option away from its default keeps a policy (a backoff given without retries
+        // applies to the retries `fn.options(retries=...)` adds).
         let policy = (timeout.is_some()
             || retries > 0
             || limit.is_some()
             || on_exhausted.is_some()
-            || retry_budget.is_some())
-        .then(|| {
-            Box::new(Policy {
-                timeout,
-                retries,
-                backoff: retry_backoff,
-                backoff_max: retry_backoff_max.unwrap_or(f64::INFINITY),
-                jitter: if retry_jitter {
-                    Jitter::Full
-                } else {
-                    Jitter::None
-                },
-                retry_on: retry_on.map(Bound::unbind),
-                retry_timeouts,
-                budget: retry_budget,
-                on_exhausted: on_exhausted.map(Bound::unbind),
-                limit,
-            })
-        });
+            || retry_budget.is_some()
+            || retry_on.is_some()
+            || retry_backoff != 0.0
+            || retry_backoff_max.is_some()
+            || !retry_jitter)
+            .then(|| {
+                Box::new(Policy {
+                    timeout,
+                    retries,
+                    backoff: retry_backoff,
+                    backoff_max: retry_backoff_max.unwrap_or(f64::INFINITY),
+                    jitter: if retry_jitter {
+                        Jitter::Full
+                    } else {
+                        Jitter::None
+                    },
+                    retry_on: retry_on.map(Bound::unbind),
+                    retry_timeouts,
+                    budget: retry_budget,
+                    on_exhausted: on_exhausted.map(Bound::unbind),
+                    limit,
+                })
+            });
         Ok(GuardedFunction {
             op: Arc::new(OpSpec {
                 func: func.unbind(),

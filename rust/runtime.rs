@@ -1104,6 +1104,12 @@ impl Runtime {
             }
         }
         s.gov.bind(s);
+        if s.gov.inline {
+            // Passthrough mode runs every call in its caller: no worker threads at all.
+            for (core, wi) in slots.drain(..) {
+                s.sched.unclaim_spawn(core, wi);
+            }
+        }
         if let Err((e, _)) = s.spawn_workers(slots) {
             // Don't leave the workers that did start behind.
             s.sched.close();
@@ -1352,7 +1358,7 @@ impl Runtime {
         if sched.is_shutdown() {
             return Err(CoreError::NotRunning.into_pyerr(py));
         }
-        if self.shared.started.load(Ordering::Acquire) {
+        if self.shared.started.load(Ordering::Acquire) && !self.shared.gov.inline {
             let slots = sched.claim_for_active(core, n).map_err(CoreError::Config)?;
             if let Err((e, unstarted)) = self.shared.spawn_workers(slots) {
                 for (c, wi) in unstarted {

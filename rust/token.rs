@@ -442,6 +442,12 @@ fn call_callback(tok: &Bound<'_, TaskToken>, cb: &Bound<'_, PyAny>) -> Option<Py
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 pub(crate) fn log_callback_error(py: Python<'_>, cb: &Bound<'_, PyAny>, e: PyErr) {
+    log_raised(py, "done callback", cb, e)
+}
+
+/// Logs `e`, raised by `what` `cb`, on the "tokengate" logger (or as unraisable if logging
+/// itself fails).
+pub(crate) fn log_raised(py: Python<'_>, what: &str, cb: &Bound<'_, PyAny>, e: PyErr) {
     let logged = LOGGER
         .get_or_try_init(py, || {
             py.import("logging")?
@@ -453,7 +459,7 @@ pub(crate) fn log_callback_error(py: Python<'_>, cb: &Bound<'_, PyAny>, e: PyErr
             kw.set_item("exc_info", e.clone_ref(py).into_value(py))?;
             logger.bind(py).call_method(
                 "error",
-                ("done callback %r raised %r", cb, e.value(py)),
+                (format!("{what} %r raised %r"), cb, e.value(py)),
                 Some(&kw),
             )?;
             Ok(())

@@ -68,6 +68,20 @@ def _check_timeout(name: str, value: object) -> float | None:
     return None if seconds == math.inf else seconds
 
 
+def _mode_from_env() -> Literal["threads", "inline"]:
+    """The default ``mode``: ``"inline"`` if ``TOKENGATE_INLINE`` is 1/true/yes/on (any case),
+    ``"threads"`` if it is unset, empty or 0/false/no/off; anything else is refused."""
+    raw = os.environ.get("TOKENGATE_INLINE", "")
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return "inline"
+    if value in ("", "0", "false", "no", "off"):
+        return "threads"
+    raise ConfigurationError(
+        f"TOKENGATE_INLINE must be 1/true/yes/on or 0/false/no/off (or unset), got {raw!r}"
+    )
+
+
 def _check_storage_limits(limits: object) -> list[int] | None:
     """Per-tier permits from a ``{"SLOW": n, ...}`` mapping, in tier order; None: defaults."""
     if limits is None:
@@ -216,8 +230,9 @@ class OperationsCoordinator:
             :class:`~tokengate.Executor`, so it never takes decorated calls from another.
         mode: ``"threads"`` (the default: tokens run on the workers) or ``"inline"``
             (passthrough: every call runs synchronously in its caller and returns a finished
-            token; see docs/policy.md). The environment variable ``TOKENGATE_INLINE=1``
-            makes ``"inline"`` the default.
+            token; see docs/policy.md). The environment variable ``TOKENGATE_INLINE`` set
+            to 1/true/yes/on makes ``"inline"`` the default (0/false/no/off or unset:
+            ``"threads"``; anything else raises :class:`ConfigurationError`).
         storage_limits: tokens of each storage tier that may run at once, e.g.
             ``{"SLOW": 4}``; tiers not named keep ``STORAGE_SPEEDS`` (SLOW 10, MODERATE 25,
             FAST 50, INSANE 70).
@@ -262,9 +277,7 @@ class OperationsCoordinator:
             )
         self._decorated_calls = decorated_calls
         if mode is None:
-            mode = (
-                "inline" if os.environ.get("TOKENGATE_INLINE", "") not in ("", "0") else "threads"
-            )
+            mode = _mode_from_env()
         if mode not in ("threads", "inline"):
             raise ConfigurationError(f"mode must be 'threads' or 'inline', got {mode!r}")
         self._mode = mode
