@@ -5,6 +5,7 @@ is valid, and normalised into the keywords of the core's ``GuardedFunction``."""
 from __future__ import annotations
 
 import functools
+import gc
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -229,15 +230,27 @@ def build(
     policy: Mapping[str, Any],
     wraps: object,
 ) -> GuardedFunction:
-    """The core's guarded function for validated settings."""
-    guarded = GuardedFunction(
-        func,
-        name,
-        WEIGHT_INDEX[weight],
-        priority,
-        None if speed is None else _SPEED_INDEX[speed],
-        tags,
-        **policy,
-    )
+    """The core's guarded function for validated settings.
+
+    It is made with the cyclic garbage collector paused: PyO3 (0.30) tracks a
+    ``#[pyclass(dict)]`` object for the collector before its Rust fields are written and
+    allocates its ``__dict__`` in between, so a collection at that moment would traverse
+    fields that do not exist yet (a crash). Nothing else runs meanwhile (the GIL is held).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        guarded = GuardedFunction(
+            func,
+            name,
+            WEIGHT_INDEX[weight],
+            priority,
+            None if speed is None else _SPEED_INDEX[speed],
+            tags,
+            **policy,
+        )
+    finally:
+        if enabled:
+            gc.enable()
     functools.update_wrapper(guarded, wraps)  # type: ignore[arg-type]
     return guarded
