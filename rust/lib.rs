@@ -16,6 +16,7 @@ pub mod waits;
 mod errors;
 mod exitguard;
 mod guarded;
+mod monitor;
 mod runtime;
 mod token;
 

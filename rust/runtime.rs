@@ -40,9 +40,12 @@ pub struct Shared {
     stack_size: usize,
     /// Whether decorated calls come here while it runs (see `register`).
     decorated_calls: bool,
-    threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
+    pub(crate) threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
     fork_gen: u64,
+    /// Whether a monitor thread gives busy cores more workers at once (`monitor.rs`).
+    grow_on_demand: bool,
+    pub(crate) growth: crate::monitor::Counters,
 }
 
 /// The runtimes decorated calls go to; the last started one wins.
@@ -532,7 +535,7 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
 impl Shared {
     /// Starts one thread per slot, in order; on the first failure the slots not started are
     /// returned (still claimed) with the error.
-    fn spawn_workers(
+    pub(crate) fn spawn_workers(
         self: &Arc<Self>,
         slots: Vec<(usize, usize)>,
     ) -> Result<(), (CoreError, Vec<(usize, usize)>)> {
@@ -695,6 +698,21 @@ fn int_in(value: &Bound<'_, PyAny>, lo: usize, hi: usize) -> PyResult<Option<usi
 }
 
 impl Runtime {
+    /// `stats()["growth"]`: what the growth monitor did.
+    fn growth_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let g = &self.shared.growth;
+        let d = PyDict::new(py);
+        d.set_item("enabled", self.shared.grow_on_demand)?;
+        d.set_item("running", g.running.load(Ordering::Acquire))?;
+        d.set_item("busy_for_s", crate::monitor::BUSY_FOR.as_secs_f64())?;
+        d.set_item("pressure", g.pressure.load(Ordering::Relaxed))?;
+        d.set_item("gil_busy", g.gil_busy.load(Ordering::Relaxed))?;
+        d.set_item("gil_waiters", g.gil_waiters.load(Ordering::Relaxed))?;
+        d.set_item("grown", g.grown.load(Ordering::Relaxed))?;
+        d.set_item("workers_added", g.workers_added.load(Ordering::Relaxed))?;
+        Ok(d)
+    }
+
     /// 0-based index of 1-based `core`, or a `ConfigurationError` naming the valid range.
     fn core_index(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {
         let n = self.shared.sched.cores();
@@ -712,7 +730,8 @@ impl Runtime {
     #[new]
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
-        pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true))]
+        pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
+        grow_on_demand=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -726,6 +745,7 @@ impl Runtime {
         first_token_id: u64,
         worker_stack_size: Option<usize>,
         decorated_calls: bool,
+        grow_on_demand: bool,
     ) -> PyResult<Self> {
         let cpus = allowed_cpus();
         let n = cores.unwrap_or(cpus.len());
@@ -782,6 +802,8 @@ impl Runtime {
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
                 fork_gen: FORK_GEN.load(Ordering::SeqCst),
+                grow_on_demand,
+                growth: Default::default(),
             }),
         })
     }
@@ -817,6 +839,10 @@ impl Runtime {
                 }
             });
             return Err(e.into_pyerr(py));
+        }
+        if self.shared.grow_on_demand && !crate::monitor::start(&self.shared) {
+            // No monitor thread: the runtime runs without on-demand growth (stats() shows it).
+            self.shared.spawn_failures.fetch_add(1, Ordering::Relaxed);
         }
         if self.shared.decorated_calls {
             register(&self.shared);
@@ -1082,6 +1108,8 @@ impl Runtime {
         d.set_item("workers_per_core", cfg.workers_per_core)?;
         d.set_item("pool_capacity", cfg.pool_capacity)?;
         d.set_item("mailbox_capacity", cfg.mailbox_capacity)?;
+        d.set_item("max_workers_per_core", cfg.max_workers_per_core)?;
+        d.set_item("growth", self.growth_stats(py)?)?;
         let per_core = PyList::empty(py);
         for (i, c) in st.per_core.iter().enumerate() {
             let cd = PyDict::new(py);
@@ -1095,6 +1123,12 @@ impl Runtime {
             cd.set_item("queue_depth", c.queue_depth)?;
             cd.set_item("executing", c.executing)?;
             cd.set_item("load", c.load)?;
+            cd.set_item("busy_workers", self.shared.sched.busy_targets(i))?;
+            cd.set_item("pool_backlog", c.pool_backlog)?;
+            cd.set_item("grown_on_demand", c.grown_on_demand)?;
+            cd.set_item("grown_workers", c.grown_workers)?;
+            cd.set_item("busy_seconds", c.busy_ns as f64 / 1e9)?;
+            cd.set_item("wait_histogram", c.wait_histogram.to_vec())?;
             let routed = PyDict::new(py);
             for w in Weight::ALL {
                 routed.set_item(w.name(), c.routed[w as usize])?;

@@ -40,7 +40,8 @@ class _Call:
 
 def _busy_coordinator(make_coord, make_latch, queued=10):
     """One worker held in a task, ``queued`` tokens behind it."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     running = coord.submit(latch.enter)
     assert latch.wait_entered(1)

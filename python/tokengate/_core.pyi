@@ -115,6 +115,7 @@ class Runtime:
         first_token_id: int = 1,
         worker_stack_size: int | None = None,
         decorated_calls: bool = True,
+        grow_on_demand: bool = True,
     ) -> Runtime: ...
     def start(self) -> None: ...
     def submit(

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 from . import _core
 from ._core import TaskToken
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
+from .policy.convergence import Convergence, ConvergenceOptions, check_interval
 
 __all__ = ["OperationsCoordinator"]
 
@@ -194,6 +195,16 @@ class OperationsCoordinator:
             coordinator while it runs (the last started one that accepts them gets them);
             ``False`` for a coordinator used only through :meth:`submit` or an
             :class:`~tokengate.Executor`, so it never takes decorated calls from another.
+        grow_on_demand: a monitor thread gives a core more active workers (up to
+            ``max_workers_per_core``) within about a millisecond when every worker of the core
+            has been executing its token for 1 ms or more with the GIL released (a sleep, I/O,
+            a lock) while tokens for the core queue, as ``ThreadPoolExecutor`` starts threads
+            on demand. ``False``: a core runs exactly the workers it was given (a hard limit
+            of its concurrency). See docs/convergence.md.
+        convergence_interval: seconds between convergence rounds on the control loop, which
+            set each core's active worker count from what it did meanwhile (fewer under light
+            load, down to 1; one more per round under sustained pressure). ``None`` or ``0``
+            disables convergence. Default 5.0.
     """
 
     def __init__(
@@ -209,6 +220,8 @@ class OperationsCoordinator:
         worker_stack_size: int | None = None,
         *,
         decorated_calls: bool = True,
+        grow_on_demand: bool = True,
+        convergence_interval: float | None = 5.0,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -226,6 +239,12 @@ class OperationsCoordinator:
                 f"decorated_calls must be True or False, got {decorated_calls!r}"
             )
         self._decorated_calls = decorated_calls
+        if not isinstance(grow_on_demand, bool):
+            raise ConfigurationError(
+                f"grow_on_demand must be True or False, got {grow_on_demand!r}"
+            )
+        self._grow_on_demand = grow_on_demand
+        self._convergence_interval = check_interval("convergence_interval", convergence_interval)
         self._max_workers = (
             None
             if max_workers_per_core is None
@@ -243,6 +262,8 @@ class OperationsCoordinator:
         self._stopping: _Stop | None = None
         self._rate = 0.0
         self._forked = False
+        self._convergence_options = ConvergenceOptions()
+        self._convergence: Convergence | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -272,6 +293,7 @@ class OperationsCoordinator:
                     _default_stack_size() if self._stack_size is None else self._stack_size
                 ),
                 decorated_calls=self._decorated_calls,
+                grow_on_demand=self._grow_on_demand,
             )
             rt.start()
             self._rt = rt
@@ -279,6 +301,11 @@ class OperationsCoordinator:
             self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
             self._control.start()
             self._control.submit(self._sample_rate())
+            if self._convergence_interval is not None:
+                self._convergence = Convergence(
+                    rt, self._convergence_interval, self._convergence_options
+                )
+                self._control.submit(self._convergence.run())
             _running.add(self)
         if self._pin and not rt.pinned:
             log.warning(
@@ -508,11 +535,18 @@ class OperationsCoordinator:
         s["paused"] = rt.paused
         s["admission_open"] = self._rt is not None and not rt.closed
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
+        conv = self._convergence
+        s["convergence"] = (
+            conv.summary()
+            if conv is not None and conv.rt is rt
+            else Convergence.empty_summary(self._convergence_interval)
+        )
         return s
 
     def set_active_workers(self, core: int, n: int) -> None:
         """Set how many workers of 1-based ``core`` receive new work (1 to
-        ``max_workers_per_core``); threads start as needed."""
+        ``max_workers_per_core``); threads start as needed. With ``grow_on_demand`` and
+        convergence on (the defaults) the count changes again as the load does."""
         self._runtime().set_active_workers(core, n)
 
     def active_workers(self, core: int) -> int:

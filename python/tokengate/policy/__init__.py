@@ -1,0 +1,5 @@
+"""Policy: the Python side of the rules the Rust core enforces (decisions that change rarely)."""
+
+from .convergence import ConvergenceOptions, CoreFigures, decide
+
+__all__ = ["ConvergenceOptions", "CoreFigures", "decide"]
