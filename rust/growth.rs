@@ -12,7 +12,7 @@
 //! GIL, not a wait, is what holds those workers is for the monitor to find out (see
 //! `monitor.rs`); shrinking back is the Python convergence loop's job.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -41,16 +41,31 @@ pub fn bucket_upper_us(i: usize) -> u64 {
     1u64 << i.min(63)
 }
 
+/// `SlotFigures::clock` of a slot whose thread's CPU clock is not known.
+pub const NO_CLOCK: i64 = i64::MIN;
+
 /// Per worker slot. Only the slot's own thread writes (a token runs on the thread of the slot
 /// that started it, inline runs included), so plain load + store is enough: no locked
 /// instruction on the hot path. Readers see a recent value.
-#[derive(Default)]
 pub(crate) struct SlotFigures {
     /// When the token it runs (or ran last) started.
     busy_since: AtomicU64,
     /// Nanoseconds spent executing tokens that finished.
     busy_ns: AtomicU64,
     waits: [AtomicU64; WAIT_BUCKETS],
+    /// The CPU-time clock of the slot's thread (`pthread_getcpuclockid`), or `NO_CLOCK`.
+    clock: AtomicI64,
+}
+
+impl Default for SlotFigures {
+    fn default() -> Self {
+        SlotFigures {
+            busy_since: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            waits: Default::default(),
+            clock: AtomicI64::new(NO_CLOCK),
+        }
+    }
 }
 
 #[inline]
@@ -240,6 +255,27 @@ impl<J: Job> Scheduler<J> {
             }
         }
         n
+    }
+
+    /// Records the CPU-time clock of the thread of slot `(core, wi)` (the binding reads it to
+    /// tell computing workers from waiting ones).
+    pub fn set_thread_clock(&self, core: usize, wi: usize, clock: i64) {
+        self.cores[core].workers[wi]
+            .figures
+            .clock
+            .store(clock, Ordering::Relaxed);
+    }
+
+    /// The CPU-time clocks of core `core`'s target workers that execute a token now.
+    pub fn busy_target_clocks(&self, core: usize) -> Vec<i64> {
+        let cs = &self.cores[core];
+        let end = self.target_end(core);
+        cs.workers[..end]
+            .iter()
+            .filter(|w| w.serves() && w.started.load(Ordering::Acquire) > w.finished())
+            .map(|w| w.figures.clock.load(Ordering::Relaxed))
+            .filter(|&c| c != NO_CLOCK)
+            .collect()
     }
 
     /// How many of core `core`'s target workers execute a token right now.

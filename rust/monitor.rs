@@ -16,7 +16,14 @@
 //!    `BACKOFF`;
 //! 2. it lets the GIL go and watches the core's activity (tokens accepted, started, finished:
 //!    each needs the GIL) for `CONFIRM`: threads that were only waiting for the GIL take it at
-//!    once and run tokens; threads that wait on something else do not. Little activity: grow.
+//!    once and run tokens; threads that wait on something else do not. Then it takes the GIL
+//!    once more (a thread that took it meanwhile and runs Python shows up here). Little
+//!    activity and a free GIL: the workers wait on something else.
+//! 3. Over the same `CONFIRM` window it reads the CPU time of the core's busy workers
+//!    (Linux thread CPU clocks): workers that compute with the GIL released (hashing) keep
+//!    the core's CPU busy, and more threads on it would only time-slice. A core whose busy
+//!    workers used half a CPU or more (pinned; with `pin_workers=False` half a CPU per busy
+//!    worker, up to the CPUs there are) does not grow.
 //!
 //! It ticks every `TICK` while tokens are in flight, and parks once nothing has been in flight
 //! for `IDLE_AFTER`; a worker that finds work after parking wakes it (`Scheduler::wake_monitor`,
@@ -43,11 +50,17 @@ const CONFIRM: Duration = Duration::from_micros(200);
 /// More activity than this during `CONFIRM` means the GIL, not a wait, holds the workers.
 const CONFIRM_ACTIVITY: u64 = 8;
 const BACKOFF: Duration = Duration::from_millis(20);
+/// After workers took the GIL at once, or every qualifying core was computing.
+const SHORT_BACKOFF: Duration = Duration::from_millis(5);
 
 /// What the monitor did (`stats()["growth"]`).
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) running: std::sync::atomic::AtomicBool,
+    /// Rounds of the monitor loop (one per `TICK` while tokens are in flight).
+    pub(crate) ticks: AtomicU64,
+    /// Cores that qualified but whose busy workers were computing (no growth).
+    pub(crate) cpu_bound: AtomicU64,
     /// Ticks at which some core qualified (`growth_plan` non-empty).
     pub(crate) pressure: AtomicU64,
     /// Of those, how often the GIL was busy (no growth, back off) or the workers came back
@@ -110,27 +123,86 @@ fn run(shared: &Arc<Shared>, parker: &Parker) {
         } else {
             idle_since = None;
         }
-        if Instant::now() >= quiet_until && !sched.growth_plan(now_ns(), busy_for).is_empty() {
+        shared.growth.ticks.fetch_add(1, Ordering::Relaxed);
+        let plan = if Instant::now() >= quiet_until {
+            sched.growth_plan(now_ns(), busy_for)
+        } else {
+            Vec::new()
+        };
+        if !plan.is_empty() {
             shared.growth.pressure.fetch_add(1, Ordering::Relaxed);
-            match gil_free() {
-                None => return, // finalizing
-                Some(false) => {
+            let cores: Vec<usize> = plan.iter().map(|g| g.core).collect();
+            match check(shared, &cores) {
+                Verdict::Finalizing => return,
+                Verdict::GilBusy => {
                     shared.growth.gil_busy.fetch_add(1, Ordering::Relaxed);
                     quiet_until = Instant::now() + BACKOFF;
                 }
-                Some(true) => {
-                    let before = sched.activity();
-                    spin_for(CONFIRM);
-                    if sched.activity().wrapping_sub(before) > CONFIRM_ACTIVITY {
-                        shared.growth.gil_waiters.fetch_add(1, Ordering::Relaxed);
+                Verdict::GilWaiters => {
+                    shared.growth.gil_waiters.fetch_add(1, Ordering::Relaxed);
+                    quiet_until = Instant::now() + SHORT_BACKOFF;
+                }
+                Verdict::Grow { computing } => {
+                    shared
+                        .growth
+                        .cpu_bound
+                        .fetch_add(computing.len() as u64, Ordering::Relaxed);
+                    if computing.len() == cores.len() {
+                        quiet_until = Instant::now() + SHORT_BACKOFF;
                     } else {
-                        grow(shared, busy_for);
+                        grow(shared, busy_for, &computing);
                     }
                 }
             }
         }
         parker.park_timeout(TICK);
     }
+}
+
+enum Verdict {
+    Finalizing,
+    /// Someone runs Python: the workers wait for the GIL.
+    GilBusy,
+    /// Threads took the GIL and ran tokens as soon as the monitor let it go.
+    GilWaiters,
+    /// The workers wait on something else; the cores in `computing` kept their CPU busy.
+    Grow {
+        computing: Vec<usize>,
+    },
+}
+
+/// Steps 1-3 of the module doc for the qualifying `cores`.
+fn check(shared: &Arc<Shared>, cores: &[usize]) -> Verdict {
+    let sched = &shared.sched;
+    match gil_free() {
+        None => return Verdict::Finalizing,
+        Some(false) => return Verdict::GilBusy,
+        Some(true) => {}
+    }
+    let cpu_before = cpu_times(shared, cores);
+    let (t0, before) = (Instant::now(), sched.activity());
+    spin_for(CONFIRM);
+    let after = sched.activity();
+    let cpu_after = cpu_times(shared, cores);
+    let wall = t0.elapsed().as_nanos() as u64;
+    if after.wrapping_sub(before) > CONFIRM_ACTIVITY {
+        return Verdict::GilWaiters;
+    }
+    match gil_free() {
+        None => return Verdict::Finalizing,
+        Some(false) => return Verdict::GilBusy,
+        Some(true) => {}
+    }
+    let computing = cores
+        .iter()
+        .zip(cpu_before.iter().zip(cpu_after.iter()))
+        .filter(|(_, ((b, _), (a, n)))| {
+            let cap = if shared.pin { 1 } else { (*n).clamp(1, cpus()) };
+            a.saturating_sub(*b).saturating_mul(2) >= wall.saturating_mul(cap as u64)
+        })
+        .map(|(&c, _)| c)
+        .collect();
+    Verdict::Grow { computing }
 }
 
 /// Whether this thread got the GIL within `PROBE_FAST`; `None` if the interpreter is
@@ -148,11 +220,58 @@ fn spin_for(d: Duration) {
     }
 }
 
-/// Applies the current growth plan: starts the threads the new targets need, then routes to
-/// them.
-fn grow(shared: &Arc<Shared>, busy_for: u64) {
+/// CPU time (ns) used so far by the busy target workers of each of `cores`, and how many were
+/// read.
+fn cpu_times(shared: &Arc<Shared>, cores: &[usize]) -> Vec<(u64, usize)> {
+    cores
+        .iter()
+        .map(|&c| {
+            let clocks = shared.sched.busy_target_clocks(c);
+            let n = clocks.len();
+            (clocks.into_iter().filter_map(clock_ns).sum(), n)
+        })
+        .collect()
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The CPU-time clock of the calling thread (`None` where there is none to read from another
+/// thread).
+pub(crate) fn this_thread_clock() -> Option<i64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut id: libc::clockid_t = 0;
+        // SAFETY: pthread_self() is the calling thread; `id` is a valid out pointer.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) } == 0 {
+            return Some(id as i64);
+        }
+    }
+    None
+}
+
+/// Nanoseconds of CPU time on `clock` (a thread CPU-time clock), `None` if it cannot be read
+/// (e.g. the thread exited).
+fn clock_ns(clock: i64) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec we pass; an invalid clock id only
+    // makes it fail.
+    let r = unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// Applies the current growth plan but for the cores in `skip`: starts the threads the new
+/// targets need, then routes to them.
+fn grow(shared: &Arc<Shared>, busy_for: u64, skip: &[usize]) {
     let sched = &shared.sched;
     for g in sched.growth_plan(now_ns(), busy_for) {
+        if skip.contains(&g.core) {
+            continue;
+        }
         let Some(claim) = sched.claim_growth(g) else {
             continue;
         };

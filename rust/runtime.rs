@@ -31,7 +31,7 @@ pub struct Shared {
     /// Tasks blocked inside a wait (for deadlock checks and `drain()` from a task).
     waits: WaitGraph,
     cpu_map: Vec<usize>,
-    pin: bool,
+    pub(crate) pin: bool,
     pin_failures: AtomicUsize,
     internal_errors: AtomicUsize,
     spawn_failures: AtomicUsize,
@@ -497,6 +497,9 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
             shared.pin_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+    if let Some(clock) = crate::monitor::this_thread_clock() {
+        shared.sched.set_thread_clock(core, wi, clock);
+    }
     let sh = shared.clone();
     let run = move || {
         // Built on this thread (the stack is not Send): the context waits inside tasks use.
@@ -705,7 +708,9 @@ impl Runtime {
         d.set_item("enabled", self.shared.grow_on_demand)?;
         d.set_item("running", g.running.load(Ordering::Acquire))?;
         d.set_item("busy_for_s", crate::monitor::BUSY_FOR.as_secs_f64())?;
+        d.set_item("ticks", g.ticks.load(Ordering::Relaxed))?;
         d.set_item("pressure", g.pressure.load(Ordering::Relaxed))?;
+        d.set_item("cpu_bound", g.cpu_bound.load(Ordering::Relaxed))?;
         d.set_item("gil_busy", g.gil_busy.load(Ordering::Relaxed))?;
         d.set_item("gil_waiters", g.gil_waiters.load(Ordering::Relaxed))?;
         d.set_item("grown", g.grown.load(Ordering::Relaxed))?;

@@ -31,6 +31,7 @@ __all__ = [
     "ConvergenceOptions",
     "CoreFigures",
     "Decision",
+    "Trial",
     "check_interval",
     "decide",
     "figures_from_stats",
@@ -66,11 +67,13 @@ class ConvergenceOptions:
         headroom: a core keeps ``ceil(average busy workers * headroom)`` workers.
         pressure_wait_s: a queue whose submit-to-start wait p95 reaches this is under
             pressure: the core grows by one worker per round (while that shortens the wait).
+        hold_rounds: rounds a core holds off growing after a step that did not help.
     """
 
     floor: int = 1
     headroom: float = 1.5
     pressure_wait_s: float = 0.005
+    hold_rounds: int = 6
 
 
 @dataclass(frozen=True)
@@ -95,30 +98,42 @@ class CoreFigures:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """What :func:`decide` remembers about a core between rounds: the wait p95 and the queue
+    length before its last growth step (to undo a step that shortened neither) and how many
+    more rounds it holds off growing after an undo."""
+
+    wait_s: float | None = None
+    queued: int = 0
+    hold: int = 0
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The active worker count for one core, and what :func:`decide` remembers for the next
-    round (the wait p95 before a growth step, to undo a step that did not help)."""
+    """The active worker count for one core, why, and its :class:`Trial` for the next round."""
 
     core: int
     target: int
     reason: str
-    trial_wait_s: float | None = None
+    trial: Trial = Trial()
 
 
 def decide(
     figures: Sequence[CoreFigures],
     options: ConvergenceOptions = ConvergenceOptions(),
-    trials: Mapping[int, float] | None = None,
+    trials: Mapping[int, Trial] | None = None,
 ) -> list[Decision]:
     """Target active worker counts, one :class:`Decision` per core of ``figures``.
 
-    - **Pressure** (tokens queue and their wait p95 reached ``pressure_wait_s``): one more
-      worker — unless the previous round already added one for this reason and the wait did
-      not drop by at least 10 %: then that worker is taken back (what holds the queue is
-      something more workers do not fix, such as the GIL or the CPU).
+    - **Pressure**: tokens queue and either their wait p95 reached ``pressure_wait_s`` or
+      none started during the interval while every worker was busy (a stall). The core gets
+      one more worker per round — unless the previous round added one for this reason and
+      neither did the wait drop by 10 % nor the queue get shorter: then that worker is taken
+      back and the core holds for ``hold_rounds`` rounds (what keeps the queue is something
+      more workers do not fix, such as the GIL or the CPU).
     - **Otherwise** the core keeps ``max(ceil(avg_busy * headroom), busy_now + 1 if tokens
-      queue else busy_now, floor)`` workers if that is fewer than it has (never more: growth
-      is for pressure and for the on-demand monitor).
+      queue else busy_now, floor)`` workers if that is fewer than it has (never more here:
+      growth is for pressure and for the on-demand monitor).
 
     Every target lies between ``options.floor`` and the core's ``max_workers``.
     """
@@ -126,20 +141,25 @@ def decide(
     out = []
     for f in figures:
         floor = max(1, min(options.floor, f.max_workers))
-        pressure = (
-            f.queued > 0 and f.wait_p95_s is not None and f.wait_p95_s >= options.pressure_wait_s
-        )
-        before = trials.get(f.core)
-        if pressure and before is not None and f.wait_p95_s is not None:
-            if f.wait_p95_s > 0.9 * before:
-                target, reason = f.active - 1, "undo: the last step did not shorten the wait"
-                trial = None
+        before = trials.get(f.core, Trial())
+        hold = max(0, before.hold - 1)
+        wait = f.wait_p95_s
+        if wait is None and f.queued > 0 and f.busy_now >= f.active:
+            wait = math.inf  # a stall: nothing started although tokens queue
+        pressure = f.queued > 0 and wait is not None and wait >= options.pressure_wait_s
+        trial = Trial(None, 0, hold)
+        if pressure and wait is not None and before.wait_s is not None:
+            if wait > 0.9 * before.wait_s and f.queued >= before.queued:
+                target, reason = f.active - 1, "undo: the last step did not help"
+                trial = Trial(None, 0, options.hold_rounds)
             else:
-                target, reason, trial = f.active + 1, "pressure", f.wait_p95_s
+                target, reason = f.active + 1, "pressure"
+                trial = Trial(wait, f.queued, hold)
+        elif pressure and wait is not None and hold == 0 and f.active < f.max_workers:
+            target, reason, trial = f.active + 1, "pressure", Trial(wait, f.queued, 0)
         elif pressure:
-            target, reason, trial = f.active + 1, "pressure", f.wait_p95_s
+            target, reason = f.active, "steady"
         else:
-            trial = None
             queued = 1 if f.queued > 0 else 0
             need = max(math.ceil(f.avg_busy * options.headroom - 1e-9), f.busy_now + queued)
             target, reason = min(f.active, need), "light load"
@@ -207,7 +227,7 @@ class Convergence:
         self.interval = interval
         self.options = options
         self._counts = _Counts()
-        self._trials: dict[int, float] = {}
+        self._trials: dict[int, Trial] = {}
 
     @staticmethod
     def empty_summary(interval: float | None) -> dict[str, Any]:
@@ -241,15 +261,12 @@ class Convergence:
         decisions = decide(figures, self.options, self._trials)
         self._counts.rounds += 1
         for f, d in zip(figures, decisions, strict=True):
-            if d.trial_wait_s is None:
-                self._trials.pop(d.core, None)
-            else:
-                self._trials[d.core] = d.trial_wait_s
+            self._trials[d.core] = d.trial
             if d.target == f.active:
                 continue
             if rt.active_workers(d.core) != f.active:
                 # Changed since the snapshot (grown on demand): decide again next round.
-                self._trials.pop(d.core, None)
+                self._trials[d.core] = Trial(None, 0, d.trial.hold)
                 continue
             rt.set_active_workers(d.core, d.target)
             up = d.target > f.active
