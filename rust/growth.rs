@@ -266,16 +266,32 @@ impl<J: Job> Scheduler<J> {
             .store(clock, Ordering::Relaxed);
     }
 
-    /// The CPU-time clocks of core `core`'s target workers that execute a token now.
-    pub fn busy_target_clocks(&self, core: usize) -> Vec<i64> {
+    /// The slots and CPU-time clocks of core `core`'s target workers that execute a token now.
+    pub fn busy_target_clocks(&self, core: usize) -> Vec<(usize, i64)> {
         let cs = &self.cores[core];
         let end = self.target_end(core);
         cs.workers[..end]
             .iter()
-            .filter(|w| w.serves() && w.started.load(Ordering::Acquire) > w.finished())
-            .map(|w| w.figures.clock.load(Ordering::Relaxed))
-            .filter(|&c| c != NO_CLOCK)
+            .enumerate()
+            .filter(|(_, w)| w.serves() && w.started.load(Ordering::Acquire) > w.finished())
+            .map(|(wi, w)| (wi, w.figures.clock.load(Ordering::Relaxed)))
+            .filter(|&(_, c)| c != NO_CLOCK)
             .collect()
+    }
+
+    /// Tokens queued for core `core`: in its mailboxes, plus the pool tokens of the weights it
+    /// accepts (0 while paused).
+    pub fn queued_for(&self, core: usize) -> usize {
+        let cs = &self.cores[core];
+        let pool: usize = if self.is_paused() {
+            0
+        } else {
+            (0..3)
+                .filter(|&w| cs.accepts[w])
+                .map(|w| self.pool_len_w[w].load(Ordering::Acquire))
+                .sum()
+        };
+        pool + cs.workers.iter().map(|w| w.mailbox.len()).sum::<usize>()
     }
 
     /// How many of core `core`'s target workers execute a token right now.

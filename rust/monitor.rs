@@ -19,16 +19,20 @@
 //!    once and run tokens; threads that wait on something else do not. Then it takes the GIL
 //!    once more (a thread that took it meanwhile and runs Python shows up here). Little
 //!    activity and a free GIL: the workers wait on something else.
-//! 3. Over the same `CONFIRM` window it reads the CPU time of the core's busy workers
-//!    (Linux thread CPU clocks): workers that compute with the GIL released (hashing) keep
-//!    the core's CPU busy, and more threads on it would only time-slice. A core whose busy
-//!    workers used half a CPU or more (pinned; with `pin_workers=False` half a CPU per busy
-//!    worker, up to the CPUs there are) does not grow.
+//! 3. It reads the CPU time of the core's busy workers (Linux thread CPU clocks) from one tick
+//!    to the next (over the `CONFIRM` window where no earlier reading exists): workers that
+//!    compute with the GIL released (hashing) keep the core's CPU busy, and more threads on it
+//!    would only time-slice. A core whose busy workers used half a CPU or more (pinned; with
+//!    `pin_workers=False` half a CPU per busy worker, up to the CPUs there are) does not grow.
+//!    This is a heuristic: a computing worker that the host deschedules (steal time) or that
+//!    waits for the GIL between two GIL-releasing calls reads as waiting, so a CPU-bound core
+//!    can still grow now and then; it then time-slices its CPU until convergence shrinks it.
 //!
 //! It ticks every `TICK` while tokens are in flight, and parks once nothing has been in flight
 //! for `IDLE_AFTER`; a worker that finds work after parking wakes it (`Scheduler::wake_monitor`,
 //! an atomic check on a path that already made a syscall), so an idle coordinator costs no CPU.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +54,8 @@ const CONFIRM: Duration = Duration::from_micros(200);
 /// More activity than this during `CONFIRM` means the GIL, not a wait, holds the workers.
 const CONFIRM_ACTIVITY: u64 = 8;
 const BACKOFF: Duration = Duration::from_millis(20);
+/// The shortest tick-to-tick window a CPU reading is used over.
+const MIN_CPU_WINDOW_NS: u64 = 500_000;
 /// After workers took the GIL at once, or every qualifying core was computing.
 const SHORT_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -109,6 +115,7 @@ fn run(shared: &Arc<Shared>, parker: &Parker) {
     let busy_for = BUSY_FOR.as_nanos() as u64;
     let mut idle_since: Option<Instant> = None;
     let mut quiet_until = Instant::now();
+    let mut watch = CpuWatch::default();
     loop {
         if sched.is_shutdown() || shared.forked() {
             return;
@@ -124,6 +131,7 @@ fn run(shared: &Arc<Shared>, parker: &Parker) {
             idle_since = None;
         }
         shared.growth.ticks.fetch_add(1, Ordering::Relaxed);
+        watch.tick(shared);
         let plan = if Instant::now() >= quiet_until {
             sched.growth_plan(now_ns(), busy_for)
         } else {
@@ -132,7 +140,7 @@ fn run(shared: &Arc<Shared>, parker: &Parker) {
         if !plan.is_empty() {
             shared.growth.pressure.fetch_add(1, Ordering::Relaxed);
             let cores: Vec<usize> = plan.iter().map(|g| g.core).collect();
-            match check(shared, &cores) {
+            match check(shared, &cores, &watch) {
                 Verdict::Finalizing => return,
                 Verdict::GilBusy => {
                     shared.growth.gil_busy.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +180,7 @@ enum Verdict {
 }
 
 /// Steps 1-3 of the module doc for the qualifying `cores`.
-fn check(shared: &Arc<Shared>, cores: &[usize]) -> Verdict {
+fn check(shared: &Arc<Shared>, cores: &[usize], watch: &CpuWatch) -> Verdict {
     let sched = &shared.sched;
     match gil_free() {
         None => return Verdict::Finalizing,
@@ -196,9 +204,9 @@ fn check(shared: &Arc<Shared>, cores: &[usize]) -> Verdict {
     let computing = cores
         .iter()
         .zip(cpu_before.iter().zip(cpu_after.iter()))
-        .filter(|(_, ((b, _), (a, n)))| {
-            let cap = if shared.pin { 1 } else { (*n).clamp(1, cpus()) };
-            a.saturating_sub(*b).saturating_mul(2) >= wall.saturating_mul(cap as u64)
+        .filter(|(c, ((b, _), (a, n)))| match watch.usage.get(c) {
+            Some(&(used, m)) => computing(shared, used, m),
+            None => computing(shared, a.saturating_sub(*b) as f64 / wall.max(1) as f64, *n),
         })
         .map(|(&c, _)| c)
         .collect();
@@ -228,9 +236,61 @@ fn cpu_times(shared: &Arc<Shared>, cores: &[usize]) -> Vec<(u64, usize)> {
         .map(|&c| {
             let clocks = shared.sched.busy_target_clocks(c);
             let n = clocks.len();
-            (clocks.into_iter().filter_map(clock_ns).sum(), n)
+            (clocks.into_iter().filter_map(|(_, k)| clock_ns(k)).sum(), n)
         })
         .collect()
+}
+
+/// CPU readings of the busy workers of cores with queued tokens, kept from one tick to the
+/// next: over a whole tick the share of a CPU those workers used is far less noisy than over
+/// the short confirmation window (which is used where no earlier reading exists, e.g. when
+/// tokens just started to queue).
+#[derive(Default)]
+struct CpuWatch {
+    /// `(core, slot) -> (wall ns, cpu ns)` of the last tick.
+    last: HashMap<(usize, usize), (u64, u64)>,
+    /// Per core: CPUs its busy workers used since the last tick, if every one of them had a
+    /// reading there.
+    usage: HashMap<usize, (f64, usize)>,
+}
+
+impl CpuWatch {
+    fn tick(&mut self, shared: &Arc<Shared>) {
+        let sched = &shared.sched;
+        let mut next = HashMap::new();
+        self.usage.clear();
+        for c in 0..sched.cores() {
+            if sched.queued_for(c) == 0 {
+                continue;
+            }
+            let (mut used, mut n, mut complete) = (0.0, 0usize, true);
+            for (wi, clock) in sched.busy_target_clocks(c) {
+                let Some(cpu) = clock_ns(clock) else {
+                    complete = false;
+                    continue;
+                };
+                let wall = now_ns();
+                match self.last.get(&(c, wi)) {
+                    Some(&(w0, c0)) if wall > w0 + MIN_CPU_WINDOW_NS => {
+                        used += cpu.saturating_sub(c0) as f64 / (wall - w0) as f64;
+                        n += 1;
+                    }
+                    _ => complete = false,
+                }
+                next.insert((c, wi), (wall, cpu));
+            }
+            if complete && n > 0 {
+                self.usage.insert(c, (used, n));
+            }
+        }
+        self.last = next;
+    }
+}
+
+/// Whether busy workers that used `used` CPUs (`n` of them) keep their core's CPU busy.
+fn computing(shared: &Shared, used: f64, n: usize) -> bool {
+    let cap = if shared.pin { 1 } else { n.clamp(1, cpus()) };
+    used >= 0.5 * cap as f64
 }
 
 fn cpus() -> usize {
