@@ -123,8 +123,9 @@ fn run(shared: &Arc<Shared>, parker: &Parker) {
         if sched.in_flight() == 0 {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= IDLE_AFTER {
+                // Still idle after the park (its timeout is only a safety net): park again at
+                // once; work in flight resets `idle_since` below.
                 sched.park_monitor(parker, IDLE_PARK);
-                idle_since = None;
                 continue;
             }
         } else {
