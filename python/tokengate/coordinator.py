@@ -14,12 +14,14 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import _core
 from ._core import TaskToken
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
-from .policy.convergence import Convergence, ConvergenceOptions, check_interval
+
+if TYPE_CHECKING:
+    from .policy.convergence import Convergence
 
 __all__ = ["OperationsCoordinator"]
 
@@ -244,6 +246,9 @@ class OperationsCoordinator:
                 f"grow_on_demand must be True or False, got {grow_on_demand!r}"
             )
         self._grow_on_demand = grow_on_demand
+        # Imported here, not with the package: `import tokengate` stays as fast as it was.
+        from .policy.convergence import check_interval
+
         self._convergence_interval = check_interval("convergence_interval", convergence_interval)
         self._max_workers = (
             None
@@ -262,7 +267,6 @@ class OperationsCoordinator:
         self._stopping: _Stop | None = None
         self._rate = 0.0
         self._forked = False
-        self._convergence_options = ConvergenceOptions()
         self._convergence: Convergence | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -302,8 +306,10 @@ class OperationsCoordinator:
             self._control.start()
             self._control.submit(self._sample_rate())
             if self._convergence_interval is not None:
+                from .policy.convergence import Convergence, ConvergenceOptions
+
                 self._convergence = Convergence(
-                    rt, self._convergence_interval, self._convergence_options
+                    rt, self._convergence_interval, ConvergenceOptions()
                 )
                 self._control.submit(self._convergence.run())
             _running.add(self)
@@ -536,11 +542,12 @@ class OperationsCoordinator:
         s["admission_open"] = self._rt is not None and not rt.closed
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
         conv = self._convergence
-        s["convergence"] = (
-            conv.summary()
-            if conv is not None and conv.rt is rt
-            else Convergence.empty_summary(self._convergence_interval)
-        )
+        if conv is not None and conv.rt is rt:
+            s["convergence"] = conv.summary()
+        else:
+            from .policy.convergence import Convergence
+
+            s["convergence"] = Convergence.empty_summary(self._convergence_interval)
         return s
 
     def set_active_workers(self, core: int, n: int) -> None:

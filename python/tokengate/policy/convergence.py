@@ -261,6 +261,14 @@ class Convergence:
         decisions = decide(figures, self.options, self._trials)
         self._counts.rounds += 1
         for f, d in zip(figures, decisions, strict=True):
+            if f.grown:
+                log.debug(
+                    "convergence: core %d grew on demand %d time(s) since the last round "
+                    "(now %d active workers)",
+                    f.core,
+                    f.grown,
+                    f.active,
+                )
             self._trials[d.core] = d.trial
             if d.target == f.active:
                 continue
