@@ -18,6 +18,7 @@ mod errors;
 mod exitguard;
 mod governor;
 mod guarded;
+mod monitor;
 mod policy;
 mod runtime;
 mod token;

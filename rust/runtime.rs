@@ -35,7 +35,7 @@ pub struct Shared {
     /// Timeouts, retries, limits and storage tiers.
     pub(crate) gov: Governor,
     cpu_map: Vec<usize>,
-    pin: bool,
+    pub(crate) pin: bool,
     pin_failures: AtomicUsize,
     internal_errors: AtomicUsize,
     spawn_failures: AtomicUsize,
@@ -44,9 +44,12 @@ pub struct Shared {
     stack_size: usize,
     /// Whether decorated calls come here while it runs (see `register`).
     decorated_calls: bool,
-    threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
+    pub(crate) threads: Mutex<Vec<(std::thread::ThreadId, JoinHandle<()>)>>,
     started: AtomicBool,
     fork_gen: u64,
+    /// Whether a monitor thread gives busy cores more workers at once (`monitor.rs`).
+    grow_on_demand: bool,
+    pub(crate) growth: crate::monitor::Counters,
 }
 
 /// The runtimes decorated calls go to; the last started one wins.
@@ -632,6 +635,9 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
             shared.pin_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+    if let Some(clock) = crate::monitor::this_thread_clock() {
+        shared.sched.set_thread_clock(core, wi, clock);
+    }
     let sh = shared.clone();
     let run = move || {
         // Built on this thread (the stack is not Send): the context waits inside tasks use.
@@ -670,7 +676,7 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
 impl Shared {
     /// Starts one thread per slot, in order; on the first failure the slots not started are
     /// returned (still claimed) with the error.
-    fn spawn_workers(
+    pub(crate) fn spawn_workers(
         self: &Arc<Self>,
         slots: Vec<(usize, usize)>,
     ) -> Result<(), (CoreError, Vec<(usize, usize)>)> {
@@ -968,6 +974,23 @@ fn int_in(value: &Bound<'_, PyAny>, lo: usize, hi: usize) -> PyResult<Option<usi
 }
 
 impl Runtime {
+    /// `stats()["growth"]`: what the growth monitor did.
+    fn growth_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let g = &self.shared.growth;
+        let d = PyDict::new(py);
+        d.set_item("enabled", self.shared.grow_on_demand)?;
+        d.set_item("running", g.running.load(Ordering::Acquire))?;
+        d.set_item("busy_for_s", crate::monitor::BUSY_FOR.as_secs_f64())?;
+        d.set_item("ticks", g.ticks.load(Ordering::Relaxed))?;
+        d.set_item("pressure", g.pressure.load(Ordering::Relaxed))?;
+        d.set_item("cpu_bound", g.cpu_bound.load(Ordering::Relaxed))?;
+        d.set_item("gil_busy", g.gil_busy.load(Ordering::Relaxed))?;
+        d.set_item("gil_waiters", g.gil_waiters.load(Ordering::Relaxed))?;
+        d.set_item("grown", g.grown.load(Ordering::Relaxed))?;
+        d.set_item("workers_added", g.workers_added.load(Ordering::Relaxed))?;
+        Ok(d)
+    }
+
     /// 0-based index of 1-based `core`, or a `ConfigurationError` naming the valid range.
     fn core_index(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {
         let n = self.shared.sched.cores();
@@ -986,7 +1009,7 @@ impl Runtime {
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
         pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
-        mode="threads", storage_limits=None, memory_budget=None))]
+        mode="threads", storage_limits=None, memory_budget=None, grow_on_demand=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -1003,6 +1026,7 @@ impl Runtime {
         mode: &str,
         storage_limits: Option<[usize; 4]>,
         memory_budget: Option<u64>,
+        grow_on_demand: bool,
     ) -> PyResult<Self> {
         let inline = match mode {
             "threads" => false,
@@ -1079,6 +1103,8 @@ impl Runtime {
                 threads: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
                 fork_gen: FORK_GEN.load(Ordering::SeqCst),
+                grow_on_demand,
+                growth: Default::default(),
             }),
         })
     }
@@ -1121,6 +1147,10 @@ impl Runtime {
                 }
             });
             return Err(e.into_pyerr(py));
+        }
+        if self.shared.grow_on_demand && !s.gov.inline && !crate::monitor::start(&self.shared) {
+            // No monitor thread: the runtime runs without on-demand growth (stats() shows it).
+            self.shared.spawn_failures.fetch_add(1, Ordering::Relaxed);
         }
         if self.shared.decorated_calls {
             register(&self.shared);
@@ -1423,6 +1453,8 @@ impl Runtime {
         d.set_item("workers_per_core", cfg.workers_per_core)?;
         d.set_item("pool_capacity", cfg.pool_capacity)?;
         d.set_item("mailbox_capacity", cfg.mailbox_capacity)?;
+        d.set_item("max_workers_per_core", cfg.max_workers_per_core)?;
+        d.set_item("growth", self.growth_stats(py)?)?;
         let per_core = PyList::empty(py);
         for (i, c) in st.per_core.iter().enumerate() {
             let cd = PyDict::new(py);
@@ -1436,6 +1468,12 @@ impl Runtime {
             cd.set_item("queue_depth", c.queue_depth)?;
             cd.set_item("executing", c.executing)?;
             cd.set_item("load", c.load)?;
+            cd.set_item("busy_workers", self.shared.sched.busy_targets(i))?;
+            cd.set_item("pool_backlog", c.pool_backlog)?;
+            cd.set_item("grown_on_demand", c.grown_on_demand)?;
+            cd.set_item("grown_workers", c.grown_workers)?;
+            cd.set_item("busy_seconds", c.busy_ns as f64 / 1e9)?;
+            cd.set_item("wait_histogram", c.wait_histogram.to_vec())?;
             let routed = PyDict::new(py);
             for w in Weight::ALL {
                 routed.set_item(w.name(), c.routed[w as usize])?;

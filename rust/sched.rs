@@ -21,6 +21,9 @@ use crate::router::{self, Priority, Weight};
 use crate::state::{Header, TokenState, TransitionError, FLAG_HELD};
 use crate::sync::lock;
 
+#[path = "growth.rs"]
+pub mod growth;
+
 /// Anything the scheduler can carry: it only needs the token header.
 pub trait Job: Send + Sync + 'static {
     fn header(&self) -> &Header;
@@ -181,6 +184,9 @@ struct WorkerSlot<J> {
     /// and goes on to a retry.
     discarded: AtomicU64,
     retried: AtomicU64,
+    /// On-demand growth and convergence figures (`growth.rs`), written only by this slot's
+    /// thread.
+    figures: growth::SlotFigures,
 }
 
 impl<J> WorkerSlot<J> {
@@ -199,6 +205,7 @@ impl<J> WorkerSlot<J> {
             failed: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            figures: growth::SlotFigures::default(),
         }
     }
 
@@ -214,6 +221,14 @@ impl<J> WorkerSlot<J> {
 
     fn finished(&self) -> u64 {
         self.completed.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire)
+    }
+
+    /// Attempts that ended on this worker, whatever became of their token (with `started`:
+    /// whether it runs one now).
+    pub(crate) fn ended(&self) -> u64 {
+        self.finished()
+            + self.discarded.load(Ordering::Acquire)
+            + self.retried.load(Ordering::Acquire)
     }
 
     /// Not blocked, and a thread runs (or is being started for) it.
@@ -236,6 +251,9 @@ struct CoreSlot<J> {
     load: AtomicUsize,
     routed: [AtomicU64; 3],
     accepts: [bool; 3],
+    /// How often (and by how many workers) `grow` raised `active` on demand.
+    grown: AtomicU64,
+    grown_workers: AtomicU64,
 }
 
 struct PoolQueues<J> {
@@ -313,6 +331,15 @@ pub struct CoreStats {
     pub executing: u64,
     pub load: usize,
     pub routed: [u64; 3],
+    /// Tokens of its weights waiting in the pool (shared with other cores accepting them).
+    pub pool_backlog: usize,
+    /// Times `active` was raised on demand, and by how many workers in all.
+    pub grown_on_demand: u64,
+    pub grown_workers: u64,
+    /// Nanoseconds its workers spent executing tokens (finished ones).
+    pub busy_ns: u64,
+    /// Submit-to-start waits of the tokens started here, in log2 microsecond buckets.
+    pub wait_histogram: [u64; growth::WAIT_BUCKETS],
 }
 
 pub struct Scheduler<J> {
@@ -359,6 +386,8 @@ pub struct Scheduler<J> {
     spinners: AtomicUsize,
     /// Argument bytes of the queued tokens that are counted (see `reserve_bytes`).
     queued_bytes: AtomicU64,
+    /// The growth monitor's park state (`growth.rs`).
+    monitor: growth::MonitorPark,
 }
 
 impl<J: Job> Scheduler<J> {
@@ -377,6 +406,8 @@ impl<J: Job> Scheduler<J> {
                 load: AtomicUsize::new(0),
                 routed: Default::default(),
                 accepts: router::weights_for_core(c, n),
+                grown: AtomicU64::new(0),
+                grown_workers: AtomicU64::new(0),
             })
             .collect();
         let first_id = cfg.first_id;
@@ -414,6 +445,7 @@ impl<J: Job> Scheduler<J> {
             quiet_waiters: AtomicUsize::new(0),
             spinners: AtomicUsize::new(0),
             queued_bytes: AtomicU64::new(0),
+            monitor: growth::MonitorPark::new(),
         })
     }
 
@@ -476,6 +508,7 @@ impl<J: Job> Scheduler<J> {
             .fetch_or(GATE_SHUTDOWN | GATE_CLOSED, Ordering::SeqCst);
         self.notify_pool_waiters(true);
         self.wake_all();
+        self.wake_monitor();
     }
 
     // ---- submission -------------------------------------------------------------------
@@ -1051,8 +1084,12 @@ impl<J: Job> Scheduler<J> {
     /// no work is left for this worker.
     pub fn wait_for_work(&self, core: usize, wi: usize, parker: &Parker) -> Option<J> {
         let slot = &self.cores[core].workers[wi];
+        let mut slept = false;
         loop {
             if let Some(j) = self.next_job(core, wi) {
+                if slept {
+                    self.wake_monitor(); // work after a pause: the monitor may be parked
+                }
                 return Some(j);
             }
             if self.is_shutdown() {
@@ -1093,6 +1130,7 @@ impl<J: Job> Scheduler<J> {
                 IDLE_PARK_TIMEOUT
             });
             slot.parked.store(false, Ordering::SeqCst);
+            slept = true;
         }
     }
 
@@ -1107,10 +1145,11 @@ impl<J: Job> Scheduler<J> {
             .transition(TokenState::Admitted, TokenState::Executing)
         {
             Ok(_) => {
-                h.stamp_started(now_ns());
-                self.cores[core].workers[wi]
-                    .started
-                    .fetch_add(1, Ordering::AcqRel);
+                let t = now_ns();
+                h.stamp_started(t);
+                let slot = &self.cores[core].workers[wi];
+                slot.figures.note_start(t, h.created_ns());
+                slot.started.fetch_add(1, Ordering::AcqRel);
                 true
             }
             Err(e) => {
@@ -1136,7 +1175,9 @@ impl<J: Job> Scheduler<J> {
         let slot = &self.cores[core].workers[wi];
         let flags = match r {
             Ok(flags) => {
-                h.stamp_finished(now_ns());
+                let t = now_ns();
+                h.stamp_finished(t);
+                slot.figures.note_finish(t, h.started_ns());
                 if ok {
                     slot.completed.fetch_add(1, Ordering::AcqRel);
                 } else {
@@ -1159,9 +1200,9 @@ impl<J: Job> Scheduler<J> {
     /// The attempt that ran on `(core, wi)` ended after its token was settled (or moved on to
     /// another attempt): its result is dropped; a CANCELLING token becomes KILLED.
     pub fn discard(&self, core: usize, wi: usize, h: &Header) {
-        self.cores[core].workers[wi]
-            .discarded
-            .fetch_add(1, Ordering::AcqRel);
+        let slot = &self.cores[core].workers[wi];
+        slot.figures.note_finish(now_ns(), h.started_ns());
+        slot.discarded.fetch_add(1, Ordering::AcqRel);
         let _ = h
             .state
             .transition(TokenState::Cancelling, TokenState::Killed);
@@ -1179,9 +1220,9 @@ impl<J: Job> Scheduler<J> {
             .transition(TokenState::Executing, TokenState::Waiting)
         {
             Ok(_) => {
-                self.cores[core].workers[wi]
-                    .retried
-                    .fetch_add(1, Ordering::AcqRel);
+                let slot = &self.cores[core].workers[wi];
+                slot.figures.note_finish(now_ns(), h.started_ns());
+                slot.retried.fetch_add(1, Ordering::AcqRel);
                 true
             }
             Err(_) => {
@@ -1719,7 +1760,11 @@ impl<J: Job> Scheduler<J> {
             let mut c_exec = 0u64;
             let mut depth = 0usize;
             let mut spawned = 0usize;
+            let mut busy_ns = 0u64;
+            let mut waits = [0u64; growth::WAIT_BUCKETS];
             for w in cs.workers.iter() {
+                busy_ns += w.figures.busy_ns();
+                w.figures.add_waits(&mut waits);
                 let done = w.completed.load(Ordering::Acquire);
                 let fail = w.failed.load(Ordering::Acquire);
                 let disc = w.discarded.load(Ordering::Acquire);
@@ -1744,6 +1789,14 @@ impl<J: Job> Scheduler<J> {
                 executing: c_exec,
                 load: cs.load.load(Ordering::Acquire),
                 routed: [0, 1, 2].map(|i| cs.routed[i].load(Ordering::Acquire)),
+                pool_backlog: (0..3)
+                    .filter(|&w| cs.accepts[w])
+                    .map(|w| self.pool_len_w[w].load(Ordering::Acquire))
+                    .sum(),
+                grown_on_demand: cs.grown.load(Ordering::Relaxed),
+                grown_workers: cs.grown_workers.load(Ordering::Relaxed),
+                busy_ns,
+                wait_histogram: waits,
             });
         }
         let o_completed = self.outside_completed.load(Ordering::Acquire);

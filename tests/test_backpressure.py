@@ -186,7 +186,12 @@ def test_block_unblocks_when_a_waiting_token_is_killed(make_coord):
 
 def test_block_with_busy_workers_unblocks_when_work_finishes(make_coord, make_latch):
     coord = make_coord(
-        cores=1, workers_per_core=1, pool_capacity=2, mailbox_capacity=1, overflow="block"
+        cores=1,
+        workers_per_core=1,
+        pool_capacity=2,
+        mailbox_capacity=1,
+        overflow="block",
+        grow_on_demand=False,  # a held worker makes the rest queue
     )
     latch = make_latch()
     blocker = coord.submit(latch.enter)

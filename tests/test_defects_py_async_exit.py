@@ -37,7 +37,7 @@ _CTRL_C_IN_BODY = (
     _PRELUDE
     + """
 async def main():
-    async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+    async with OperationsCoordinator(cores=1, workers_per_core=1, grow_on_demand=False) as coord:
         seen["running"] = coord.submit(held)
         seen["queued"] = [coord.submit(int) for _ in range(5)]
         await asyncio.to_thread(entered.wait, 30)
@@ -71,7 +71,7 @@ def interrupt_once_stopping(coord):
     os.kill(os.getpid(), signal.SIGINT)
 
 async def main():
-    async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+    async with OperationsCoordinator(cores=1, workers_per_core=1, grow_on_demand=False) as coord:
         seen["running"] = coord.submit(held)
         seen["queued"] = [coord.submit(int) for _ in range(5)]
         await asyncio.to_thread(entered.wait, 30)
@@ -133,7 +133,9 @@ def test_a_cancelled_task_leaves_async_with_killing_the_queue(make_latch):
     coords = []
 
     async def body():
-        async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+        async with OperationsCoordinator(
+            cores=1, workers_per_core=1, grow_on_demand=False
+        ) as coord:
             coords.append(coord)
             coord.pause()
             tokens.extend(coord.submit(int) for _ in range(5))
@@ -165,7 +167,9 @@ def test_a_cancellation_while_exit_waits_kills_the_queue(make_latch):
         latch.release()
 
     async def body():
-        async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+        async with OperationsCoordinator(
+            cores=1, workers_per_core=1, grow_on_demand=False
+        ) as coord:
             seen["coord"] = coord
             seen["running"] = coord.submit(latch.enter)
             await asyncio.to_thread(latch.wait_entered, 1)
@@ -192,7 +196,9 @@ def test_a_cancellation_while_exit_waits_kills_the_queue(make_latch):
 
 def test_a_normal_exit_still_finishes_the_queue():
     async def main():
-        async with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+        async with OperationsCoordinator(
+            cores=1, workers_per_core=1, grow_on_demand=False
+        ) as coord:
             coord.pause()
             tokens = [coord.submit(pow, i, 2) for i in range(10)]
         return coord, tokens

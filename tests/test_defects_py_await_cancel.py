@@ -17,7 +17,8 @@ class _Boom(Exception):
 
 def _queued_behind_a_held_worker(make_coord, make_latch):
     """A token that stays queued (ADMITTED/WAITING) until the returned latch is released."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     coord.submit(latch.enter)
     assert latch.wait_entered(1)

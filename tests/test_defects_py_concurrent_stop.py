@@ -40,7 +40,8 @@ class _Call:
 
 def _busy_coordinator(make_coord, make_latch, queued=10):
     """One worker held in a task, ``queued`` tokens behind it."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     running = coord.submit(latch.enter)
     assert latch.wait_entered(1)
@@ -109,7 +110,7 @@ def test_second_stop_wait_false_with_timeout_bounds_the_first(make_coord, make_l
 
 
 def test_second_stop_from_inside_a_task_does_not_wait(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(cores=1, workers_per_core=2, grow_on_demand=False)
     stopping = threading.Event()
     first_done = threading.Event()
     inner: dict[str, object] = {}
@@ -135,7 +136,7 @@ def test_second_stop_from_inside_a_task_does_not_wait(make_coord):
 def test_second_stop_wait_false_from_inside_a_task_escalates_without_waiting(
     make_coord, make_latch
 ):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(cores=1, workers_per_core=2, grow_on_demand=False)
     gate = make_latch()
     stopping = threading.Event()
 
@@ -171,7 +172,7 @@ def test_with_exit_during_another_threads_stop_waits_for_it(make_latch):
             frame = frame.f_back
         return False
 
-    with OperationsCoordinator(cores=1, workers_per_core=1) as coord:
+    with OperationsCoordinator(cores=1, workers_per_core=1, grow_on_demand=False) as coord:
         coord.submit(latch.enter)
         assert latch.wait_entered(1)
         tokens = [coord.submit(abs, -i) for i in range(10)]
@@ -186,7 +187,7 @@ def test_with_exit_during_another_threads_stop_waits_for_it(make_latch):
 
 
 def test_stop_after_a_finished_stop_does_nothing(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     token = coord.submit(abs, -3)
     assert coord.stop() is True
     assert coord.stop() is True
@@ -204,7 +205,7 @@ def held():
     entered.set()
     release.wait(30)
 
-coord = OperationsCoordinator(cores=1, workers_per_core=1).start()
+coord = OperationsCoordinator(cores=1, workers_per_core=1, grow_on_demand=False).start()
 coord.submit(held)
 entered.wait(30)
 for i in range(5):

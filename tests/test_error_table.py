@@ -273,7 +273,7 @@ def _wait_on(fn_name, tokens_of, **kwargs):
 
 
 def _gather_timeout(ctx):
-    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord = ctx.make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     release = threading.Event()
     try:
         tokengate.gather(coord.submit(release.wait, 20), coord.submit(int), timeout=0.01)

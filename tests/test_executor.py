@@ -164,7 +164,8 @@ def test_cancel_kills_a_queued_token(make_executor, latch):
 
 
 def test_token_kill_cancels_future(make_coord, make_latch):
-    coord = make_coord(cores=2, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=2, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     with Executor(4, coordinator=coord) as ex:
         running = ex.submit(latch.enter)  # takes core 2's only worker
@@ -180,7 +181,8 @@ def test_token_kill_cancels_future(make_coord, make_latch):
 
 
 def test_stop_without_wait_cancels_queued_futures(make_coord, make_latch):
-    coord = make_coord(cores=2, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=2, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     ex = Executor(4, coordinator=coord)
     running = ex.submit(latch.enter)

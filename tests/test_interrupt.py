@@ -18,7 +18,7 @@ _CHILD = textwrap.dedent(
         release.wait(30)
         return 1
 
-    coord = OperationsCoordinator(cores=1, workers_per_core=1).start()
+    coord = OperationsCoordinator(cores=1, workers_per_core=1, grow_on_demand=False).start()
     running = held()
     queued = [held() for _ in range(3)]
     main = threading.get_ident()

@@ -132,7 +132,8 @@ def test_stop_wait_true_completes_queued_and_running(make_coord, make_latch):
 
 
 def test_stop_wait_false_kills_queued_and_running_finish(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     ran = []
     running = coord.submit(lambda: latch.enter() or "finished")
@@ -229,7 +230,8 @@ def test_drain_closes_admission_waits_and_summarises(make_coord, make_latch):
 
 
 def test_drain_timeout_reports_remaining(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    # a held worker makes the rest queue (no growth on demand)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     held = coord.submit(latch.enter)
     queued = [coord.submit(lambda: None) for _ in range(3)]
@@ -386,7 +388,8 @@ def test_ctrl_c_interrupts_a_blocked_get(tmp_path):
 
 
 def test_set_active_workers_limits_concurrency(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4)
+    # growth on demand would add workers while the held ones wait: a hard limit needs it off
+    coord = make_coord(cores=1, workers_per_core=4, grow_on_demand=False)
     assert coord.active_workers(1) == 4
     coord.set_active_workers(1, 1)
     assert coord.active_workers(1) == 1

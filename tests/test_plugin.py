@@ -182,7 +182,7 @@ def test_tokens_left_in_flight_error_at_teardown_naming_them(pytester: pytest.Py
 
         @pytest.fixture
         def tokengate_coordinator_options():
-            return {"cores": 1, "workers_per_core": 1}
+            return {"cores": 1, "workers_per_core": 1, "grow_on_demand": False}
 
         @task_token_guard(operation_type="stuck_job")
         def stuck():

@@ -152,6 +152,7 @@ class Runtime:
         mode: Literal["threads", "inline"] = "threads",
         storage_limits: list[int] | None = None,
         memory_budget: int | None = None,
+        grow_on_demand: bool = True,
     ) -> Runtime: ...
     def start(self) -> None: ...
     def submit(

@@ -890,6 +890,9 @@ def _memory_child(
     kwargs: dict[str, Any] = {}
     if name in TOKENGATE_SYSTEMS:
         kwargs["pool_capacity"] = n + 10 * cores * workers_per_core + 1_000
+        # The tokens must stay queued behind the parked workers (as a ThreadPoolExecutor's
+        # stay behind its max_workers): no workers on demand here.
+        kwargs["grow_on_demand"] = False
     system = make_system(name, cores, workers_per_core, **kwargs)
     system.start()
     mode = "blocked workers"

@@ -14,13 +14,16 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import _core
 from ._core import TaskToken
 from ._types import STORAGE_SPEEDS
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
 from .policy import options as _options
+
+if TYPE_CHECKING:
+    from .policy.convergence import Convergence
 
 __all__ = ["OperationsCoordinator"]
 
@@ -241,6 +244,16 @@ class OperationsCoordinator:
             under 1 KiB are bounded by ``pool_capacity`` alone). Above it, ``overflow``
             applies as at the pool bound (:class:`PoolFull`, or waiting for room). Default
             75 MiB; None: no budget.
+        grow_on_demand: a monitor thread gives a core more active workers (up to
+            ``max_workers_per_core``) within about a millisecond when every worker of the core
+            has been executing its token for 1 ms or more with the GIL released (a sleep, I/O,
+            a lock) while tokens for the core queue, as ``ThreadPoolExecutor`` starts threads
+            on demand. ``False``: a core runs exactly the workers it was given (a hard limit
+            of its concurrency). See docs/convergence.md.
+        convergence_interval: seconds between convergence rounds on the control loop, which
+            set each core's active worker count from what it did meanwhile (fewer under light
+            load, down to 1; one more per round under sustained pressure). ``None`` or ``0``
+            disables convergence. Default 5.0.
     """
 
     def __init__(
@@ -259,6 +272,8 @@ class OperationsCoordinator:
         mode: Literal["threads", "inline"] | None = None,
         storage_limits: Mapping[str, int] | None = None,
         memory_budget: int | None = 75 * 1024 * 1024,
+        grow_on_demand: bool = True,
+        convergence_interval: float | None = 5.0,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -287,6 +302,15 @@ class OperationsCoordinator:
             if memory_budget is None
             else _check_int("memory_budget", memory_budget, 1024, 2**62)
         )
+        if not isinstance(grow_on_demand, bool):
+            raise ConfigurationError(
+                f"grow_on_demand must be True or False, got {grow_on_demand!r}"
+            )
+        self._grow_on_demand = grow_on_demand
+        # Imported here, not with the package: `import tokengate` stays as fast as it was.
+        from .policy.convergence import check_interval
+
+        self._convergence_interval = check_interval("convergence_interval", convergence_interval)
         self._max_workers = (
             None
             if max_workers_per_core is None
@@ -304,6 +328,7 @@ class OperationsCoordinator:
         self._stopping: _Stop | None = None
         self._rate = 0.0
         self._forked = False
+        self._convergence: Convergence | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -336,6 +361,7 @@ class OperationsCoordinator:
                 mode=self._mode,
                 storage_limits=self._storage_limits,
                 memory_budget=self._memory_budget,
+                grow_on_demand=self._grow_on_demand,
             )
             rt.start()
             self._rt = rt
@@ -343,6 +369,13 @@ class OperationsCoordinator:
             self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
             self._control.start()
             self._control.submit(self._sample_rate())
+            if self._convergence_interval is not None:
+                from .policy.convergence import Convergence, ConvergenceOptions
+
+                self._convergence = Convergence(
+                    rt, self._convergence_interval, ConvergenceOptions()
+                )
+                self._control.submit(self._convergence.run())
             _running.add(self)
         if self._pin and not rt.pinned:
             log.warning(
@@ -572,6 +605,13 @@ class OperationsCoordinator:
         s["paused"] = rt.paused
         s["admission_open"] = self._rt is not None and not rt.closed
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
+        conv = self._convergence
+        if conv is not None and conv.rt is rt:
+            s["convergence"] = conv.summary()
+        else:
+            from .policy.convergence import Convergence
+
+            s["convergence"] = Convergence.empty_summary(self._convergence_interval)
         return s
 
     # -- policy ------------------------------------------------------------------------
@@ -630,7 +670,8 @@ class OperationsCoordinator:
 
     def set_active_workers(self, core: int, n: int) -> None:
         """Set how many workers of 1-based ``core`` receive new work (1 to
-        ``max_workers_per_core``); threads start as needed."""
+        ``max_workers_per_core``); threads start as needed. With ``grow_on_demand`` and
+        convergence on (the defaults) the count changes again as the load does."""
         self._runtime().set_active_workers(core, n)
 
     def active_workers(self, core: int) -> int:
