@@ -552,8 +552,10 @@ class OperationsCoordinator:
 
     def drain(self, timeout: float | None = None) -> dict[str, Any]:
         """Close admission (new calls raise :class:`AdmissionClosed`), un-pause, and wait
-        until every accepted token is final. Returns what happened meanwhile:
-        ``completed``, ``failed``, ``killed``, ``remaining``, ``seconds``, ``timed_out``.
+        until every accepted token is settled. Returns what happened meanwhile:
+        ``completed``, ``failed``, ``killed``, ``expired`` (tokens that ended TIMED_OUT),
+        ``remaining``, ``seconds``, and ``timed_out`` (whether this drain's own ``timeout``
+        passed first).
         :meth:`resume` reopens admission."""
         timeout = _check_timeout("timeout", timeout)
         rt = self._runtime()
@@ -567,6 +569,7 @@ class OperationsCoordinator:
             "completed": after["completed"] - before["completed"],
             "failed": after["failed"] - before["failed"],
             "killed": after["killed"] - before["killed"],
+            "expired": after["timed_out"] - before["timed_out"],
             "remaining": rt.in_flight(),
             "seconds": time.monotonic() - started,
             "timed_out": not finished,
