@@ -386,7 +386,7 @@ def test_a_delayed_retry_occupies_no_worker_and_then_goes_ahead_of_the_queue(
     """1 core x 1 worker. A fails and waits 0.1 s for its retry; meanwhile B runs (proving the
     worker is free) and holds the worker while C and D queue and A's retry becomes due. When
     B ends, A's retry runs before C and D."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     order: list[str] = []
 
@@ -605,7 +605,7 @@ def test_a_timeout_is_not_retried_by_default(make_coord, make_latch):
 
 
 def test_a_token_that_timed_out_before_it_started_is_not_retried(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(cores=1, workers_per_core=1, grow_on_demand=False)
     latch = make_latch()
     ran = []
     blocker = coord.submit(latch.enter)
