@@ -9,7 +9,6 @@ Properties are checked with hypothesis over both entry points: ``task_token_guar
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -29,18 +28,6 @@ from tokengate import (
 
 def _target(x=None):
     return x
-
-
-@pytest.fixture(autouse=True)
-def _no_gc_while_bug_b15_is_open():
-    """Bug B15 (a collection during fn.options() segfaults, see
-    test_gc_during_options_does_not_crash) would kill the whole pytest run from these
-    many options() calls: keep the collector off here until it is fixed."""
-    was = gc.isenabled()
-    gc.disable()
-    yield
-    if was:
-        gc.enable()
 
 
 BASE = task_token_guard(operation_type="val_base")(_target)
@@ -452,10 +439,9 @@ def test_bad_coordinator_policy_arguments(kwargs):
         OperationsCoordinator(**kwargs)
 
 
-# --------------------------------------------------------------------------- B15
+# ------------------------------------------------- regression: B15 (gc during options())
 
 
-@pytest.mark.xfail(strict=True, reason="bug B15: gc during fn.options() segfaults")
 @pytest.mark.parametrize("keep", [False, True])
 def test_gc_during_options_does_not_crash(tmp_path, keep):
     """A collection at every allocation (gc threshold 1) while options() builds guarded
