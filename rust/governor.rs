@@ -443,7 +443,10 @@ impl Governor {
     pub fn stop(&self, py: Python<'_>, join: bool) -> Vec<Job> {
         let left = self.timers.stop();
         let handle = lock(&self.thread).take();
-        if let (Some(h), true) = (handle, join) {
+        // Not joined from the timer thread itself (a done callback it runs may stop the
+        // coordinator): it exits on its own once it sees the timers stopped.
+        let me = std::thread::current().id();
+        if let Some(h) = handle.filter(|h| join && h.thread().id() != me) {
             py.detach(|| {
                 let _ = h.join();
             });
@@ -511,14 +514,18 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
                 None => String::new(),
                 Some(tag) => tag_value(py, tok, tag),
             };
-            tok.with_gov(|g| g.limit = Some((entry.clone(), key.clone())));
+            // Marked held before it may be: a release on another thread can grant it (and
+            // clear the mark) as soon as the limiter has it.
+            tok.with_gov(|g| {
+                g.limit = Some((entry.clone(), key.clone()));
+                g.held_at = Some(HeldAt::Limit(entry.clone()));
+            });
             match entry.limiter.acquire(&key, job, now_ns()) {
                 Admit::Now(j) => {
                     job = j;
                     grant(tok, PERMIT_LIMIT);
                 }
                 Admit::Held => {
-                    tok.with_gov(|g| g.held_at = Some(HeldAt::Limit(entry.clone())));
                     if let Some(due) = entry.limiter.next_due() {
                         gov.schedule(due, TimerItem::PollLimit(entry));
                     }
@@ -545,8 +552,8 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
     enter(py, shared, job, front);
 }
 
-/// Into the mailboxes or pool; a token settled meanwhile gives its permits back.
-/// A token that enters after the workers were told to stop (a retry or chain step of a token
+/// Into the mailboxes or pool; a token settled meanwhile gives its permits back. A token that
+/// enters after the workers were told to stop (a retry or chain step of a token
 /// that outlived `stop()`'s timeout) could never run: it is killed instead.
 fn enter(py: Python<'_>, shared: &Arc<Shared>, job: Job, front: bool) {
     let keep = job.clone_ref(py);
@@ -597,8 +604,8 @@ fn sub_sat(a: &AtomicUsize, n: usize) {
 /// (swept earlier when the dead are many, so their memory does not wait for a permit).
 pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     let t = tok.get();
-    if t.op.governed() {
-        if let Some(at) = t.with_gov(|g| g.held_at.take()) {
+    {
+        if let Some(at) = t.with_gov_if(|g| g.held_at.take()).flatten() {
             let shared = t.rt.clone();
             let (limiter, dead) = match &at {
                 HeldAt::Limit(e) => (&e.limiter, &e.dead),

@@ -262,9 +262,7 @@ impl GuardedFunction {
     /// The storage tier ("SLOW", "MODERATE", "FAST", "INSANE"), or None.
     #[getter]
     fn storage_speed(&self) -> Option<&'static str> {
-        self.op
-            .storage_speed
-            .map(|t| crate::governor::TIERS[(t as usize).min(3)].0)
+        self.op.tier_name()
     }
 
     #[getter]

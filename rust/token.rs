@@ -35,6 +35,12 @@ pub struct OpSpec {
 }
 
 impl OpSpec {
+    /// The storage tier's name ("SLOW", "MODERATE", "FAST", "INSANE"), or None.
+    pub fn tier_name(&self) -> Option<&'static str> {
+        self.storage_speed
+            .map(|t| crate::governor::TIERS[(t as usize).min(3)].0)
+    }
+
     /// Whether tokens of this operation take the governed path (policy or storage tier).
     #[inline]
     pub fn governed(&self) -> bool {
@@ -169,6 +175,11 @@ impl TaskToken {
     pub(crate) fn with_gov<R>(&self, f: impl FnOnce(&mut Gov) -> R) -> R {
         let mut slot = lock(&self.slot);
         f(slot.gov.get_or_insert_with(Default::default))
+    }
+
+    /// Runs `f` on the token's policy state if it has any (none is created).
+    pub(crate) fn with_gov_if<R>(&self, f: impl FnOnce(&mut Gov) -> R) -> Option<R> {
+        lock(&self.slot).gov.as_deref_mut().map(f)
     }
 
     /// Adds a listener unless the token is settled already (then it is given back).
@@ -595,9 +606,7 @@ impl TaskToken {
     /// The storage tier ("SLOW", "MODERATE", "FAST", "INSANE"), or None.
     #[getter]
     fn storage_speed(&self) -> Option<&'static str> {
-        self.op
-            .storage_speed
-            .map(|t| crate::governor::TIERS[(t as usize).min(3)].0)
+        self.op.tier_name()
     }
 
     /// The queue lane: "high", "normal" or "low".
