@@ -70,7 +70,7 @@ def test_then_on_an_already_finished_token_runs_at_once(coord):
 def test_a_long_chain_on_one_worker_needs_no_waiting_worker(make_coord):
     """200 steps on a single worker: if any step's worker waited for the previous one, the
     chain could not advance."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     token = coord.submit(lambda: 0)
     for _ in range(200):
         token = token.then(lambda x: x + 1)
@@ -81,7 +81,7 @@ def test_a_long_chain_on_one_worker_needs_no_waiting_worker(make_coord):
 
 
 def test_then_with_a_guarded_function_uses_its_options(make_coord):
-    make_coord(cores=2, workers_per_core=1)
+    make_coord(grow_on_demand=False, cores=2, workers_per_core=1)
     calls = []
 
     @task_token_guard(operation_type="chain_step", tags={"weight": "heavy"}, retries=1)
@@ -100,7 +100,7 @@ def test_then_with_a_guarded_function_uses_its_options(make_coord):
 
 
 def test_then_with_options_on_a_plain_callable_and_on_a_guarded_function(make_coord):
-    make_coord(cores=3, workers_per_core=1)
+    make_coord(grow_on_demand=False, cores=3, workers_per_core=1)
 
     @task_token_guard(operation_type="chain_opt_step")
     def step(x):
@@ -133,7 +133,7 @@ def test_then_refuses_a_non_callable_and_unknown_options(coord):
 
 def test_several_chains_concurrently_keep_their_step_order(make_coord):
     """The seed's PARALLEL CHAINS: 30 chains of 6 steps on 2 cores x 2 workers."""
-    coord = make_coord(cores=2, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=2, workers_per_core=2)
     lock = threading.Lock()
     log: list[tuple[int, int]] = []
 
@@ -225,7 +225,7 @@ def test_a_failure_in_the_middle_stops_the_rest(coord):
 
 
 def test_kill_of_a_queued_head_kills_the_chain_at_once(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     latch = make_latch()
     ran = []
     blocker = coord.submit(latch.enter)
@@ -247,7 +247,7 @@ def test_kill_of_a_queued_head_kills_the_chain_at_once(make_coord, make_latch):
 
 
 def test_kill_of_a_running_head_kills_the_chain_at_once(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     ran = []
     head = coord.submit(lambda: latch.enter() or "head")
@@ -265,7 +265,7 @@ def test_kill_of_a_running_head_kills_the_chain_at_once(make_coord, make_latch):
 
 
 def test_kill_of_a_pending_step_leaves_the_head_alone(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     ran = []
     head = coord.submit(lambda: latch.enter() or "head")
@@ -283,7 +283,7 @@ def test_kill_of_a_pending_step_leaves_the_head_alone(make_coord, make_latch):
 
 
 def test_a_timeout_propagates_down_the_chain(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     ran = []
     head = task_token_guard(operation_type="chain_to_head", timeout=SHORT)(latch.enter)()
@@ -303,7 +303,7 @@ def test_a_timeout_propagates_down_the_chain(make_coord, make_latch):
 
 def test_a_propagated_timeout_says_which_token_timed_out(make_coord, make_latch):
     """The later steps have no timeout of their own: their error must not claim one."""
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     head = task_token_guard(operation_type="chain_to_msg", timeout=SHORT)(latch.enter)()
     child = head.then(lambda x: x)
@@ -317,7 +317,7 @@ def test_a_propagated_timeout_says_which_token_timed_out(make_coord, make_latch)
 
 
 def test_a_step_timeout_counts_from_the_step_not_from_the_head(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
     head = coord.submit(lambda: latch.enter() or "h")
     assert latch.wait_entered(1)
@@ -334,7 +334,7 @@ def test_a_step_timeout_counts_from_the_step_not_from_the_head(make_coord, make_
 
 
 def test_a_step_with_its_own_timeout(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     ran = []
     step = task_token_guard(operation_type="chain_step_to", timeout=SHORT)(lambda x: latch.enter())
@@ -352,7 +352,7 @@ def test_a_step_with_its_own_timeout(make_coord, make_latch):
 
 
 def test_a_high_priority_step_runs_ahead_of_queued_tokens(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     latch = make_latch()
     order = []
     blocker = coord.submit(latch.enter)
@@ -370,7 +370,7 @@ def test_a_high_priority_step_runs_ahead_of_queued_tokens(make_coord, make_latch
 
 
 def test_drain_waits_for_chain_steps_not_yet_submitted(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     head = coord.submit(lambda: latch.enter() or 1)
     assert latch.wait_entered(1)
@@ -393,7 +393,7 @@ def test_drain_waits_for_chain_steps_not_yet_submitted(make_coord, make_latch):
 def test_stop_without_wait_kills_pending_steps(make_coord, make_latch):
     """stop(wait=False) kills every token that has not started: a chain step whose head is
     still running when the stop begins must not run afterwards."""
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     ran = []
     head = coord.submit(lambda: latch.enter() or 1)
@@ -418,7 +418,7 @@ def test_stop_without_wait_kills_pending_steps(make_coord, make_latch):
 
 
 def test_a_head_finishing_after_stop_kills_its_pending_steps(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     head = coord.submit(lambda: latch.enter() or 1)
     assert latch.wait_entered(1)
@@ -431,7 +431,7 @@ def test_a_head_finishing_after_stop_kills_its_pending_steps(make_coord, make_la
 
 
 def test_stop_with_wait_runs_the_whole_chain(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     token = coord.submit(lambda: 0)
     for _ in range(20):
         token = token.then(lambda x: x + 1)

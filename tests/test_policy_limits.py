@@ -52,7 +52,7 @@ def _quiescent(coord) -> dict:
 
 
 def test_max_concurrency_is_never_exceeded_and_every_token_completes(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=6)
     peak = Peak()
     gate = make_latch()
 
@@ -84,7 +84,7 @@ def test_max_concurrency_is_never_exceeded_and_every_token_completes(make_coord,
 
 def test_max_concurrency_is_global_across_cores(make_coord, make_latch):
     """Heavy tokens may run on both cores (2 x 4 workers): the limit counts them all."""
-    coord = make_coord(cores=2, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=2, workers_per_core=4)
     peak = Peak()
     gate = make_latch()
 
@@ -104,7 +104,7 @@ def test_max_concurrency_is_global_across_cores(make_coord, make_latch):
 
 
 def test_held_tokens_occupy_no_worker(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     limited_latch = make_latch()
     plain_latch = make_latch()
     limited = task_token_guard(operation_type="lim_noworker", max_concurrency=1)(
@@ -127,7 +127,7 @@ def test_held_tokens_occupy_no_worker(make_coord, make_latch):
 
 
 def test_held_tokens_are_fifo_per_key(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()
     order = []
 
@@ -147,7 +147,7 @@ def test_held_tokens_are_fifo_per_key(make_coord, make_latch):
 
 
 def test_limits_never_drop_tokens(make_coord):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     peak = Peak()
 
     @task_token_guard(operation_type="lim_nodrop", max_concurrency=1)
@@ -164,7 +164,7 @@ def test_limits_never_drop_tokens(make_coord):
 
 
 def test_a_failing_token_frees_its_slot(make_coord):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
 
     @task_token_guard(operation_type="lim_fail", max_concurrency=1)
     def work(i):
@@ -189,7 +189,7 @@ def test_a_small_tenant_is_not_delayed_by_a_huge_tenants_backlog(make_coord, mak
     """Tenant A: 10 000 tokens, whose first two (its whole max_concurrency) block until B is
     done. Tenant B's 10 tokens, submitted after A's burst, must all finish while A's backlog
     waits: if B queued behind A, B's get() would time out (A cannot advance)."""
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()
     lock = threading.Lock()
     finished: list[tuple[str, int]] = []
@@ -223,7 +223,7 @@ def test_a_small_tenant_is_not_delayed_by_a_huge_tenants_backlog(make_coord, mak
 
 
 def test_each_tenant_has_its_own_concurrency(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=8)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=8)
     latch = make_latch()
     peaks = {"x": Peak(), "y": Peak(), "z": Peak()}
 
@@ -244,7 +244,7 @@ def test_each_tenant_has_its_own_concurrency(make_coord, make_latch):
 
 
 def test_the_tenant_tag_from_the_decorator(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()
     peak = Peak()
 
@@ -272,7 +272,7 @@ def test_the_tenant_tag_from_the_decorator(make_coord, make_latch):
 
 
 def test_tokens_without_the_limit_tag_are_still_limited_and_complete(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()
     peak = Peak()
 
@@ -298,7 +298,7 @@ def test_rate_limit_holds_a_burst_and_completes_everything(make_coord):
     """100/s with a burst of 5: 30 tokens submitted at once cannot all have started before
     (30 - 5) / 100 s passed since the first was submitted (a lower bound, whatever the
     machine's speed); some of them were delayed; all complete."""
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     work = task_token_guard(operation_type="lim_rate", rate_limit=100, rate_burst=5)(lambda i: i)
     tokens = [work(i) for i in range(30)]
     assert [t.get(timeout=SAFETY) for t in tokens] == list(range(30))
@@ -316,7 +316,7 @@ def test_rate_limit_holds_a_burst_and_completes_everything(make_coord):
 def test_rate_limit_no_fixed_window_double_burst(make_coord):
     """GCRA: after the burst is spent, grants are spaced by 1/rate. Two bursts back to back
     (a fixed window's failure) would start 2 * burst tokens within one interval."""
-    make_coord(cores=1, workers_per_core=4)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     rate, burst = 50.0, 4
     work = task_token_guard(operation_type="lim_gcra", rate_limit=rate, rate_burst=burst)(
         lambda: None
@@ -332,7 +332,7 @@ def test_rate_limit_no_fixed_window_double_burst(make_coord):
 
 
 def test_rate_limit_per_tenant(make_coord):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     work = task_token_guard(
         operation_type="lim_rate_key", rate_limit=40, rate_burst=2, limit_by="tenant"
     )(lambda i: i)
@@ -354,7 +354,7 @@ def test_rate_limit_per_tenant(make_coord):
 
 
 def test_set_limit_raised_admits_held_tokens_at_once(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=6)
     latch = make_latch()
     peak = Peak()
 
@@ -378,7 +378,7 @@ def test_set_limit_raised_admits_held_tokens_at_once(make_coord, make_latch):
 
 
 def test_set_limit_removed_means_no_limit(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=6)
     latch = make_latch()
 
     @task_token_guard(operation_type="lim_remove", max_concurrency=1)
@@ -401,7 +401,7 @@ def test_set_limit_removed_means_no_limit(make_coord, make_latch):
 
 
 def test_set_limit_removing_a_keyed_limit_admits_held_tokens(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=6)
     latch = make_latch()
 
     @task_token_guard(operation_type="lim_remove_key", max_concurrency=1, limit_by="tenant")
@@ -420,7 +420,7 @@ def test_set_limit_removing_a_keyed_limit_admits_held_tokens(make_coord, make_la
 
 @pytest.mark.xfail(strict=True, reason="bug B10: set_limit ignores tokens already running")
 def test_set_limit_on_an_unlimited_operation_and_lowering_stops_nothing(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=6)
     first_gate = make_latch()
     second_gate = make_latch()
     second_peak = Peak()
@@ -453,7 +453,7 @@ def test_set_limit_on_an_unlimited_operation_and_lowering_stops_nothing(make_coo
 
 
 def test_set_limit_to_a_rate(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     work = task_token_guard(operation_type="lim_set_rate")(lambda: None)
     coord.set_limit("lim_set_rate", rate_limit=200.0, rate_burst=3)
     lim = coord.stats()["limits"]["lim_set_rate"]
@@ -501,7 +501,7 @@ def test_set_limit_needs_an_operation_name(coord, operation):
 
 
 def test_kill_of_a_held_token(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
     ran = []
 
@@ -527,7 +527,7 @@ def test_kill_of_a_held_token(make_coord, make_latch):
 
 
 def test_stop_without_wait_kills_held_tokens(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
     ran = []
 
@@ -556,7 +556,7 @@ def test_stop_without_wait_kills_held_tokens(make_coord, make_latch):
 
 @pytest.mark.xfail(strict=True, reason="bug B16: priority is ignored while a token is held")
 def test_a_high_priority_token_gets_the_next_slot(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()
     order = []
 

@@ -48,7 +48,7 @@ def _recorder():
 @pytest.fixture
 def one_worker(make_coord, make_latch):
     """1 core x 1 worker, its worker held by a latch task: (coord, latch, blocker)."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     latch = make_latch()
     blocker = coord.submit(latch.enter)
     assert latch.wait_entered(1)
@@ -135,7 +135,7 @@ def test_options_override_the_decorator_priority(one_worker):
 
 def test_priorities_in_the_pool_while_paused(make_coord):
     """While paused, tokens wait in the pool; it too serves high before normal before low."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     order, record = _recorder()
     fns = {
         p: task_token_guard(operation_type=f"pool_{p}", priority=p)(record)
@@ -196,7 +196,7 @@ def test_reprioritize_to_the_same_lane_goes_to_its_back(one_worker):
 
 
 def test_reprioritize_a_token_in_the_pool(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     order, record = _recorder()
     fn = task_token_guard(operation_type="rp_pool")(record)
     coord.pause()
@@ -272,7 +272,7 @@ def test_reprioritize_rejects_a_bad_token_id(coord, bad):
 @pytest.fixture
 def three_busy_cores(make_coord, make_latch):
     """cores=3 x 1 worker, each core's worker held by a latch task."""
-    coord = make_coord(cores=3, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=3, workers_per_core=1)
     latch = make_latch()
     blockers = [
         task_token_guard(operation_type=f"block_{w}", tags={"weight": w})(latch.enter)()
@@ -323,7 +323,7 @@ def test_reroute_light_to_heavy_may_run_anywhere_and_medium_never_on_core_one(
 
 
 def test_reroute_in_the_pool_is_applied_at_routing(make_coord):
-    coord = make_coord(cores=3, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=3, workers_per_core=1)
     heavy = task_token_guard(operation_type="rr_pool", tags={"weight": "heavy"})(lambda: 1)
     coord.pause()
     tokens = [heavy() for _ in range(5)]
@@ -396,7 +396,7 @@ def test_reroute_rejects_an_unknown_weight(one_worker, bad):
 def test_reprioritize_of_a_token_held_by_a_limit_changes_nothing(make_coord, make_latch):
     """As built: a token held by a limiter is not found (False). (The issue's wording —
     "move a token that has not started" — would allow moving it; see the report.)"""
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     fn = task_token_guard(operation_type="rp_held", max_concurrency=1)(latch.enter)
     first = fn()

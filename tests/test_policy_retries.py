@@ -69,7 +69,7 @@ def _quiescent(coord) -> dict:
 
 
 def test_retried_token_succeeds_and_its_waiter_sees_only_the_result(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=2)
     gate = threading.Event()
     outcomes = []
@@ -114,7 +114,7 @@ def test_retried_token_succeeds_and_its_waiter_sees_only_the_result(make_coord):
 
 
 def test_exhausted_retries_fail_with_the_last_error_and_call_on_exhausted_once(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=10, exc=ConnectionError)
     exhausted = []
     fn = task_token_guard(
@@ -140,7 +140,7 @@ def test_exhausted_retries_fail_with_the_last_error_and_call_on_exhausted_once(m
 
 
 def test_on_exhausted_is_not_called_on_success_nor_without_retries(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     calls = []
     ok = task_token_guard(operation_type="rt_noex_ok", retries=2, on_exhausted=calls.append)(
         Flaky(fails=1)
@@ -160,7 +160,7 @@ def test_on_exhausted_is_not_called_on_success_nor_without_retries(make_coord):
 
 def test_an_on_exhausted_callback_that_raises_is_logged_and_changes_nothing(make_coord, caplog):
     """As built (83b97dc): reported on the "tokengate" logger, like a done callback's error."""
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
 
     def bad_callback(token):
         raise RuntimeError("callback exploded")
@@ -184,7 +184,7 @@ def test_an_on_exhausted_callback_that_raises_is_logged_and_changes_nothing(make
 
 
 def test_retry_on_filters_a_non_matching_error_fails_at_once(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=5, exc=ValueError)
     fn = task_token_guard(operation_type="rt_filter", retries=3, retry_on=ConnectionError)(flaky)
     token = fn()
@@ -197,7 +197,7 @@ def test_retry_on_filters_a_non_matching_error_fails_at_once(make_coord):
 
 
 def test_retry_on_matches_subclasses_and_tuples(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     sub = task_token_guard(operation_type="rt_sub", retries=2, retry_on=ConnectionError)(
         Flaky(fails=2, exc=ConnectionResetError)
     )
@@ -217,7 +217,7 @@ def test_retry_on_matches_subclasses_and_tuples(make_coord):
 
 
 def test_default_retry_on_retries_any_exception(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     for exc in (ValueError, KeyError, RuntimeError, ZeroDivisionError):
         token = task_token_guard(operation_type=f"rt_default_{exc.__name__}", retries=1)(
             Flaky(fails=1, exc=exc)
@@ -227,7 +227,7 @@ def test_default_retry_on_retries_any_exception(make_coord):
 
 
 def test_retries_per_call_through_options(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
 
     @task_token_guard(operation_type="rt_options")
     def once(flaky):
@@ -250,7 +250,7 @@ def test_retries_per_call_through_options(make_coord):
 
 
 def test_retry_raised_by_the_task_is_retried_whatever_retry_on_says(make_coord):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     calls = []
 
     @task_token_guard(operation_type="rt_Retry", retries=3, retry_on=KeyError)
@@ -269,7 +269,7 @@ def test_retry_raised_by_the_task_is_retried_whatever_retry_on_says(make_coord):
 
 
 def test_retry_with_no_attempts_left_fails_with_the_retry(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     exhausted = []
 
     @task_token_guard(operation_type="rt_Retry_exh", retries=1, on_exhausted=exhausted.append)
@@ -290,7 +290,7 @@ def test_retry_with_no_attempts_left_fails_with_the_retry(make_coord):
 
 
 def test_retry_delay_is_honoured_as_a_lower_bound(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     starts = []
 
     @task_token_guard(operation_type="rt_Retry_delay", retries=1)
@@ -317,7 +317,7 @@ def test_retry_rejects_a_bad_delay(delay, exc):
 
 
 def test_backoff_without_jitter_waits_at_least_the_exponential_delay(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=2)
     token = task_token_guard(
         operation_type="rt_backoff", retries=2, retry_backoff=0.04, retry_jitter=False
@@ -331,7 +331,7 @@ def test_backoff_without_jitter_waits_at_least_the_exponential_delay(make_coord)
 def test_retry_backoff_max_caps_the_delay(make_coord):
     """12 retries from 0.01 s doubling would wait 0.01 * (2**12 - 1) = 41 s in all, past
     SAFETY; capped at 0.01 s they take about 0.12 s."""
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=12)
     token = task_token_guard(
         operation_type="rt_cap",
@@ -348,7 +348,7 @@ def test_retry_backoff_max_caps_the_delay(make_coord):
 
 def test_backoff_from_the_decorator_applies_to_retries_given_per_call(make_coord):
     """Declare the retry policy once, enable retries per call."""
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
 
     @task_token_guard(operation_type="rt_deco_backoff", retry_backoff=0.05, retry_jitter=False)
     def fetch(flaky):
@@ -364,7 +364,7 @@ def test_backoff_from_the_decorator_applies_to_retries_given_per_call(make_coord
 def test_full_jitter_spreads_the_delays_below_the_backoff(make_coord):
     """With full jitter each delay is uniform in [0, backoff]: among 20 tokens at least one
     waited less than half the backoff (all waiting more has probability 2**-20)."""
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flakies = [Flaky(fails=1) for _ in range(20)]
     tokens = [
         task_token_guard(operation_type="rt_jitter", retries=1, retry_backoff=0.2)(f)()
@@ -423,7 +423,7 @@ def test_a_delayed_retry_occupies_no_worker_and_then_goes_ahead_of_the_queue(
 
 
 def test_reprioritize_a_retry_waiting_for_its_delay(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     token = task_token_guard(
         operation_type="rt_reprio", retries=1, retry_backoff=0.1, retry_jitter=False
     )(Flaky(fails=1))()
@@ -434,7 +434,7 @@ def test_reprioritize_a_retry_waiting_for_its_delay(make_coord):
 
 
 def test_kill_during_the_retry_delay_ends_the_token_and_stops_retrying(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     flaky = Flaky(fails=5)
     exhausted = []
     token = task_token_guard(
@@ -461,7 +461,7 @@ def test_kill_during_the_retry_delay_ends_the_token_and_stops_retrying(make_coor
 
 
 def test_a_token_killed_during_its_retry_delay_is_no_longer_counted_as_held(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     token = task_token_guard(
         operation_type="rt_kill_delay_held", retries=1, retry_backoff=5.0, retry_jitter=False
     )(Flaky(fails=1))()
@@ -479,7 +479,7 @@ def test_a_token_killed_during_its_retry_delay_is_no_longer_counted_as_held(make
 def test_retry_budget_stops_retrying(make_coord):
     """Delays 0.02, 0.04, 0.08, ... from submission: by the 4th retry 0.14 s passed, beyond a
     0.1 s budget, so at most 4 attempts start whatever the machine's speed."""
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     flaky = Flaky(fails=1000)
     exhausted = []
     token = task_token_guard(
@@ -500,7 +500,7 @@ def test_retry_budget_stops_retrying(make_coord):
 
 
 def test_a_retry_delay_past_the_budget_fails_now_rather_than_waiting(make_coord):
-    make_coord(cores=1, workers_per_core=2)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
 
     @task_token_guard(operation_type="rt_budget_now", retries=5, retry_budget=1.0)
     def fn():
@@ -519,7 +519,7 @@ def test_a_retry_delay_past_the_budget_fails_now_rather_than_waiting(make_coord)
 def test_a_timed_out_attempt_is_retried_when_retry_on_includes_token_timeout(
     make_coord, make_latch
 ):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     seen = []
 
@@ -559,7 +559,7 @@ def test_each_attempt_gets_its_full_timeout(make_coord):
     """timeout=0.2: attempt 1 runs out its 0.2 s; attempt 2, started at about 0.2 s, runs for
     at least 0.1 s more (until a 0.1 s witness timed out). Had its deadline been counted from
     the token's submission it would have been overdue at once."""
-    make_coord(cores=1, workers_per_core=3)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
 
     def until_cancelled():
         def cancelled():
@@ -590,7 +590,7 @@ def test_each_attempt_gets_its_full_timeout(make_coord):
 
 
 def test_a_timeout_is_not_retried_by_default(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     token = task_token_guard(operation_type="rt_timeout_default", timeout=SHORT, retries=3)(
         latch.enter
@@ -629,7 +629,9 @@ def test_a_token_that_timed_out_before_it_started_is_not_retried(make_coord, mak
 def test_waiting_for_a_permit_spends_no_attempt_and_retries_reacquire_it(make_coord, make_latch):
     """SLOW limit 1 with 3 workers: held tokens have 0 attempts; each retry takes the permit
     again (the peak never exceeds 1) and every token completes."""
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     lock = threading.Lock()
     state = {"now": 0, "peak": 0}
@@ -666,7 +668,7 @@ def test_waiting_for_a_permit_spends_no_attempt_and_retries_reacquire_it(make_co
 
 
 def test_waiting_for_a_concurrency_limit_spends_no_attempt(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
 
     @task_token_guard(operation_type="rt_limit", max_concurrency=1, retries=1)

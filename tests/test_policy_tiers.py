@@ -60,7 +60,9 @@ def _quiescent(coord) -> dict:
 def test_peak_of_a_tier_never_exceeds_its_limit_and_every_token_completes(
     make_coord, tier, limit, make_latch
 ):
-    coord = make_coord(cores=1, workers_per_core=6, storage_limits={tier: limit})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=6, storage_limits={tier: limit}
+    )
     peak = Peak()
     gate = make_latch()
 
@@ -94,7 +96,7 @@ def test_peak_of_a_tier_never_exceeds_its_limit_and_every_token_completes(
 
 
 def test_default_limits_are_the_documented_ones(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     storage = coord.stats()["storage"]
     assert {tier: storage[tier]["limit"] for tier in STORAGE_SPEEDS} == {
         "SLOW": 10,
@@ -105,7 +107,7 @@ def test_default_limits_are_the_documented_ones(make_coord):
 
 
 def test_default_slow_limit_of_ten_holds_with_twelve_workers(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=12)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=12)
     peak = Peak()
     gate = make_latch()
 
@@ -126,7 +128,9 @@ def test_default_slow_limit_of_ten_holds_with_twelve_workers(make_coord, make_la
 
 def test_tiers_are_independent(make_coord, make_latch):
     """A full SLOW tier does not hold FAST tokens (or untagged ones)."""
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 1, "FAST": 2})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 1, "FAST": 2}
+    )
     slow_gate = make_latch()
     slow_peak, fast_peak = Peak(), Peak()
     fast_in = threading.Barrier(2)
@@ -162,7 +166,9 @@ def test_untagged_tokens_after_a_slow_burst_finish_before_the_burst(make_coord, 
     """The seed's starvation: a burst of SLOW writes blocked every worker in a semaphore.
     Here the SLOW tasks cannot finish until the untagged ones did; if the untagged ones could
     not get a worker, the get() below would time out instead."""
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 2})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 2}
+    )
     release_slow = make_latch()
     finished: list[str] = []
     lock = threading.Lock()
@@ -195,7 +201,9 @@ def test_untagged_tokens_after_a_slow_burst_finish_before_the_burst(make_coord, 
 def test_held_tokens_occupy_no_worker(make_coord, make_latch):
     """1 core x 3 workers, SLOW limit 1: one SLOW task runs, four are held; the two other
     workers are free, proven by two untagged tasks being inside at the same time."""
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     slow_latch = make_latch()
     plain_latch = make_latch()
 
@@ -226,7 +234,9 @@ def test_held_tokens_occupy_no_worker(make_coord, make_latch):
 def test_slow_tokens_interleaved_with_plain_ones_in_one_mailbox(make_coord, make_latch):
     """1 core x 1 worker, SLOW limit 1: a SLOW token waiting for its permit must not sit at the
     head of the mailbox in front of untagged tokens queued behind it."""
-    coord = make_coord(cores=1, workers_per_core=2, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=2, storage_limits={"SLOW": 1}
+    )
     release = make_latch()
     order: list[str] = []
 
@@ -258,7 +268,9 @@ def test_slow_tokens_interleaved_with_plain_ones_in_one_mailbox(make_coord, make
 
 
 def test_permit_is_returned_when_a_task_fails(make_coord):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
 
     @task_token_guard(operation_type="tier_fail", tags={"storage_speed": "SLOW"})
     def flaky(i):
@@ -279,7 +291,9 @@ def test_permit_is_returned_when_a_task_fails(make_coord):
 
 
 def test_permit_is_returned_after_a_killed_running_task_returns(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     inside = threading.Event()
     go = make_latch()
     ran = []
@@ -310,7 +324,9 @@ def test_permit_is_returned_after_a_killed_running_task_returns(make_coord, make
 
 
 def test_stats_show_held_running_and_wait_figures(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 2})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 2}
+    )
     latch = make_latch()
 
     @task_token_guard(operation_type="tier_stats", tags={"storage_speed": "SLOW"})
@@ -350,7 +366,7 @@ def test_stats_show_held_running_and_wait_figures(make_coord, make_latch):
 
 
 def test_storage_speed_tag_is_case_insensitive_and_reported_by_name(make_coord):
-    make_coord(cores=1, workers_per_core=1)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     for spelling in ("slow", "Slow", "SLOW"):
         fn = task_token_guard(tags={"storage_speed": spelling})(lambda: 1)
         token = fn()
@@ -363,7 +379,9 @@ def test_storage_speed_tag_is_case_insensitive_and_reported_by_name(make_coord):
 
 
 def test_storage_speed_per_call_through_options(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"FAST": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"FAST": 1}
+    )
     latch_peak = Peak()
     gate = make_latch()
 
@@ -399,7 +417,9 @@ def test_bad_storage_speed_tag_raises_invalid_tag(bad):
 
 
 def test_set_storage_limit_raises_the_bound_and_admits_held_tokens(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=5, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=5, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     peak = Peak()
 
@@ -426,7 +446,9 @@ def test_set_storage_limit_raises_the_bound_and_admits_held_tokens(make_coord, m
 
 
 def test_lowering_a_storage_limit_stops_nothing_and_applies_to_new_grants(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=6, storage_limits={"SLOW": 4})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=6, storage_limits={"SLOW": 4}
+    )
     peak = Peak()
     first_gate = make_latch()
     second_gate = make_latch()
@@ -495,7 +517,9 @@ def test_bad_storage_limits_are_refused_at_construction(limits):
 
 
 def test_kill_of_a_held_token_ends_it_at_once_and_it_never_runs(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     ran = []
 
@@ -526,7 +550,9 @@ def test_kill_of_a_held_token_ends_it_at_once_and_it_never_runs(make_coord, make
 
 
 def test_stop_without_wait_kills_held_tokens_and_leaves_nothing_waiting(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     ran = []
 
@@ -578,7 +604,9 @@ def test_stop_without_wait_kills_held_tokens_and_leaves_nothing_waiting(make_coo
 
 
 def test_stop_with_wait_runs_every_held_token(make_coord):
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 1}
+    )
     peak = Peak()
 
     @task_token_guard(operation_type="tier_stop_wait", tags={"storage_speed": "SLOW"})
@@ -598,7 +626,9 @@ def test_stop_with_wait_runs_every_held_token(make_coord):
 def test_permits_go_round_robin_across_operations(make_coord, make_latch):
     """SLOW limit 1: operation A has a backlog of 20 held tokens; B submits 3 after it. With
     round robin across operations, B's tokens do not wait behind A's whole backlog."""
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     order: list[str] = []
 
@@ -632,7 +662,9 @@ def test_a_high_priority_token_gets_the_next_permit(make_coord, make_latch):
     """SLOW limit 1: three low-priority SLOW tokens and then a high-priority one wait for the
     permit; when it frees, the high one should run first (priority orders every queue a token
     waits in, not only the mailboxes)."""
-    coord = make_coord(cores=1, workers_per_core=4, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=4, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     order = []
     slow = task_token_guard(operation_type="tier_prio", tags={"storage_speed": "SLOW"})

@@ -64,7 +64,7 @@ def _parked_waiters(tokens, n_each=1):
 
 
 def test_running_token_times_out_at_once_while_its_task_is_still_blocked(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     callbacks = []
 
@@ -112,7 +112,7 @@ def test_running_token_times_out_at_once_while_its_task_is_still_blocked(make_co
 
 
 def test_a_late_exception_is_discarded_too(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
 
     @task_token_guard(operation_type="to_late_exc", timeout=SHORT)
@@ -132,7 +132,7 @@ def test_a_late_exception_is_discarded_too(make_coord, make_latch):
 
 
 def test_a_token_that_finishes_in_time_is_not_touched_by_its_timer(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     quick = task_token_guard(operation_type="to_quick", timeout=SHORT)(lambda: "ok")
     first = quick()
@@ -151,7 +151,7 @@ def test_a_token_that_finishes_in_time_is_not_touched_by_its_timer(make_coord, m
 
 
 def test_timeout_per_call_through_options(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
 
     @task_token_guard(operation_type="to_per_call")
@@ -174,7 +174,7 @@ def test_timeout_per_call_through_options(make_coord, make_latch):
 
 
 def test_options_can_remove_or_change_the_decorators_timeout(make_coord):
-    make_coord(cores=1, workers_per_core=1)
+    make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     fn = task_token_guard(operation_type="to_remove", timeout=SHORT)(lambda: 1)
     assert fn().timeout == SHORT
     assert fn.options(timeout=None)().timeout is None
@@ -222,7 +222,7 @@ def test_a_queued_token_times_out_and_never_runs(make_coord, make_latch):
 
 
 def test_a_paused_token_times_out(make_coord):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     ran = []
     coord.pause()
     token = task_token_guard(operation_type="to_paused", timeout=SHORT)(ran.append)(1)
@@ -236,7 +236,7 @@ def test_a_paused_token_times_out(make_coord):
 
 
 def test_a_token_held_by_a_limit_times_out_and_leaves_the_held_count(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
     ran = []
 
@@ -260,7 +260,9 @@ def test_a_token_held_by_a_limit_times_out_and_leaves_the_held_count(make_coord,
 
 
 def test_a_held_token_that_timed_out_is_no_longer_counted_as_held(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=3, storage_limits={"SLOW": 1})
+    coord = make_coord(
+        grow_on_demand=False, cores=1, workers_per_core=3, storage_limits={"SLOW": 1}
+    )
     latch = make_latch()
     slow = task_token_guard(operation_type="to_held_count", tags={"storage_speed": "SLOW"})
     blocker = slow(latch.enter)()
@@ -325,7 +327,7 @@ def test_checkpoint_is_a_no_op_outside_tasks_and_in_a_live_task(coord):
 
 
 def test_checkpoint_raises_token_cancelled_after_the_timeout(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     seen: list[object] = []
     finished = threading.Event()
@@ -359,7 +361,7 @@ def test_checkpoint_raises_token_cancelled_after_the_timeout(make_coord, make_la
 
 
 def test_checkpoint_raises_token_cancelled_after_kill(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     seen: list[object] = []
 
@@ -396,7 +398,7 @@ def test_token_cancelled_is_not_a_builtin_cancellation():
 def test_kill_of_a_running_token_releases_waiters_at_once_and_discards_the_result(
     make_coord, make_latch
 ):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     callbacks = []
 
@@ -434,7 +436,7 @@ def test_kill_of_a_running_token_releases_waiters_at_once_and_discards_the_resul
 
 
 def test_kill_of_a_queued_token_is_final_at_once(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     latch = make_latch()
     ran = []
     blocker = coord.submit(latch.enter)
@@ -452,7 +454,7 @@ def test_kill_of_a_queued_token_is_final_at_once(make_coord, make_latch):
 
 
 def test_cancel_queued_does_not_touch_a_running_token(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=1)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=1)
     latch = make_latch()
     running = coord.submit(lambda: latch.enter() or "ran")
     assert latch.wait_entered(1)
@@ -467,7 +469,7 @@ def test_cancel_queued_does_not_touch_a_running_token(make_coord, make_latch):
 
 
 def test_await_a_timed_out_token_raises_token_timeout(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     token = task_token_guard(operation_type="to_await", timeout=SHORT)(latch.enter)()
 
@@ -486,7 +488,7 @@ def test_await_a_timed_out_token_raises_token_timeout(make_coord, make_latch):
 def test_drain_returns_once_every_token_is_settled_even_if_a_task_still_runs(
     make_coord, make_latch
 ):
-    coord = make_coord(cores=1, workers_per_core=3)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=3)
     latch = make_latch()
     timed = task_token_guard(operation_type="drain_to", timeout=SHORT)(latch.enter)()
     killed = coord.submit(latch.enter)
@@ -508,7 +510,7 @@ def test_drain_returns_once_every_token_is_settled_even_if_a_task_still_runs(
 
 
 def test_drain_waits_for_a_token_to_time_out(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     token = task_token_guard(operation_type="drain_wait_to", timeout=SHORT * 2)(latch.enter)()
     assert latch.wait_entered(1)
@@ -521,7 +523,7 @@ def test_drain_waits_for_a_token_to_time_out(make_coord, make_latch):
 
 
 def test_stop_waits_for_a_timed_out_task_and_counts_stay_consistent(make_coord, make_latch):
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     token = task_token_guard(operation_type="stop_to", timeout=SHORT)(latch.enter)()
     with pytest.raises(TokenTimeout):
@@ -540,7 +542,7 @@ def test_stop_waits_for_a_timed_out_task_and_counts_stay_consistent(make_coord, 
 def test_drain_summary_accounts_for_timed_out_tokens(make_coord, make_latch):
     """Every token settled during drain() shows up in its summary: completed, failed, killed
     and (whatever the key is called) the timed-out ones."""
-    coord = make_coord(cores=1, workers_per_core=2)
+    coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     timed = task_token_guard(operation_type="drain_count", timeout=SHORT)(latch.enter)()
     done = coord.submit(lambda: 1)
