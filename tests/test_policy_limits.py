@@ -576,3 +576,36 @@ def test_a_high_priority_token_gets_the_next_slot(make_coord, make_latch):
     for t in [blocker, *lows, high]:
         t.get(timeout=SAFETY)
     assert order == ["high", "low0", "low1", "low2"]
+
+
+def test_limits_and_tiers_hold_while_the_core_grows_workers(make_coord, make_latch):
+    """With on-demand growth (the default) blocked plain tasks make the core start more
+    workers; the extra workers must not let held tokens past their limit or tier."""
+    coord = make_coord(
+        cores=1, workers_per_core=2, max_workers_per_core=12, storage_limits={"SLOW": 1}
+    )
+    gate = make_latch()
+    limited_peak, slow_peak = Peak(), Peak()
+
+    @task_token_guard(operation_type="grow_limited", max_concurrency=2)
+    def limited():
+        with limited_peak:
+            gate.enter()
+
+    @task_token_guard(operation_type="grow_slow", tags={"storage_speed": "SLOW"})
+    def slow():
+        with slow_peak:
+            gate.enter()
+
+    tokens = [limited() for _ in range(10)] + [slow() for _ in range(10)]
+    plains = [coord.submit(gate.enter) for _ in range(6)]
+    # 2 limited + 1 SLOW + 6 plain = 9 inside at once: the core grew past its 2 workers
+    assert gate.wait_entered(9)
+    assert sum(c["active_workers"] for c in coord.stats()["per_core"]) >= 9
+    assert coord.stats()["held"] == 8 + 9
+    gate.release()
+    for t in tokens + plains:
+        t.get(timeout=SAFETY)
+    assert limited_peak.peak == 2
+    assert slow_peak.peak == 1
+    _quiescent(coord)
