@@ -307,9 +307,39 @@ impl Governor {
         out
     }
 
-    /// Gives a token waiting for its retry delay a new priority or weight (it enters the
-    /// pool with them). False if no such token waits for one.
+    /// Gives a token waiting outside the pool (for a permit, or for its retry delay) a new
+    /// priority or weight: it enters the pool with them, and a limiter serves it in its new
+    /// lane. False if no such token waits.
     pub fn retarget(&self, id: u64, prio: Option<Priority>, weight: Option<Weight>) -> bool {
+        let is_it = |j: &Job| {
+            let h = &j.get().header;
+            h.id == id && h.state.load() == TokenState::Waiting
+        };
+        let map = self.limits.read().unwrap_or_else(|e| e.into_inner());
+        let limiters = self.tiers.iter().chain(map.values().map(|e| &e.limiter));
+        for l in limiters {
+            // The header changes under the limiter's lock, as the job is found.
+            let found = l.relane(
+                |j| {
+                    let hit = is_it(j);
+                    if hit {
+                        let h = &j.get().header;
+                        if let Some(p) = prio {
+                            h.set_priority(p);
+                        }
+                        if let Some(w) = weight {
+                            h.set_weight(w);
+                        }
+                    }
+                    hit
+                },
+                prio.map(|p| p as u8),
+            );
+            if found {
+                return true;
+            }
+        }
+        drop(map);
         let mut found = false;
         self.timers.for_each(|item| {
             if let TimerItem::Retry(j) = item {
@@ -520,7 +550,8 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
                 g.limit = Some((entry.clone(), key.clone()));
                 g.held_at = Some(HeldAt::Limit(entry.clone()));
             });
-            match entry.limiter.acquire(&key, job, now_ns()) {
+            let lane = tok.header.priority() as u8;
+            match entry.limiter.acquire_in_lane(&key, job, lane, now_ns()) {
                 Admit::Now(j) => {
                     job = j;
                     grant(tok, PERMIT_LIMIT);
@@ -541,7 +572,8 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
             g.held_at = Some(HeldAt::Tier(t));
         });
         let key = tok.op.operation_type.bind(py).to_string();
-        match gov.tiers[t].acquire(&key, job, now_ns()) {
+        let lane = tok.header.priority() as u8;
+        match gov.tiers[t].acquire_in_lane(&key, job, lane, now_ns()) {
             Admit::Now(j) => {
                 job = j;
                 grant(tok, PERMIT_TIER);

@@ -301,6 +301,18 @@ struct Held<J> {
     job: J,
     /// When it was held (limiter clock).
     since: u64,
+    /// Its priority lane (0 first): a key's held jobs are served by lane, FIFO within one.
+    prio: u8,
+}
+
+/// Queues `h` behind every held job of its lane or a more urgent one (FIFO within a lane; a
+/// plain push when all share a lane, the usual case).
+fn insert_by_prio<J>(q: &mut VecDeque<Held<J>>, h: Held<J>) {
+    let mut at = q.len();
+    while at > 0 && q[at - 1].prio > h.prio {
+        at -= 1;
+    }
+    q.insert(at, h);
 }
 
 struct Key<J> {
@@ -599,6 +611,12 @@ impl<J> Limiter<J> {
     /// is held ([`Admit::Now`]: the caller runs the job and releases `key` afterwards); else
     /// holds the job (FIFO per key) and it comes back later.
     pub fn acquire(&self, key: &str, job: J, now_ns: u64) -> Admit<J> {
+        self.acquire_in_lane(key, job, 1, now_ns)
+    }
+
+    /// `acquire` for a job of priority lane `prio` (0 first): held, it waits behind the held
+    /// jobs of its key of the same or a more urgent lane only.
+    pub fn acquire_in_lane(&self, key: &str, job: J, prio: u8, now_ns: u64) -> Admit<J> {
         let mut g = lock(&self.inner);
         let s = &mut *g;
         let now = s.tick(now_ns);
@@ -611,7 +629,14 @@ impl<J> Limiter<J> {
             s.take_permit(idx, now);
             return Admit::Now(job);
         }
-        s.slots[idx].held.push_back(Held { job, since: now });
+        insert_by_prio(
+            &mut s.slots[idx].held,
+            Held {
+                job,
+                since: now,
+                prio,
+            },
+        );
         s.held += 1;
         if let Some(block) = block {
             s.file(idx, block);
@@ -802,6 +827,27 @@ impl<J> Limiter<J> {
         }
         drop(g);
         dead
+    }
+
+    /// Moves the first held job for which `pred` holds to lane `prio` (keeping its wait
+    /// time), or, with `prio` None, only says whether one is held. O(held): an operator's
+    /// action, not a per-job one.
+    pub fn relane(&self, pred: impl Fn(&J) -> bool, prio: Option<u8>) -> bool {
+        let mut g = lock(&self.inner);
+        let s = &mut *g;
+        for idx in s.live_keys() {
+            let k = &mut s.slots[idx];
+            let Some(pos) = k.held.iter().position(|h| pred(&h.job)) else {
+                continue;
+            };
+            if let Some(p) = prio {
+                let mut h = k.held.remove(pos).expect("position is in range");
+                h.prio = p;
+                insert_by_prio(&mut k.held, h);
+            }
+            return true;
+        }
+        false
     }
 
     /// A snapshot of the gauges and counters.
@@ -1053,6 +1099,27 @@ mod tests {
         assert!(l.release("a", 1, all).is_empty());
         assert!(l.release("a", 1, all).jobs == vec![3]);
         l.check(true);
+    }
+
+    #[test]
+    fn held_jobs_are_served_by_lane_fifo_within_one_and_can_change_lane() {
+        let l = Limiter::new(conf(Some(1), None, None)).unwrap();
+        let _first = now(l.acquire("k", 0u32, 0));
+        for (job, prio) in [(1, 2), (2, 2), (3, 0), (4, 1), (5, 0)] {
+            assert!(matches!(l.acquire_in_lane("k", job, prio, 0), Admit::Held));
+        }
+        assert!(
+            l.relane(|&j| j == 2, Some(0)),
+            "2 moves to the urgent lane, behind 3 and 5"
+        );
+        assert!(l.relane(|&j| j == 4, None));
+        assert!(!l.relane(|&j| j == 9, Some(0)));
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let g = l.release("k", 0, all);
+            order.extend(g.jobs);
+        }
+        assert_eq!(order, vec![3, 5, 2, 4, 1]);
     }
 
     #[test]

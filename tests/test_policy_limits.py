@@ -554,7 +554,6 @@ def test_stop_without_wait_kills_held_tokens(make_coord, make_latch):
     assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug B16: priority is ignored while a token is held")
 def test_a_high_priority_token_gets_the_next_slot(make_coord, make_latch):
     coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=4)
     latch = make_latch()

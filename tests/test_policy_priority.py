@@ -393,9 +393,9 @@ def test_reroute_rejects_an_unknown_weight(one_worker, bad):
     assert queued.get(timeout=SAFETY) == 1
 
 
-def test_reprioritize_of_a_token_held_by_a_limit_changes_nothing(make_coord, make_latch):
-    """As built: a token held by a limiter is not found (False). (The issue's wording —
-    "move a token that has not started" — would allow moving it; see the report.)"""
+def test_reprioritize_and_reroute_move_a_token_held_by_a_limit(make_coord, make_latch):
+    """A token held by a limiter has not started: it takes the new priority (and the new
+    lane in the limiter's queue) and the new weight, and runs with them."""
     coord = make_coord(grow_on_demand=False, cores=1, workers_per_core=2)
     latch = make_latch()
     fn = task_token_guard(operation_type="rp_held", max_concurrency=1)(latch.enter)
@@ -403,8 +403,12 @@ def test_reprioritize_of_a_token_held_by_a_limit_changes_nothing(make_coord, mak
     assert latch.wait_entered(1)
     held = fn()
     assert wait_until(lambda: coord.stats()["held"] == 1)
-    assert coord.reprioritize(held, "high") is False
-    assert held.priority == "normal"
+    moved = coord.stats()["moved"]
+    assert coord.reprioritize(held, "high") is True
+    assert held.priority == "high"
+    assert coord.reroute(held, "heavy") is True
+    assert held.weight is TaskWeight.HEAVY
+    assert coord.stats()["moved"] == moved  # nothing left a queue: it was outside them
     latch.release()
     first.get(timeout=SAFETY)
     held.get(timeout=SAFETY)

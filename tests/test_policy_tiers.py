@@ -657,7 +657,6 @@ def test_permits_go_round_robin_across_operations(make_coord, make_latch):
     _quiescent(coord)
 
 
-@pytest.mark.xfail(strict=True, reason="bug B16: priority is ignored while a token is held")
 def test_a_high_priority_token_gets_the_next_permit(make_coord, make_latch):
     """SLOW limit 1: three low-priority SLOW tokens and then a high-priority one wait for the
     permit; when it frees, the high one should run first (priority orders every queue a token

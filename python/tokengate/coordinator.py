@@ -621,8 +621,9 @@ class OperationsCoordinator:
 
     def reprioritize(self, token_id: int, priority: str) -> bool:
         """Move the queued token ``token_id`` to lane ``priority`` (high, normal, low); it
-        goes to the back of that lane. False (nothing changes) if it started, finished, or
-        is not queued here (a token waiting for a limiter's permit is not found either)."""
+        goes to the back of that lane. False (nothing changes) if it started, finished, or is
+        not queued here. A token held by a limiter (waiting for a permit) takes the new
+        priority in the limiter's queue too."""
         return self._runtime().reprioritize(
             _check_id(token_id), ("high", "normal", "low")[_options.parse_priority(priority)]
         )
