@@ -1279,8 +1279,8 @@ impl<J: Job> Scheduler<J> {
         Ok(())
     }
 
-    /// A token that is not queued anywhere went from WAITING (between attempts) to a retry
-    /// that will not happen: the caller settles it as FAILED with `fail_outside`.
+    /// Counts a token settled (killed, timed out) from state `from`, stamps its end, and
+    /// wakes whoever waits for pool room (a WAITING one frees its place) or quiescence.
     fn count_settled(&self, by_state: &[AtomicU64; 4], from: TokenState, h: &Header) {
         h.stamp_finished(now_ns());
         let idx = match from {
