@@ -18,7 +18,7 @@
 //! and is dropped by the limiter or timer that holds it when it comes up.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,7 +36,7 @@ use crate::runtime::Shared;
 use crate::state::{TokenState, FLAG_FINISHING, FLAG_PERMITS};
 use crate::sync::lock;
 use crate::timers::Timers;
-use crate::token::{Listener, TaskToken};
+use crate::token::{wake_threads, Listener, TaskToken};
 
 type Job = Py<TaskToken>;
 
@@ -57,6 +57,8 @@ pub struct LimitEntry {
     pub limit_by: Option<String>,
     /// Held tokens settled (killed, timed out) while the limiter still holds them.
     dead: AtomicUsize,
+    /// When the one pending poll of this limit is due (0: none).
+    poll_at: AtomicU64,
 }
 
 /// Where a held token waits.
@@ -166,6 +168,7 @@ impl Governor {
                         limiter: Limiter::new(conf)?,
                         limit_by,
                         dead: AtomicUsize::new(0),
+                        poll_at: AtomicU64::new(0),
                     });
                     // Keyed differently now: the old limiter's held tokens queue again under
                     // the new one (its running tokens release into the old one and are gone).
@@ -218,6 +221,7 @@ impl Governor {
                     limiter: Limiter::new(decl.conf).expect("validated"),
                     limit_by: decl.limit_by.clone(),
                     dead: AtomicUsize::new(0),
+                    poll_at: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -260,7 +264,7 @@ impl Governor {
         }
         drop(dead);
         if let Some(due) = entry.limiter.next_due() {
-            self.schedule(due, TimerItem::PollLimit(entry.clone()));
+            self.poll_limit_at(entry, due);
         }
     }
 
@@ -421,18 +425,36 @@ impl Governor {
     /// Adds a timer, starting the timer thread first if it is not running yet. If it cannot
     /// be started, a retry goes ahead at once and a deadline is not enforced (counted in
     /// `internal_errors`): nothing is left waiting for a timer that never fires.
-    pub fn schedule(&self, due: u64, item: TimerItem) {
-        if !self.thread_started.load(Ordering::Acquire) && !self.start_thread() {
-            if let TimerItem::Retry(job) = item {
-                Python::attach(|py| {
-                    let sh = job.get().rt.clone();
-                    advance(py, &sh, job, Stage::Limit, true);
-                });
-            }
+    /// One pending poll per limit (the earliest needed): held tokens of a rate limit do not
+    /// each put a timer on the heap.
+    fn poll_limit_at(&self, entry: &Arc<LimitEntry>, due: u64) {
+        let pending = entry.poll_at.load(Ordering::Acquire);
+        if pending != 0 && pending <= due {
             return;
         }
-        let stale = self.timers.schedule(due, item, stale_item);
-        drop(stale);
+        entry.poll_at.store(due.max(1), Ordering::Release);
+        self.schedule(due, TimerItem::PollLimit(entry.clone()));
+    }
+
+    pub fn schedule(&self, due: u64, item: TimerItem) {
+        let refused = if !self.thread_started.load(Ordering::Acquire) && !self.start_thread() {
+            item
+        } else {
+            match self.timers.schedule(due, item, stale_item) {
+                Ok(stale) => {
+                    drop(stale);
+                    return;
+                }
+                Err(item) => item, // stopped: the runtime is shutting down
+            }
+        };
+        if let TimerItem::Retry(job) = refused {
+            // Goes on at once; after a stop it is killed as stranded (`enter`).
+            Python::attach(|py| {
+                let sh = job.get().rt.clone();
+                advance(py, &sh, job, Stage::Limit, true);
+            });
+        }
     }
 
     /// Lets `schedule` start the timer thread of `shared` when it first needs it.
@@ -558,7 +580,7 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
                 }
                 Admit::Held => {
                     if let Some(due) = entry.limiter.next_due() {
-                        gov.schedule(due, TimerItem::PollLimit(entry));
+                        gov.poll_limit_at(&entry, due);
                     }
                     return;
                 }
@@ -731,6 +753,7 @@ fn handle(py: Python<'_>, shared: &Arc<Shared>, item: TimerItem) {
         }
         TimerItem::Retry(job) => advance(py, shared, job, Stage::Limit, true),
         TimerItem::PollLimit(entry) => {
+            entry.poll_at.store(0, Ordering::Release);
             let g = entry.limiter.poll(now_ns(), alive);
             shared.gov.after_grant_limit(py, &entry, g);
         }
@@ -902,14 +925,22 @@ pub fn end_attempt(
         return EndOfAttempt::Store(outcome);
     };
     if pol.overlapping_attempts() {
-        if !h.state.begin_finishing() {
-            shared.sched.discard(core, wi, h);
-            return EndOfAttempt::Discarded;
+        // An attempt abandoned for a newer one touches nothing of the token: its permits and
+        // its state belong to the attempt that replaced it.
+        if h.attempt() != attempt || !h.state.begin_finishing() {
+            // Settled during this very attempt (timed out for good, killed): its own end.
+            // Otherwise a newer attempt is pending or running: stale.
+            if h.attempt() == attempt && h.state.load().is_settled() {
+                shared.sched.discard(core, wi, h);
+                return EndOfAttempt::Discarded;
+            }
+            shared.sched.discard_stale(core, wi, h);
+            return EndOfAttempt::Stale;
         }
         if h.attempt() != attempt {
             h.state.clear_flags(FLAG_FINISHING);
-            shared.sched.discard(core, wi, h);
-            return EndOfAttempt::Discarded;
+            shared.sched.discard_stale(core, wi, h);
+            return EndOfAttempt::Stale;
         }
     }
     if let Err(e) = &outcome {
@@ -939,6 +970,9 @@ pub enum EndOfAttempt {
     Retried,
     /// The token was settled meanwhile; the result was dropped.
     Discarded,
+    /// This attempt was abandoned for a newer one (its deadline passed and a retry started):
+    /// the result is dropped and nothing of the token is touched.
+    Stale,
 }
 
 /// Calls the policy's `on_exhausted(token)` once a token with retries failed for good.
@@ -999,43 +1033,55 @@ pub fn chain<'py>(
 
 /// The step before `child` settled: submit `child` with its result, or end it the same way.
 pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) {
+    // A step that ends without running ends its own next steps the same way: a work list, not
+    // recursion, so a chain of any length cannot overflow the stack.
+    let py = parent.py();
+    let mut work = vec![(parent.clone(), child.clone())];
+    while let Some((p, c)) = work.pop() {
+        if !chain_step(&p, &c) {
+            continue;
+        }
+        let (threads, others) = c.get().take_listeners();
+        wake_threads(threads);
+        let mut callbacks = Vec::new();
+        for l in others {
+            match l {
+                Listener::Chain(next) => work.push((c.clone(), next.bind(py).clone())),
+                other => callbacks.push(other),
+            }
+        }
+        let _ = TaskToken::call_callbacks(&c, callbacks);
+    }
+}
+
+/// Submits `child` with `parent`'s result, or ends it the way `parent` ended; true if it was
+/// ended here (its listeners are then the caller's to run).
+fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bool {
     let py = parent.py();
     let p = parent.get();
     let c = child.get();
     let shared = c.rt.clone();
     match p.header.state.load() {
         TokenState::Completed => {
-            let result = match parent.call_method0("result") {
-                Ok(v) => v,
-                Err(e) => {
-                    fail_outside(py, &shared, child, e.into_value(py));
-                    return;
+            let args = parent.call_method0("result").and_then(|result| {
+                let mut items = vec![result];
+                if let Some(extra) = c.clone_call(py) {
+                    items.extend(extra.args.bind(py).iter());
                 }
-            };
-            let extra = c.clone_call(py).map(|call| call.args);
-            let mut items = vec![result];
-            if let Some(extra) = extra {
-                items.extend(extra.bind(py).iter());
-            }
-            match PyTuple::new(py, items) {
+                PyTuple::new(py, items)
+            });
+            match args {
                 Ok(t) => c.set_args(t.unbind()),
-                Err(e) => {
-                    fail_outside(py, &shared, child, e.into_value(py));
-                    return;
-                }
+                Err(e) => return fail_outside(&shared, child, e.into_value(py)),
             }
             if shared.gov.inline {
                 run_inline(py, &shared, child, true);
-                return;
-            }
-            if stranded(&shared) {
+            } else if stranded(&shared) {
                 kill_stranded(py, &shared, child);
-                return;
-            }
-            if !shared.sched.hold_accepted(&c.header) {
-                return; // killed while it waited for its parent
-            }
-            submit_governed(py, &shared, child);
+            } else if shared.sched.hold_accepted(&c.header) {
+                submit_governed(py, &shared, child);
+            } // else: killed while it waited for its parent
+            false
         }
         TokenState::Failed => {
             let err = parent
@@ -1049,42 +1095,42 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
                         format!("token {} failed without an exception", p.header.id),
                     )
                 });
-            fail_outside(py, &shared, child, err);
+            fail_outside(&shared, child, err)
         }
         TokenState::TimedOut => {
             c.with_gov(|g| g.upstream = Some(p.header.id));
-            if shared.sched.time_out(&c.header).is_ok() {
+            let ended = shared.sched.time_out(&c.header).is_ok();
+            if ended {
                 drop(c.take_call());
-                let _ = TaskToken::notify_listeners(child);
             }
+            ended
         }
         _ => {
             // Killed (before or while it ran).
             c.with_gov(|g| g.upstream = Some(p.header.id));
-            if shared.sched.kill(&c.header).is_ok() {
+            let ended = shared.sched.kill(&c.header).is_ok();
+            if ended {
                 drop(c.take_call());
-                let _ = TaskToken::notify_listeners(child);
             }
+            ended
         }
     }
 }
 
-/// Ends a CREATED (accepted early) token as FAILED with `err`, without running it.
+/// Ends a CREATED (accepted early) token as FAILED with `err`, without running it; true if it
+/// did (its listeners are the caller's to run).
 fn fail_outside(
-    py: Python<'_>,
     shared: &Arc<Shared>,
     child: &Bound<'_, TaskToken>,
     err: Py<PyBaseException>,
-) {
+) -> bool {
     let c = child.get();
     if !shared.sched.claim_outside(&c.header, true, false) {
-        return;
+        return false;
     }
     drop(c.take_call());
     c.set_outcome(Err(err));
-    shared.sched.finish_outside(&c.header, false);
-    let _ = TaskToken::notify_listeners(child);
-    let _ = py;
+    shared.sched.finish_outside(&c.header, false)
 }
 
 // ---- passthrough mode -------------------------------------------------------------------
@@ -1103,7 +1149,8 @@ pub fn run_inline(
     if !shared.sched.claim_outside(h, accepted, true) {
         return;
     }
-    let started = now_ns();
+    // Each attempt has its own timeout, counted from its own start (after its delay).
+    let mut started = now_ns();
     let outcome = loop {
         let call = if t.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
             t.clone_call(py)
@@ -1137,6 +1184,8 @@ pub fn run_inline(
                 }
                 shared.sched.count_outside_retry();
                 h.next_attempt();
+                started = now_ns();
+                h.stamp_started(started);
             }
             None => {
                 if pol.retries > 0 {

@@ -147,6 +147,9 @@ struct Running {
     id: u64,
     attempt: u32,
     obj: *mut pyo3::ffi::PyObject,
+    /// For a passthrough call: how many tokens the worker stack of this thread held when it
+    /// started (it is innermost unless that stack has grown since).
+    under: u32,
 }
 
 /// A worker thread's stack of running tokens. The worker loop holds it directly, so running a
@@ -160,12 +163,20 @@ thread_local! {
 }
 
 /// Runs `f` with `tok` as this thread's current token (a passthrough call).
+/// (It has a stack of its own, apart from a worker's, whose ids belong to the wait graph of
+/// the worker's runtime; `current()` tells which top is innermost by its depth stamp.)
 pub(crate) fn with_inline_current<R>(tok: &Bound<'_, TaskToken>, f: impl FnOnce() -> R) -> R {
+    let worker_depth = WORKER.with(|w| {
+        w.borrow()
+            .as_ref()
+            .map_or(0, |c| c.stack.borrow().len() as u32)
+    });
     OUTSIDE.with(|s| {
         s.borrow_mut().push(Running {
             id: tok.get().header.id,
             attempt: tok.get().header.attempt(),
             obj: tok.as_ptr(),
+            under: worker_depth,
         })
     });
     let r = f();
@@ -175,13 +186,23 @@ pub(crate) fn with_inline_current<R>(tok: &Bound<'_, TaskToken>, f: impl FnOnce(
 
 /// The token whose task runs on this thread (the innermost one), if any, and its attempt.
 fn current(py: Python<'_>) -> Option<(Bound<'_, TaskToken>, u32)> {
-    let top = WORKER
-        .with(|w| {
-            w.borrow()
-                .as_ref()
-                .and_then(|c| c.stack.borrow().last().copied())
+    let (worker_top, worker_len) = WORKER.with(|w| {
+        w.borrow().as_ref().map_or((None, 0), |c| {
+            let st = c.stack.borrow();
+            (st.last().copied(), st.len() as u32)
         })
-        .or_else(|| OUTSIDE.with(|s| s.borrow().last().copied()))?;
+    });
+    let outside_top = OUTSIDE.with(|s| s.borrow().last().copied());
+    let top = match (worker_top, outside_top) {
+        (Some(w), Some(o)) => {
+            if worker_len > o.under {
+                w
+            } else {
+                o
+            }
+        }
+        (w, o) => w.or(o)?,
+    };
     // SAFETY: the pointer is a live TaskToken: the thread that pushed it holds a reference
     // until it pops it, and only this thread reads its own stack.
     let any = unsafe { Bound::from_borrowed_ptr(py, top.obj) };
@@ -475,6 +496,7 @@ fn run_started(
         id: tok.header.id,
         attempt,
         obj: job.as_ptr(),
+        under: 0,
     });
     let res = catch_unwind(AssertUnwindSafe(|| {
         if tok.wants_panic() {
@@ -518,6 +540,10 @@ fn run_started(
         match governor::end_attempt(py, shared, core, wi, job.bind(py), attempt, outcome) {
             EndOfAttempt::Store(o) => o,
             EndOfAttempt::Retried => {
+                shared.sched.release(core, wi);
+                return Vec::new();
+            }
+            EndOfAttempt::Stale => {
                 shared.sched.release(core, wi);
                 return Vec::new();
             }

@@ -8,7 +8,7 @@
 //! frees, steal from siblings on the same core, spin briefly and then park.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::{Condvar, Mutex};
@@ -369,8 +369,10 @@ pub struct Scheduler<J> {
     outside_failed: AtomicU64,
     outside_started: AtomicU64,
     outside_discarded: AtomicU64,
-    /// WAITING tokens outside the pool (limiter, retry delay), live or not yet purged.
-    held: AtomicUsize,
+    /// Live WAITING tokens outside the pool (limiter, retry delay), for the pool bound: added
+    /// before a token is marked held, taken off when it leaves alive (`unhold`) or is settled
+    /// there (`kill`, `time_out`), so it may dip below 0 for a moment (read clamped).
+    held: AtomicI64,
     /// Entries into and live exits from that place (a killed or timed-out one just leaves).
     held_in: AtomicU64,
     held_out: AtomicU64,
@@ -433,7 +435,7 @@ impl<J: Job> Scheduler<J> {
             outside_failed: AtomicU64::new(0),
             outside_started: AtomicU64::new(0),
             outside_discarded: AtomicU64::new(0),
-            held: AtomicUsize::new(0),
+            held: AtomicI64::new(0),
             held_in: AtomicU64::new(0),
             held_out: AtomicU64::new(0),
             held_dead: AtomicU64::new(0),
@@ -638,12 +640,18 @@ impl<J: Job> Scheduler<J> {
     /// Whether the pool (with the WAITING tokens held outside it) is at its bound.
     fn pool_full(&self, pool: &mut PoolQueues<J>) -> bool {
         let cap = self.cfg.pool_capacity;
-        if pool.len + self.held.load(Ordering::Acquire) < cap {
+        if pool.len + self.held_now() < cap {
             return false;
         }
         Self::purge_dead(pool, &self.pool_len_w);
         self.pool_len.store(pool.len, Ordering::Release);
-        pool.len + self.held.load(Ordering::Acquire) >= cap
+        pool.len + self.held_now() >= cap
+    }
+
+    /// Live tokens held outside the pool (see `held`).
+    #[inline]
+    fn held_now(&self) -> usize {
+        self.held.load(Ordering::Acquire).max(0) as usize
     }
 
     /// Into the pool. A new job is refused at the bound; one accepted already is not.
@@ -713,14 +721,9 @@ impl<J: Job> Scheduler<J> {
                 return Err(RejectReason::PoolFull);
             }
             self.accepted.fetch_add(1, Ordering::AcqRel);
-            h.state.set_flags(FLAG_HELD);
-            if let Err(e) = h.state.transition(TokenState::Created, TokenState::Waiting) {
-                h.state.clear_flags(FLAG_HELD);
-                self.note_transition_error(e);
+            if !self.mark_held(h, TokenState::Created) {
                 return Ok(false);
             }
-            self.held.fetch_add(1, Ordering::AcqRel);
-            self.held_in.fetch_add(1, Ordering::AcqRel);
         }
         Ok(true)
     }
@@ -728,24 +731,43 @@ impl<J: Job> Scheduler<J> {
     /// A CREATED job counted by `accept_early` (a chain step whose parent completed) now
     /// waits outside the pool; false if it was settled meanwhile.
     pub fn hold_accepted(&self, h: &Header) -> bool {
+        self.mark_held(h, TokenState::Created)
+    }
+
+    /// CREATED → WAITING outside the pool, counted (before the state changes, so a kill
+    /// right after it finds the count to take off).
+    fn mark_held(&self, h: &Header, from: TokenState) -> bool {
+        self.held.fetch_add(1, Ordering::AcqRel);
         h.state.set_flags(FLAG_HELD);
-        if h.state
-            .transition(TokenState::Created, TokenState::Waiting)
-            .is_err()
-        {
+        if let Err(e) = h.state.transition(from, TokenState::Waiting) {
             h.state.clear_flags(FLAG_HELD);
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            self.note_transition_error(e);
             return false;
         }
-        self.held.fetch_add(1, Ordering::AcqRel);
         self.held_in.fetch_add(1, Ordering::AcqRel);
         true
     }
 
-    /// A WAITING job (a retry that just left its worker, marked `FLAG_HELD` by `retry`) now
-    /// waits outside the pool.
-    pub fn hold_again(&self, h: &Header) {
-        h.state.set_flags(FLAG_HELD);
+    /// Marks a running token held before it leaves EXECUTING for WAITING (a retry), counted.
+    fn pre_hold(&self, h: &Header) {
         self.held.fetch_add(1, Ordering::AcqRel);
+        h.state.set_flags(FLAG_HELD);
+    }
+
+    /// The transition `pre_hold` prepared did not happen: the count comes off, and the mark
+    /// too unless the token went to WAITING anyway (the other side's retry won).
+    fn undo_pre_hold(&self, h: &Header) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        if h.state.load() != TokenState::Waiting {
+            h.state.clear_flags(FLAG_HELD);
+        }
+    }
+
+    /// A WAITING job (a retry that just left its worker, marked and counted by `retry` or
+    /// `abandon_for_retry`) now waits outside the pool.
+    pub fn hold_again(&self, h: &Header) {
+        debug_assert!(h.state.raw() & FLAG_HELD != 0);
         self.held_in.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -754,10 +776,10 @@ impl<J: Job> Scheduler<J> {
     /// was settled meanwhile is dropped. Returns whether it went on.
     pub fn unhold(&self, job: J, front: bool) -> bool {
         let h = job.header();
-        self.held.fetch_sub(1, Ordering::AcqRel);
         if !h.state.leave_held() {
-            return false; // settled while held: counted by `kill`/`time_out` already
+            return false; // settled while held: counted off by `kill`/`time_out` already
         }
+        self.held.fetch_sub(1, Ordering::AcqRel);
         self.held_out.fetch_add(1, Ordering::AcqRel);
         let w = h.weight() as usize;
         // A due retry goes ahead of everything queued in its lane: the front of a mailbox's
@@ -771,11 +793,9 @@ impl<J: Job> Scheduler<J> {
         self.push_pool(job, Entry::Back, front).is_ok()
     }
 
-    /// A held job was found settled (killed or timed out while held) and is dropped.
-    pub fn drop_held(&self) {
-        self.held.fetch_sub(1, Ordering::AcqRel);
-        self.notify_pool_waiters(true);
-    }
+    /// A held job was found settled (killed or timed out while held) and is dropped: it was
+    /// counted off the pool bound when it was settled, so there is nothing left to do.
+    pub fn drop_held(&self) {}
 
     /// Drops pool entries that were killed while waiting.
     fn purge_dead(pool: &mut PoolQueues<J>, len_w: &[AtomicUsize; 3]) {
@@ -855,7 +875,7 @@ impl<J: Job> Scheduler<J> {
     pub fn wait_pool_room(&self, timeout: Duration) -> bool {
         self.pool_waiters.fetch_add(1, Ordering::SeqCst);
         let mut pool = lock(&self.pool);
-        let full = |len: usize| len + self.held.load(Ordering::Acquire) >= self.cfg.pool_capacity;
+        let full = |len: usize| len + self.held_now() >= self.cfg.pool_capacity;
         if full(pool.len) && !self.is_closed() {
             pool = self
                 .pool_cv
@@ -1209,12 +1229,21 @@ impl<J: Job> Scheduler<J> {
         self.notify_quiet();
     }
 
+    /// The attempt that ran on `(core, wi)` had been abandoned for a newer one: only counted
+    /// (the token's state belongs to the newer attempt).
+    pub fn discard_stale(&self, core: usize, wi: usize, h: &Header) {
+        let slot = &self.cores[core].workers[wi];
+        slot.figures.note_finish(now_ns(), h.started_ns());
+        slot.discarded.fetch_add(1, Ordering::AcqRel);
+        self.notify_quiet();
+    }
+
     /// The attempt that ran on `(core, wi)` failed and the token gets another: WAITING (the
     /// caller holds it with `hold_again` and brings it back with `unhold`). False if it was
     /// settled meanwhile (the attempt is then discarded).
     pub fn retry(&self, core: usize, wi: usize, h: &Header) -> bool {
         // Marked held first: a waiter must not run it inline while it waits for its delay.
-        h.state.set_flags(FLAG_HELD);
+        self.pre_hold(h);
         match h
             .state
             .transition(TokenState::Executing, TokenState::Waiting)
@@ -1226,7 +1255,7 @@ impl<J: Job> Scheduler<J> {
                 true
             }
             Err(_) => {
-                h.state.clear_flags(FLAG_HELD);
+                self.undo_pre_hold(h);
                 self.discard(core, wi, h);
                 false
             }
@@ -1243,6 +1272,7 @@ impl<J: Job> Scheduler<J> {
             .map_err(|(_, finishing)| finishing)?;
         if from == TokenState::Waiting && flags & FLAG_HELD != 0 {
             self.held_dead.fetch_add(1, Ordering::AcqRel);
+            self.held.fetch_sub(1, Ordering::AcqRel);
         }
         self.count_settled(&self.timed_out_from, from, h);
         Ok(from)
@@ -1253,7 +1283,7 @@ impl<J: Job> Scheduler<J> {
     /// may still run (its worker discards its result). `Err(true)`: it is storing its outcome
     /// right now (look again a moment later).
     pub fn abandon_for_retry(&self, h: &Header) -> Result<(), bool> {
-        h.state.set_flags(FLAG_HELD);
+        self.pre_hold(h);
         match h
             .state
             .settle(TokenState::Waiting, |s| s == TokenState::Executing)
@@ -1263,7 +1293,7 @@ impl<J: Job> Scheduler<J> {
                 Ok(())
             }
             Err((_, finishing)) => {
-                h.state.clear_flags(FLAG_HELD);
+                self.undo_pre_hold(h);
                 Err(finishing)
             }
         }
@@ -1524,6 +1554,7 @@ impl<J: Job> Scheduler<J> {
         if from == TokenState::Waiting {
             if flags & FLAG_HELD != 0 {
                 self.held_dead.fetch_add(1, Ordering::AcqRel);
+                self.held.fetch_sub(1, Ordering::AcqRel);
             }
             // Room for blocked submitters once the entry is purged.
             self.notify_pool_waiters(true);

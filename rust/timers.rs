@@ -72,9 +72,13 @@ impl<T> Default for Timers<T> {
 impl<T> Timers<T> {
     /// Adds `item`, due at `due_ns`. `stale` tells entries that can be dropped unhandled,
     /// used when the heap is compacted. Returns the entries dropped (the caller drops them
-    /// outside the lock: dropping an item may run arbitrary code).
-    pub fn schedule(&self, due_ns: u64, item: T, stale: impl Fn(&T) -> bool) -> Vec<T> {
+    /// outside the lock: dropping an item may run arbitrary code), or the item itself once
+    /// `stop` was called (nothing would ever take it out).
+    pub fn schedule(&self, due_ns: u64, item: T, stale: impl Fn(&T) -> bool) -> Result<Vec<T>, T> {
         let mut g = lock(&self.inner);
+        if g.stopped {
+            return Err(item);
+        }
         let mut dropped = Vec::new();
         if g.heap.len() >= 2 * g.compacted_at {
             let entries = std::mem::take(&mut g.heap).into_vec();
@@ -101,7 +105,7 @@ impl<T> Timers<T> {
         if earliest {
             self.cv.notify_all();
         }
-        dropped
+        Ok(dropped)
     }
 
     /// Every item due at `now_ns` or before, earliest first.
@@ -185,7 +189,7 @@ mod tests {
     fn items_come_out_in_due_order_fifo_among_equals() {
         let t = Timers::default();
         for (due, v) in [(30, 'c'), (10, 'a'), (20, 'b'), (10, 'x')] {
-            assert!(t.schedule(due, v, |_| false).is_empty());
+            assert!(t.schedule(due, v, |_| false).unwrap().is_empty());
         }
         assert_eq!(t.take_due(5), Vec::<char>::new());
         assert_eq!(t.take_due(20), vec!['a', 'x', 'b']);
@@ -198,7 +202,7 @@ mod tests {
         let t = Timers::default();
         let mut dropped = Vec::new();
         for i in 0..1000u64 {
-            dropped.extend(t.schedule(u64::MAX - i, i, |v| v % 2 == 0));
+            dropped.extend(t.schedule(u64::MAX - i, i, |v| v % 2 == 0).unwrap());
         }
         assert!(!dropped.is_empty());
         assert!(dropped.iter().all(|v| v % 2 == 0));
@@ -211,11 +215,12 @@ mod tests {
     #[test]
     fn wait_due_wakes_for_an_earlier_entry_and_for_stop() {
         let t = Arc::new(Timers::default());
-        t.schedule(now_ns() + 60_000_000_000, 1u32, |_| false);
+        t.schedule(now_ns() + 60_000_000_000, 1u32, |_| false)
+            .unwrap();
         let t2 = t.clone();
         let h = std::thread::spawn(move || t2.wait_due(Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(20));
-        t.schedule(now_ns(), 2, |_| false);
+        t.schedule(now_ns(), 2, |_| false).unwrap();
         assert_eq!(h.join().unwrap(), vec![2]);
         let t3 = t.clone();
         let h = std::thread::spawn(move || t3.wait_due(Duration::from_secs(30)));
@@ -223,6 +228,7 @@ mod tests {
         assert_eq!(t.stop(), vec![1]);
         assert!(h.join().unwrap().is_empty());
         assert!(t.is_stopped());
+        assert_eq!(t.schedule(0, 3, |_| false), Err(3), "refused once stopped");
     }
 
     #[test]

@@ -155,8 +155,13 @@ impl TaskToken {
         call
     }
 
-    /// The call, left in place for another attempt.
+    /// The call, left in place for another attempt (its bytes leave the memory budget all the
+    /// same: the budget is for queued work, and this call now runs).
     pub(crate) fn clone_call(&self, py: Python<'_>) -> Option<Call> {
+        let n = self.header.take_bytes();
+        if n > 0 {
+            self.rt.sched.release_bytes(n);
+        }
         lock(&self.slot).call.as_ref().map(|c| Call {
             args: c.args.clone_ref(py),
             kwargs: c.kwargs.as_ref().map(|k| k.clone_ref(py)),
