@@ -91,6 +91,13 @@ pub enum TimerItem {
     PollLimit(Arc<LimitEntry>),
 }
 
+/// The callback thread's line.
+enum CallbackLine {
+    Idle,
+    Open(std::sync::mpsc::Sender<(Job, Vec<Listener>)>),
+    Stopped,
+}
+
 /// The policy state of one runtime.
 pub struct Governor {
     pub timers: Timers<TimerItem>,
@@ -107,6 +114,9 @@ pub struct Governor {
     pub killing: AtomicBool,
     /// The timer thread, started with the first timer (most programs never need one).
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Where the timer thread sends the callbacks of tokens it times out (a thread of its
+    /// own, started with the first; `None` once stopped).
+    callbacks: Mutex<CallbackLine>,
     thread_started: AtomicBool,
     runtime: OnceLock<Weak<Shared>>,
 }
@@ -131,6 +141,7 @@ impl Governor {
             inline,
             killing: AtomicBool::new(false),
             thread: Mutex::new(None),
+            callbacks: Mutex::new(CallbackLine::Idle),
             thread_started: AtomicBool::new(false),
             runtime: OnceLock::new(),
         }
@@ -457,6 +468,38 @@ impl Governor {
         }
     }
 
+    /// Runs the done callbacks and chain steps of a token the timer thread timed out on the
+    /// callback thread (started on first use). If it cannot run there (stopped, or no thread
+    /// could be started) they run here.
+    fn defer_callbacks(
+        &self,
+        py: Python<'_>,
+        tok: &Bound<'_, TaskToken>,
+        listeners: Vec<Listener>,
+    ) {
+        let mut line = lock(&self.callbacks);
+        if matches!(*line, CallbackLine::Idle) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if std::thread::Builder::new()
+                .name("tokengate-callbacks".into())
+                .spawn(move || callbacks_main(rx))
+                .is_ok()
+            {
+                *line = CallbackLine::Open(tx);
+            }
+        }
+        let item = (tok.clone().unbind(), listeners);
+        let item = match &*line {
+            CallbackLine::Open(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(item)) => item,
+            },
+            _ => item,
+        };
+        drop(line);
+        let _ = TaskToken::call_callbacks(item.0.bind(py), item.1);
+    }
+
     /// Lets `schedule` start the timer thread of `shared` when it first needs it.
     pub fn bind(&self, shared: &Arc<Shared>) {
         let _ = self.runtime.set(Arc::downgrade(shared));
@@ -494,6 +537,9 @@ impl Governor {
     /// it may be waiting for) and returns what it still held (the caller kills them).
     pub fn stop(&self, py: Python<'_>, join: bool) -> Vec<Job> {
         let left = self.timers.stop();
+        // The callback thread ends once it has run what it was given (not joined: a callback
+        // may be waiting for this very stop).
+        *lock(&self.callbacks) = CallbackLine::Stopped;
         let handle = lock(&self.thread).take();
         // Not joined from the timer thread itself (a done callback it runs may stop the
         // coordinator): it exits on its own once it sees the timers stopped.
@@ -800,10 +846,28 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
                 drop(t.take_call());
                 settled(py, tok);
             }
-            let _ = TaskToken::notify_listeners(tok);
+            // Waiters are woken here; callbacks and chain steps run on the callback thread,
+            // so one that waits cannot stall the other timers.
+            let (threads, others) = t.take_listeners();
+            wake_threads(threads);
+            if !others.is_empty() {
+                shared.gov.defer_callbacks(py, tok, others);
+            }
         }
         Err(true) => recheck(),
         Err(false) => {}
+    }
+}
+
+/// The callback thread: runs what `defer_callbacks` hands it until the runtime stops.
+fn callbacks_main(rx: std::sync::mpsc::Receiver<(Job, Vec<Listener>)>) {
+    while let Ok((job, listeners)) = rx.recv() {
+        let ran = Python::try_attach(|py| {
+            let _ = TaskToken::call_callbacks(job.bind(py), listeners);
+        });
+        if ran.is_none() {
+            return; // the interpreter is finalizing
+        }
     }
 }
 

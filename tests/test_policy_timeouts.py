@@ -93,7 +93,8 @@ def test_running_token_times_out_at_once_while_its_task_is_still_blocked(make_co
         t.join(SAFETY)
         assert not t.is_alive()
     assert all(isinstance(o, TokenTimeout) for o in outcomes.values()), outcomes
-    assert callbacks == [TokenState.TIMED_OUT]
+    # done callbacks of a timed-out token run on the callback thread, right after its waiters
+    assert wait_until(lambda: callbacks == [TokenState.TIMED_OUT])
     assert token.kill() is False
     assert coord.stats()["timed_out"] == 1
 
@@ -105,7 +106,7 @@ def test_running_token_times_out_at_once_while_its_task_is_still_blocked(make_co
         token.get(timeout=0)
     with pytest.raises(TokenTimeout):
         token.exception(timeout=0)
-    assert callbacks == [TokenState.TIMED_OUT]
+    assert wait_until(lambda: callbacks == [TokenState.TIMED_OUT])
     s = _quiescent(coord)
     assert s["timed_out"] == 1
     assert s["completed"] == 0
@@ -209,7 +210,8 @@ def test_a_queued_token_times_out_and_never_runs(make_coord, make_latch):
     assert queued.state is TokenState.TIMED_OUT
     assert queued.started_at is None
     assert queued.attempts == 0
-    assert callbacks == [TokenState.TIMED_OUT]
+    # done callbacks of a timed-out token run on the callback thread, right after its waiters
+    assert wait_until(lambda: callbacks == [TokenState.TIMED_OUT])
     latch.release()
     blocker.get(timeout=SAFETY)
     # something queued after it runs: the timed-out token was removed, not skipped later
