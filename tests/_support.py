@@ -88,3 +88,34 @@ def child_json(out: str) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, out
     return json.loads(lines[0][len("RESULT ") :])
+
+
+class Peak:
+    """Counts concurrent executions (entry/exit under a lock) and keeps the peak."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.entered = 0
+
+    def __enter__(self) -> Peak:
+        with self._lock:
+            self.now += 1
+            self.entered += 1
+            self.peak = max(self.peak, self.now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def quiescent(coord) -> dict:
+    """Asserts the coordinator is at rest: every accepted token in exactly one final count and
+    nothing waiting, admitted, executing or held. Returns its stats()."""
+    s = coord.stats()
+    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
+    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
+    assert busy == dict.fromkeys(busy, 0), busy
+    return s

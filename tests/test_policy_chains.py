@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from _support import SAFETY, wait_until
+from _support import SAFETY, quiescent, wait_until
 from tokengate import (
     InvalidDecoration,
     InvalidOption,
@@ -23,14 +23,6 @@ from tokengate import (
 )
 
 SHORT = 0.05
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
 
 
 # --------------------------------------------------------------------------- results flow
@@ -58,7 +50,7 @@ def test_a_chain_of_several_steps(coord):
         token = token.then(step, k)
     assert token.get(timeout=SAFETY) == 123456
     assert steps == [2, 3, 4, 5, 6]
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_then_on_an_already_finished_token_runs_at_once(coord):
@@ -75,7 +67,7 @@ def test_a_long_chain_on_one_worker_needs_no_waiting_worker(make_coord):
     for _ in range(200):
         token = token.then(lambda x: x + 1)
     assert token.get(timeout=SAFETY) == 200
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["completed"] == 201
     assert s["per_core"][0]["spawned_workers"] == 1
 
@@ -155,7 +147,7 @@ def test_several_chains_concurrently_keep_their_step_order(make_coord):
         assert [k for c, k in log if c == chain] == [0, 1, 2, 3, 4, 5]
     # the chains ran side by side, not one after another
     assert log.index((29, 0)) < log.index((0, 5))
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["completed"] == 180
 
 
@@ -179,7 +171,7 @@ def test_failure_propagates_down_the_chain(coord):
     assert mid.exception() is err
     assert tail.exception() is err
     assert ran == []
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["failed"] == 3
 
 
@@ -242,7 +234,7 @@ def test_kill_of_a_queued_head_kills_the_chain_at_once(make_coord, make_latch):
     blocker.get(timeout=SAFETY)
     assert coord.submit(lambda: 0).get(timeout=SAFETY) == 0
     assert ran == []
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["killed"] == 3
 
 
@@ -261,7 +253,7 @@ def test_kill_of_a_running_head_kills_the_chain_at_once(make_coord, make_latch):
     latch.release()
     assert wait_until(lambda: head.state is TokenState.KILLED)
     assert ran == []
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_kill_of_a_pending_step_leaves_the_head_alone(make_coord, make_latch):
@@ -279,7 +271,7 @@ def test_kill_of_a_pending_step_leaves_the_head_alone(make_coord, make_latch):
     assert head.get(timeout=SAFETY) == "head"
     assert coord.submit(lambda: 0).get(timeout=SAFETY) == 0
     assert ran == []
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_timeout_propagates_down_the_chain(make_coord, make_latch):
@@ -297,7 +289,7 @@ def test_a_timeout_propagates_down_the_chain(make_coord, make_latch):
     latch.release()
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
     assert ran == []
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["timed_out"] == 3
 
 
@@ -387,7 +379,7 @@ def test_drain_waits_for_chain_steps_not_yet_submitted(make_coord, make_latch):
     assert reports[0]["timed_out"] is False
     assert reports[0]["completed"] == 3
     coord.resume()
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_stop_without_wait_kills_pending_steps(make_coord, make_latch):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import tokengate
-from _support import SAFETY, child_json, run_child, wait_until
+from _support import SAFETY, child_json, quiescent, run_child, wait_until
 from tokengate import (
     AdmissionClosed,
     ConfigurationError,
@@ -23,14 +23,6 @@ from tokengate import (
     TokenTimeout,
     task_token_guard,
 )
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
 
 
 @pytest.fixture
@@ -60,7 +52,7 @@ def test_a_call_returns_a_finished_token_run_on_the_calling_thread(inline):
     assert token.attempts == 1
     assert token.kill() is False
     assert inline.stats()["mode"] == "inline"
-    _quiescent(inline)
+    quiescent(inline)
 
 
 def test_submit_and_a_plain_thread_are_inline_too(inline):
@@ -87,7 +79,7 @@ def test_an_exception_is_stored_in_the_token_not_raised_by_the_call(inline):
     assert token.exception(timeout=0) is err
     with pytest.raises(KeyError, match="inline failure"):
         token.get(timeout=0)
-    s = _quiescent(inline)
+    s = quiescent(inline)
     assert s["failed"] == 1
 
 
@@ -116,7 +108,7 @@ def test_retries_run_in_the_caller(inline):
     assert token.state is TokenState.FAILED
     assert token.attempts == 2
     assert exhausted == [token]
-    _quiescent(inline)
+    quiescent(inline)
 
 
 def test_a_retry_delay_is_slept_in_the_caller(inline):
@@ -180,7 +172,7 @@ def test_a_call_longer_than_its_timeout_ends_timed_out(inline):
     with pytest.raises(TokenTimeout):
         token.get(timeout=0)
     assert len(cancelled) == 1
-    s = _quiescent(inline)
+    s = quiescent(inline)
     assert s["timed_out"] == 1
     assert s["discarded"] == 1
 
@@ -208,7 +200,7 @@ def test_limits_and_tiers_do_not_apply(make_coord):
     # at 1/s with a burst of 1, a limited run would need 9 s for these
     tokens = [work(i) for i in range(10)]
     assert [t.state for t in tokens] == [TokenState.COMPLETED] * 10
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["held"] == 0
     assert s["completed"] == 10
 

@@ -12,41 +12,13 @@ import threading
 
 import pytest
 
-from _support import SAFETY, wait_until
+from _support import SAFETY, Peak, quiescent, wait_until
 from tokengate import (
     ConfigurationError,
     TokenKilled,
     TokenState,
     task_token_guard,
 )
-
-
-class Peak:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.now = 0
-        self.peak = 0
-        self.entered = 0
-
-    def __enter__(self) -> Peak:
-        with self._lock:
-            self.now += 1
-            self.entered += 1
-            self.peak = max(self.peak, self.now)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self.now -= 1
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
-
 
 # --------------------------------------------------------------------------- max_concurrency
 
@@ -74,7 +46,7 @@ def test_max_concurrency_is_never_exceeded_and_every_token_completes(make_coord,
     gate.release()
     assert [t.get(timeout=SAFETY) for t in tokens] == list(range(40))
     assert peak.peak == 2
-    s = _quiescent(coord)
+    s = quiescent(coord)
     lim = s["limits"]["lim_mc"]
     assert lim["granted"] == 40
     assert lim["held"] == lim["running"] == 0
@@ -100,7 +72,7 @@ def test_max_concurrency_is_global_across_cores(make_coord, make_latch):
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 3
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_held_tokens_occupy_no_worker(make_coord, make_latch):
@@ -123,7 +95,7 @@ def test_held_tokens_occupy_no_worker(make_coord, make_latch):
     limited_latch.release()
     for t in plains + tokens:
         t.get(timeout=SAFETY)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_held_tokens_are_fifo_per_key(make_coord, make_latch):
@@ -143,7 +115,7 @@ def test_held_tokens_are_fifo_per_key(make_coord, make_latch):
     for t in tokens:
         t.get(timeout=SAFETY)
     assert order == list(range(25))
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_limits_never_drop_tokens(make_coord):
@@ -158,7 +130,7 @@ def test_limits_never_drop_tokens(make_coord):
     tokens = [work(i) for i in range(3000)]
     assert [t.get(timeout=SAFETY) for t in tokens] == list(range(3000))
     assert peak.peak == 1
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["completed"] == 3000
     assert s["killed"] == s["failed"] == 0
 
@@ -179,7 +151,7 @@ def test_a_failing_token_frees_its_slot(make_coord):
                 t.get(timeout=SAFETY)
         else:
             assert t.get(timeout=SAFETY) == i
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- per key
@@ -219,7 +191,7 @@ def test_a_small_tenant_is_not_delayed_by_a_huge_tenants_backlog(make_coord, mak
     assert len(finished) == 10_010
     # B's tokens all finished before any of A's
     assert {x[0] for x in finished[:10]} == {"B"}
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_each_tenant_has_its_own_concurrency(make_coord, make_latch):
@@ -240,7 +212,7 @@ def test_each_tenant_has_its_own_concurrency(make_coord, make_latch):
     for t in tokens:
         t.get(timeout=SAFETY)
     assert {k: p.peak for k, p in peaks.items()} == {"x": 2, "y": 2, "z": 2}
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_the_tenant_tag_from_the_decorator(make_coord, make_latch):
@@ -268,7 +240,7 @@ def test_the_tenant_tag_from_the_decorator(make_coord, make_latch):
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 2
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_tokens_without_the_limit_tag_are_still_limited_and_complete(make_coord, make_latch):
@@ -288,7 +260,7 @@ def test_tokens_without_the_limit_tag_are_still_limited_and_complete(make_coord,
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 1
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -310,7 +282,7 @@ def test_rate_limit_holds_a_burst_and_completes_everything(make_coord):
     assert lim["held"] == 0
     last_start = max(t.started_at for t in tokens)
     assert last_start - tokens[0].created_at >= (30 - 5) / 100 - 0.01
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_rate_limit_no_fixed_window_double_burst(make_coord):
@@ -347,7 +319,7 @@ def test_rate_limit_per_tenant(make_coord):
     # the rest at the old 40/s would need about 2.4 s: lifted, they are admitted at once
     assert wait_until(lambda: all(t.done() for t in big), timeout=1.0)
     assert [t.get(timeout=SAFETY) for t in big] == list(range(100))
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- set_limit
@@ -374,7 +346,7 @@ def test_set_limit_raised_admits_held_tokens_at_once(make_coord, make_latch):
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 4
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_set_limit_removed_means_no_limit(make_coord, make_latch):
@@ -397,7 +369,7 @@ def test_set_limit_removed_means_no_limit(make_coord, make_latch):
     latch.release()
     for t in [*tokens, more]:
         t.get(timeout=SAFETY)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_set_limit_removing_a_keyed_limit_admits_held_tokens(make_coord, make_latch):
@@ -449,7 +421,7 @@ def test_set_limit_on_an_unlimited_operation_and_lowering_stops_nothing(make_coo
     for t in second:
         t.get(timeout=SAFETY)
     assert second_peak.peak == 1
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_set_limit_to_a_rate(make_coord):
@@ -523,7 +495,7 @@ def test_kill_of_a_held_token(make_coord, make_latch):
     for i in (0, 1, 3):
         tokens[i].get(timeout=SAFETY)
     assert ran == [0, 1, 3]
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_stop_without_wait_kills_held_tokens(make_coord, make_latch):
@@ -607,4 +579,4 @@ def test_limits_and_tiers_hold_while_the_core_grows_workers(make_coord, make_lat
         t.get(timeout=SAFETY)
     assert limited_peak.peak == 2
     assert slow_peak.peak == 1
-    _quiescent(coord)
+    quiescent(coord)

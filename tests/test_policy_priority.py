@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from _support import SAFETY, wait_until
+from _support import SAFETY, quiescent, wait_until
 from tokengate import (
     ConfigurationError,
     InvalidTag,
@@ -23,14 +23,6 @@ from tokengate import (
     TokenState,
     task_token_guard,
 )
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
 
 
 def _recorder():
@@ -77,7 +69,7 @@ def test_decorator_priority_orders_a_mailbox_fifo_within_a_lane(one_worker):
         (p, i) for lane in ("high", "normal", "low") for i, p in enumerate(mix) if p == lane
     ]
     assert order == expected
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_per_call_priority_through_options(one_worker):
@@ -107,7 +99,7 @@ def test_per_call_priority_through_options(one_worker):
     again = work("again2")
     assert again.priority == "normal"
     assert again.get(timeout=SAFETY) == "again2"
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_options_priority_does_not_collide_with_the_functions_own_keyword(coord):
@@ -180,7 +172,7 @@ def test_reprioritize_moves_a_queued_token_to_the_back_of_its_new_lane(one_worke
         t.get(timeout=SAFETY)
     blocker.get(timeout=SAFETY)
     assert order == ["L3", "N0", "N2", "L0", "L1", "L2", "L4", "N1"]
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_reprioritize_to_the_same_lane_goes_to_its_back(one_worker):
@@ -300,7 +292,7 @@ def test_reroute_heavy_to_light_moves_it_to_core_three(three_busy_cores):
     latch.release()
     assert [t.get(timeout=SAFETY) for t in tokens] == list(range(6))
     assert target.core_id == 3
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_reroute_light_to_heavy_may_run_anywhere_and_medium_never_on_core_one(

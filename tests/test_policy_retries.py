@@ -16,7 +16,7 @@ import time
 import pytest
 
 import tokengate
-from _support import SAFETY, wait_until
+from _support import SAFETY, quiescent, wait_until
 from tokengate import (
     Retry,
     TokenCancelled,
@@ -55,14 +55,6 @@ class Flaky:
             self.raised.append(err)
             raise err
         return self.value
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
 
 
 # --------------------------------------------------------------------------- attempts and outcome
@@ -106,7 +98,7 @@ def test_retried_token_succeeds_and_its_waiter_sees_only_the_result(make_coord):
     # every attempt ran as the same token
     assert all(t is token for t in flaky.tokens)
     assert callbacks == [TokenState.COMPLETED]
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["retried"] == 2
     assert s["failed"] == 0
     assert s["completed"] == 1
@@ -133,7 +125,7 @@ def test_exhausted_retries_fail_with_the_last_error_and_call_on_exhausted_once(m
     assert wait_until(lambda: len(exhausted) == 1)
     assert exhausted[0][0] is token
     assert exhausted[0][1] == 3
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["failed"] == 1
     assert s["retried"] == 2
     assert len(exhausted) == 1
@@ -177,7 +169,7 @@ def test_an_on_exhausted_callback_that_raises_is_logged_and_changes_nothing(make
     assert any(r.name == "tokengate" and r.levelno >= logging.ERROR for r in caplog.records)
     assert token.state is TokenState.FAILED
     assert isinstance(token.exception(), KeyError)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- retry_on
@@ -419,7 +411,7 @@ def test_a_delayed_retry_occupies_no_worker_and_then_goes_ahead_of_the_queue(
         t.get(timeout=SAFETY)
     assert order == ["a1", "b", "a2", "c", "d"]
     assert ta.attempts == 2
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_reprioritize_a_retry_waiting_for_its_delay(make_coord):
@@ -457,7 +449,7 @@ def test_kill_during_the_retry_delay_ends_the_token_and_stops_retrying(make_coor
     assert flaky.calls == 1
     assert token.attempts == 1
     assert exhausted == []
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_token_killed_during_its_retry_delay_is_no_longer_counted_as_held(make_coord):
@@ -496,7 +488,7 @@ def test_retry_budget_stops_retrying(make_coord):
     assert 1 <= token.attempts <= 4
     assert token.attempts == flaky.calls == len(token.errors)
     assert wait_until(lambda: exhausted == [token])
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_retry_delay_past_the_budget_fails_now_rather_than_waiting(make_coord):
@@ -549,7 +541,7 @@ def test_a_timed_out_attempt_is_retried_when_retry_on_includes_token_timeout(
     # the replaced attempt's checkpoint() raised, and its outcome was discarded
     assert wait_until(lambda: len(seen) == 1)
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["completed"] == 1
     assert s["timed_out"] == 0
     assert s["retried"] == 1
@@ -664,7 +656,7 @@ def test_waiting_for_a_permit_spends_no_attempt_and_retries_reacquire_it(make_co
     assert [t.get(timeout=SAFETY) for t in tokens] == list(range(5))
     assert [t.attempts for t in tokens] == [2] * 5
     assert state["peak"] == 1
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_waiting_for_a_concurrency_limit_spends_no_attempt(make_coord, make_latch):

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from _support import SAFETY, wait_until
+from _support import SAFETY, Peak, quiescent, wait_until
 from tokengate import (
     STORAGE_SPEEDS,
     ConfigurationError,
@@ -22,36 +22,6 @@ from tokengate import (
     TokenState,
     task_token_guard,
 )
-
-
-class Peak:
-    """Counts concurrent executions (entry/exit under a lock) and keeps the peak."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.now = 0
-        self.peak = 0
-        self.entered = 0
-
-    def __enter__(self) -> Peak:
-        with self._lock:
-            self.now += 1
-            self.entered += 1
-            self.peak = max(self.peak, self.now)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self.now -= 1
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
-
 
 # --------------------------------------------------------------------------- the bound
 
@@ -88,7 +58,7 @@ def test_peak_of_a_tier_never_exceeds_its_limit_and_every_token_completes(
     assert peak.peak == limit
     assert all(t.state is TokenState.COMPLETED for t in tokens)
     assert all(t.storage_speed == tier for t in tokens)
-    s = _quiescent(coord)
+    s = quiescent(coord)
     st = s["storage"][tier]
     assert st["running"] == st["held"] == 0
     assert st["granted"] == n
@@ -123,7 +93,7 @@ def test_default_slow_limit_of_ten_holds_with_twelve_workers(make_coord, make_la
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 10
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_tiers_are_independent(make_coord, make_latch):
@@ -156,7 +126,7 @@ def test_tiers_are_independent(make_coord, make_latch):
     for t in slows:
         t.get(timeout=SAFETY)
     assert slow_peak.peak == 1
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # ------------------------------------------------------------------ no head-of-line blocking
@@ -195,7 +165,7 @@ def test_untagged_tokens_after_a_slow_burst_finish_before_the_burst(make_coord, 
     # every plain token finished before the first SLOW write did
     assert sorted(finished[:50]) == sorted(f"plain{i}" for i in range(50))
     assert sorted(finished[50:]) == sorted(f"slow{i}" for i in range(200))
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_held_tokens_occupy_no_worker(make_coord, make_latch):
@@ -228,7 +198,7 @@ def test_held_tokens_occupy_no_worker(make_coord, make_latch):
     slow_latch.release()
     for t in plains + slows:
         t.get(timeout=SAFETY)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_slow_tokens_interleaved_with_plain_ones_in_one_mailbox(make_coord, make_latch):
@@ -261,7 +231,7 @@ def test_slow_tokens_interleaved_with_plain_ones_in_one_mailbox(make_coord, make
     for t in tokens:
         t.get(timeout=SAFETY)
     assert sorted(order[10:]) == sorted(f"s{i}" for i in range(10))
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- permits come back
@@ -285,7 +255,7 @@ def test_permit_is_returned_when_a_task_fails(make_coord):
                 t.get(timeout=SAFETY)
         else:
             assert t.get(timeout=SAFETY) == i
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["storage"]["SLOW"]["granted"] == 10
     assert s["storage"]["SLOW"]["running"] == 0
 
@@ -317,7 +287,7 @@ def test_permit_is_returned_after_a_killed_running_task_returns(make_coord, make
     assert first.wait(SAFETY)
     assert wait_until(lambda: first.state is TokenState.KILLED)
     assert sorted(ran) == [0, 1, 2, 3]
-    _quiescent(coord)
+    quiescent(coord)
 
 
 # --------------------------------------------------------------------------- stats
@@ -362,7 +332,7 @@ def test_stats_show_held_running_and_wait_figures(make_coord, make_latch):
     assert 0 < st["wait_seconds_p95"] <= st["wait_seconds_max"]
     # the held ones waited at least as long as from their submission to the latch release
     assert st["wait_seconds_max"] >= max(t.started_at - t.created_at for t in tokens) - 0.05
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_storage_speed_tag_is_case_insensitive_and_reported_by_name(make_coord):
@@ -402,7 +372,7 @@ def test_storage_speed_per_call_through_options(make_coord, make_latch):
     assert latch_peak.peak == 1
     # the original function is untouched
     assert write.storage_speed is None
-    _quiescent(coord)
+    quiescent(coord)
 
 
 @pytest.mark.parametrize("bad", ["slowish", "", 3, None.__class__])
@@ -442,7 +412,7 @@ def test_set_storage_limit_raises_the_bound_and_admits_held_tokens(make_coord, m
     for t in tokens:
         t.get(timeout=SAFETY)
     assert peak.peak == 4
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_lowering_a_storage_limit_stops_nothing_and_applies_to_new_grants(make_coord, make_latch):
@@ -478,7 +448,7 @@ def test_lowering_a_storage_limit_stops_nothing_and_applies_to_new_grants(make_c
     for t in second:
         t.get(timeout=SAFETY)
     assert second_peak.peak == 1
-    _quiescent(coord)
+    quiescent(coord)
 
 
 @pytest.mark.parametrize(
@@ -544,7 +514,7 @@ def test_kill_of_a_held_token_ends_it_at_once_and_it_never_runs(make_coord, make
     latch.release()
     assert [tokens[i].get(timeout=SAFETY) for i in (0, 1, 3)] == [0, 1, 3]
     assert sorted(ran) == [0, 1, 3]
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["killed"] == 1
     assert s["storage"]["SLOW"]["granted"] == 3
 
@@ -654,7 +624,7 @@ def test_permits_go_round_robin_across_operations(make_coord, make_latch):
     assert [x for x in order if x[0] == "b"] == ["b0", "b1", "b2"]
     # B's last token ran within the first few grants, not after A's backlog
     assert order.index("b2") <= 8, order
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_high_priority_token_gets_the_next_permit(make_coord, make_latch):

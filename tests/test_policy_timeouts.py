@@ -20,7 +20,7 @@ import threading
 import pytest
 
 import tokengate
-from _support import SAFETY, wait_until
+from _support import SAFETY, quiescent, wait_until
 from tokengate import (
     TokenCancelled,
     TokenKilled,
@@ -30,14 +30,6 @@ from tokengate import (
 )
 
 SHORT = 0.05  # a token timeout that passes while the task is held by a latch
-
-
-def _quiescent(coord) -> dict:
-    s = coord.stats()
-    assert s["created"] == s["completed"] + s["failed"] + s["killed"] + s["timed_out"], s
-    busy = {k: s[k] for k in ("waiting", "admitted", "executing", "held")}
-    assert busy == dict.fromkeys(busy, 0), busy
-    return s
 
 
 def _parked_waiters(tokens, n_each=1):
@@ -107,7 +99,7 @@ def test_running_token_times_out_at_once_while_its_task_is_still_blocked(make_co
     with pytest.raises(TokenTimeout):
         token.exception(timeout=0)
     assert wait_until(lambda: callbacks == [TokenState.TIMED_OUT])
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["timed_out"] == 1
     assert s["completed"] == 0
 
@@ -128,7 +120,7 @@ def test_a_late_exception_is_discarded_too(make_coord, make_latch):
     latch.release()
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
     assert token.state is TokenState.TIMED_OUT
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["failed"] == 0
 
 
@@ -146,7 +138,7 @@ def test_a_token_that_finishes_in_time_is_not_touched_by_its_timer(make_coord, m
     assert first.get(timeout=0) == "ok"
     latch.release()
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["timed_out"] == 1
     assert s["completed"] == 1
 
@@ -171,7 +163,7 @@ def test_timeout_per_call_through_options(make_coord, make_latch):
     assert timed.state is TokenState.TIMED_OUT
     latch.release()
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_options_can_remove_or_change_the_decorators_timeout(make_coord):
@@ -218,7 +210,7 @@ def test_a_queued_token_times_out_and_never_runs(make_coord, make_latch):
     after = coord.submit(lambda: "after")
     assert after.get(timeout=SAFETY) == "after"
     assert ran == []
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["timed_out"] == 1
     assert s["discarded"] == 0
 
@@ -234,7 +226,7 @@ def test_a_paused_token_times_out(make_coord):
     coord.resume()
     assert coord.submit(lambda: 2).get(timeout=SAFETY) == 2
     assert ran == []
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_token_held_by_a_limit_times_out_and_leaves_the_held_count(make_coord, make_latch):
@@ -258,7 +250,7 @@ def test_a_token_held_by_a_limit_times_out_and_leaves_the_held_count(make_coord,
     first.get(timeout=SAFETY)
     assert coord.submit(lambda: 0).get(timeout=SAFETY) == 0
     assert ran == [0]
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_a_held_token_that_timed_out_is_no_longer_counted_as_held(make_coord, make_latch):
@@ -358,7 +350,7 @@ def test_checkpoint_raises_token_cancelled_after_the_timeout(make_coord, make_la
     assert "timed out" in str(seen[0])
     assert wait_until(lambda: coord.stats()["discarded"] == 1)
     assert token.state is TokenState.TIMED_OUT
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["failed"] == 0
 
 
@@ -385,7 +377,7 @@ def test_checkpoint_raises_token_cancelled_after_kill(make_coord, make_latch):
     assert wait_until(lambda: token.state is TokenState.KILLED)
     assert len(seen) == 1 and "killed" in str(seen[0])
     assert isinstance(seen[0], tokengate.TokenGateError)
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_token_cancelled_is_not_a_builtin_cancellation():
@@ -431,7 +423,7 @@ def test_kill_of_a_running_token_releases_waiters_at_once_and_discards_the_resul
     with pytest.raises(TokenKilled):
         token.get(timeout=0)
     assert callbacks in ([TokenState.CANCELLING], [TokenState.KILLED]), callbacks
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["killed"] == 1
     assert s["discarded"] == 1
     assert s["completed"] == 0
@@ -451,7 +443,7 @@ def test_kill_of_a_queued_token_is_final_at_once(make_coord, make_latch):
     latch.release()
     blocker.get(timeout=SAFETY)
     assert ran == []
-    s = _quiescent(coord)
+    s = quiescent(coord)
     assert s["discarded"] == 0
 
 
@@ -467,7 +459,7 @@ def test_cancel_queued_does_not_touch_a_running_token(make_coord, make_latch):
     assert queued.state is TokenState.KILLED
     latch.release()
     assert running.get(timeout=SAFETY) == "ran"
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_await_a_timed_out_token_raises_token_timeout(make_coord, make_latch):
@@ -508,7 +500,7 @@ def test_drain_returns_once_every_token_is_settled_even_if_a_task_still_runs(
     assert wait_until(lambda: killed.state is TokenState.KILLED)
     assert wait_until(lambda: coord.stats()["discarded"] == 2)
     coord.resume()
-    _quiescent(coord)
+    quiescent(coord)
 
 
 def test_drain_waits_for_a_token_to_time_out(make_coord, make_latch):
