@@ -194,41 +194,38 @@ impl Governor {
         if let Some((entry, g)) = released {
             self.after_grant_limit(py, &entry, g);
         }
-        for job in moved {
-            if alive(&job) {
-                job.get().with_gov(|g| g.held_at = None);
-                let sh = job.get().rt.clone();
-                advance(py, &sh, job, Stage::Limit, false);
-            } else {
-                job.get().rt.sched.drop_held();
-            }
+        // (A settled one was counted off the pool bound when it was settled: just dropped.)
+        for job in moved.into_iter().filter(alive) {
+            job.get().with_gov(|g| g.held_at = None);
+            let sh = job.get().rt.clone();
+            advance(py, &sh, job, Stage::Limit, false);
         }
         Ok(())
     }
 
     /// The limit a token of `op` is under: the one set for it, else the one its decorator
     /// declares (registered on first use).
-    fn limit_for(&self, tok: &TaskToken) -> Option<Arc<LimitEntry>> {
+    fn limit_for(&self, py: Python<'_>, tok: &TaskToken) -> Option<Arc<LimitEntry>> {
         let decl = tok.op.policy.as_ref().and_then(|p| p.limit.as_ref());
         if decl.is_none() && !self.limits_set() {
             return None;
         }
-        let name = Python::attach(|py| tok.op.operation_type.bind(py).to_string());
+        let name = op_key(py, tok);
         if let Some(e) = self
             .limits
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&name)
+            .get(name)
         {
             return Some(e.clone());
         }
         let decl = decl?;
         let mut map = self.limits.write().unwrap_or_else(|e| e.into_inner());
         let entry = map
-            .entry(name.clone())
+            .entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(LimitEntry {
-                    operation: name,
+                    operation: name.to_string(),
                     limiter: Limiter::new(decl.conf).expect("validated"),
                     limit_by: decl.limit_by.clone(),
                     dead: AtomicUsize::new(0),
@@ -263,17 +260,11 @@ impl Governor {
     fn after_grant_limit(&self, py: Python<'_>, entry: &Arc<LimitEntry>, g: Granted<Job>) {
         let Granted { jobs, dead } = g;
         sub_sat(&entry.dead, dead.len());
-        let shared = jobs.first().or(dead.first()).map(|j| j.get().rt.clone());
+        drop(dead); // counted off the pool bound when they were settled
         for j in jobs {
             grant(j.get(), PERMIT_LIMIT);
             advance(py, &j.get().rt.clone(), j, Stage::Tier, false);
         }
-        if let Some(sh) = shared {
-            for _ in &dead {
-                sh.sched.drop_held();
-            }
-        }
-        drop(dead);
         if let Some(due) = entry.limiter.next_due() {
             self.poll_limit_at(entry, due);
         }
@@ -282,14 +273,11 @@ impl Governor {
     fn after_grant_tier(&self, py: Python<'_>, shared: &Arc<Shared>, t: usize, g: Granted<Job>) {
         let Granted { jobs, dead } = g;
         sub_sat(&self.tier_dead[t], dead.len());
+        drop(dead); // counted off the pool bound when they were settled
         for j in jobs {
             grant(j.get(), PERMIT_TIER);
             enter(py, shared, j, false);
         }
-        for _ in &dead {
-            shared.sched.drop_held();
-        }
-        drop(dead);
     }
 
     /// Every token a limiter holds (the coordinator kills them: `stop(wait=False)`).
@@ -607,7 +595,7 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
     let tok = keep.get();
     let mut job = job;
     if stage <= Stage::Limit {
-        if let Some(entry) = gov.limit_for(tok) {
+        if let Some(entry) = gov.limit_for(py, tok) {
             let key = match &entry.limit_by {
                 None => String::new(),
                 Some(tag) => tag_value(py, tok, tag),
@@ -639,9 +627,8 @@ fn advance(py: Python<'_>, shared: &Arc<Shared>, job: Job, stage: Stage, front: 
             g.tier = Some(t);
             g.held_at = Some(HeldAt::Tier(t));
         });
-        let key = tok.op.operation_type.bind(py).to_string();
         let lane = tok.header.priority() as u8;
-        match gov.tiers[t].acquire_in_lane(&key, job, lane, now_ns()) {
+        match gov.tiers[t].acquire_in_lane(op_key(py, tok), job, lane, now_ns()) {
             Admit::Now(j) => {
                 job = j;
                 grant(tok, PERMIT_TIER);
@@ -673,12 +660,18 @@ fn stranded(shared: &Shared) -> bool {
         || (shared.gov.killing.load(Ordering::Acquire) && shared.sched.is_closed())
 }
 
-fn kill_stranded(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>) {
+/// Kills a token that can never run now (its permits go back), and tells its listeners.
+pub(crate) fn kill_stranded(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>) {
     if shared.sched.kill(&tok.get().header).is_ok() {
         drop(tok.get().take_call());
         settled(py, tok);
         let _ = TaskToken::notify_listeners(tok);
     }
+}
+
+/// The operation name, as a limiter key (borrowed from the interned str: no allocation).
+fn op_key<'a>(py: Python<'a>, tok: &'a TaskToken) -> &'a str {
+    tok.op.operation_type.bind(py).to_str().unwrap_or("")
 }
 
 /// The value of tag `tag` of a token, as a limit key ("" when it has none).
@@ -704,22 +697,17 @@ fn sub_sat(a: &AtomicUsize, n: usize) {
 /// (swept earlier when the dead are many, so their memory does not wait for a permit).
 pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     let t = tok.get();
-    {
-        if let Some(at) = t.with_gov_if(|g| g.held_at.take()).flatten() {
-            let shared = t.rt.clone();
-            let (limiter, dead) = match &at {
-                HeldAt::Limit(e) => (&e.limiter, &e.dead),
-                HeldAt::Tier(i) => (&shared.gov.tiers[*i], &shared.gov.tier_dead[*i]),
-            };
-            let n = dead.fetch_add(1, Ordering::AcqRel) + 1;
-            if n >= 64 && n * 2 >= limiter.stats().held {
-                let swept = limiter.purge(alive);
-                sub_sat(dead, swept.len());
-                for _ in &swept {
-                    shared.sched.drop_held();
-                }
-                drop(swept);
-            }
+    if let Some(at) = t.with_gov_if(|g| g.held_at.take()).flatten() {
+        let shared = t.rt.clone();
+        let (limiter, dead) = match &at {
+            HeldAt::Limit(e) => (&e.limiter, &e.dead),
+            HeldAt::Tier(i) => (&shared.gov.tiers[*i], &shared.gov.tier_dead[*i]),
+        };
+        let n = dead.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= 64 && n * 2 >= limiter.stats().held {
+            let swept = limiter.purge(alive);
+            sub_sat(dead, swept.len());
+            drop(swept);
         }
     }
     release_permits(py, tok);
@@ -746,8 +734,7 @@ pub fn release_permits(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     }
     if permits & PERMIT_TIER != 0 {
         if let Some(ti) = tier {
-            let key = t.op.operation_type.bind(py).to_string();
-            let g = shared.gov.tiers[ti].release(&key, now, alive);
+            let g = shared.gov.tiers[ti].release(op_key(py, t), now, alive);
             shared.gov.after_grant_tier(py, &shared, ti, g);
         }
     }
@@ -829,7 +816,6 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
                 match shared.sched.abandon_for_retry(h) {
                     Ok(()) => {
                         t.with_gov(|g| g.errors.push(err));
-                        shared.sched.hold_again(h);
                         release_permits(py, tok);
                         schedule_retry(py, shared, tok, delay);
                     }
@@ -1013,7 +999,6 @@ pub fn end_attempt(
             t.with_gov(|g| g.errors.push(e));
             h.state.clear_flags(FLAG_FINISHING);
             if shared.sched.retry(core, wi, h) {
-                shared.sched.hold_again(h);
                 release_permits(py, tok);
                 schedule_retry(py, shared, tok, delay);
                 return EndOfAttempt::Retried;

@@ -1313,11 +1313,7 @@ impl Runtime {
         no_panic(py, || {
             let mut pending = self.shared.sched.take_pending();
             // Tokens waiting outside the pool: held by a limiter, or for a retry's delay.
-            let held = self.shared.gov.take_held();
-            for _ in &held {
-                self.shared.sched.drop_held();
-            }
-            pending.extend(held);
+            pending.extend(self.shared.gov.take_held());
             pending.extend(self.shared.gov.delayed(py));
             let mut killed = Vec::new();
             for job in pending {
@@ -1357,11 +1353,7 @@ impl Runtime {
         let on_worker = is_worker_of(&self.shared);
         for job in self.shared.gov.stop(py, !on_worker) {
             // Only what raced in after the last kill_pending() is left: it can never run now.
-            let tok = job.get();
-            if self.shared.sched.kill(&tok.header).is_ok() {
-                drop(tok.take_call());
-                let _ = TaskToken::notify_listeners(job.bind(py));
-            }
+            governor::kill_stranded(py, &self.shared, job.bind(py));
         }
         if on_worker {
             return Ok(true);

@@ -764,13 +764,6 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
-    /// A WAITING job (a retry that just left its worker, marked and counted by `retry` or
-    /// `abandon_for_retry`) now waits outside the pool.
-    pub fn hold_again(&self, h: &Header) {
-        debug_assert!(h.state.raw() & FLAG_HELD != 0);
-        self.held_in.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// A job that waited outside the pool goes on into a mailbox or the pool (ahead of its
     /// lane if `front`), whatever the gate and bound say: it was accepted already. A job that
     /// was settled meanwhile is dropped. Returns whether it went on.
@@ -792,10 +785,6 @@ impl<J: Job> Scheduler<J> {
         }
         self.push_pool(job, Entry::Back, front).is_ok()
     }
-
-    /// A held job was found settled (killed or timed out while held) and is dropped: it was
-    /// counted off the pool bound when it was settled, so there is nothing left to do.
-    pub fn drop_held(&self) {}
 
     /// Drops pool entries that were killed while waiting.
     fn purge_dead(pool: &mut PoolQueues<J>, len_w: &[AtomicUsize; 3]) {
@@ -1238,9 +1227,9 @@ impl<J: Job> Scheduler<J> {
         self.notify_quiet();
     }
 
-    /// The attempt that ran on `(core, wi)` failed and the token gets another: WAITING (the
-    /// caller holds it with `hold_again` and brings it back with `unhold`). False if it was
-    /// settled meanwhile (the attempt is then discarded).
+    /// The attempt that ran on `(core, wi)` failed and the token gets another: WAITING, held
+    /// outside the pool (the caller brings it back with `unhold`). False if it was settled
+    /// meanwhile (the attempt is then discarded).
     pub fn retry(&self, core: usize, wi: usize, h: &Header) -> bool {
         // Marked held first: a waiter must not run it inline while it waits for its delay.
         self.pre_hold(h);
@@ -1252,6 +1241,7 @@ impl<J: Job> Scheduler<J> {
                 let slot = &self.cores[core].workers[wi];
                 slot.figures.note_finish(now_ns(), h.started_ns());
                 slot.retried.fetch_add(1, Ordering::AcqRel);
+                self.held_in.fetch_add(1, Ordering::AcqRel);
                 true
             }
             Err(_) => {
@@ -1279,7 +1269,7 @@ impl<J: Job> Scheduler<J> {
     }
 
     /// The deadline of a running attempt passed and the policy retries timeouts: WAITING
-    /// (marked held; the caller holds it with `hold_again`) while the old attempt's thread
+    /// (held outside the pool; the caller brings it back with `unhold`) while the old attempt's thread
     /// may still run (its worker discards its result). `Err(true)`: it is storing its outcome
     /// right now (look again a moment later).
     pub fn abandon_for_retry(&self, h: &Header) -> Result<(), bool> {
@@ -1290,6 +1280,7 @@ impl<J: Job> Scheduler<J> {
         {
             Ok(_) => {
                 self.retried_outside.fetch_add(1, Ordering::AcqRel);
+                self.held_in.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
             Err((_, finishing)) => {
@@ -2326,7 +2317,6 @@ mod tests {
             assert_eq!(h.state.load(), TokenState::TimedOut);
             assert_eq!(s.time_out(h), Err(false), "only once");
         }
-        s.drop_held(); // the limiter found the held one dead
         s.unpause();
         assert!(
             drain_worker(&s, 0, 0).is_empty(),
@@ -2373,7 +2363,6 @@ mod tests {
         assert!(s.start(0, 0, &j.header));
         assert_eq!(a.header.attempt(), 1);
         assert!(s.retry(0, 0, &a.header));
-        s.hold_again(&a.header);
         s.release(0, 0);
         let st = s.stats();
         assert_eq!(
