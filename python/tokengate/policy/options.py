@@ -168,12 +168,6 @@ def normalize(options: Mapping[str, Any], also_valid: tuple[str, ...] = ()) -> d
     return out
 
 
-def _settings(fn: GuardedFunction) -> dict[str, Any]:
-    s: dict[str, Any] = fn._settings()
-    s.setdefault("retry_timeouts", False)
-    return s
-
-
 def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> GuardedFunction:
     """``fn.options(**options)``: a guarded function like ``fn`` whose calls use ``options``
     (``priority``, ``weight``, ``tags`` (merged into the function's), and the policy keywords
@@ -181,7 +175,7 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
     from ..decorator import _validate_tags
 
     options = dict(options or {})
-    s = _settings(fn)
+    s: dict[str, Any] = fn._settings()
     policy = {k: s[k] for k in POLICY_OPTIONS if k in s}
     weight = _INDEX_WEIGHT[s["weight"]]
     speed = None if s["storage_speed"] is None else _INDEX_SPEED[s["storage_speed"]]
@@ -199,15 +193,8 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
         tags["weight"] = weight.value
     if "priority" in options:
         priority = parse_priority(options.pop("priority"))
-    unknown = sorted(set(options) - set(POLICY_OPTIONS))
-    if unknown:
-        raise InvalidOption(
-            f"unknown option(s) {', '.join(map(repr, unknown))}; valid: "
-            f"{', '.join(sorted((*CALL_OPTIONS, *POLICY_OPTIONS)))}"
-        )
-    policy.update(options)
-    policy.pop("retry_timeouts", None)
-    clean = normalize(policy)
+    policy.update(options)  # (retry_timeouts is not among them: derived from retry_on again)
+    clean = normalize(policy, also_valid=CALL_OPTIONS)
     return build(
         s["func"],
         s["operation_type"],
