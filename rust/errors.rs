@@ -92,6 +92,13 @@ pub enum CoreError {
         operation: String,
         why: &'static str,
     },
+    /// The operation's circuit breaker refused the call (the message says why and until when).
+    Blocked(String),
+    /// The call was quarantined by spike detection instead of run.
+    Quarantined {
+        id: u64,
+        operation: String,
+    },
     /// A task waited on a token that cannot finish while it waits.
     Deadlock(String),
     Config(String),
@@ -112,6 +119,8 @@ impl CoreError {
                 timed_out: true, ..
             } => "TokenTimeout",
             CoreError::Upstream { .. } => "TokenKilled",
+            CoreError::Blocked(_) => "MethodBlocked",
+            CoreError::Quarantined { .. } => "TokenQuarantined",
             CoreError::Deadlock(_) => "TokenDeadlock",
             CoreError::Config(_) => "ConfigurationError",
             CoreError::Internal(_) => "InternalError",
@@ -204,7 +213,15 @@ impl CoreError {
                 "token {id} ({operation}) was {why}: stop this task (checkpoint() raises \
                  until it returns)"
             ),
-            CoreError::Deadlock(m) | CoreError::Config(m) | CoreError::Internal(m) => m.clone(),
+            CoreError::Quarantined { id, operation } => format!(
+                "token {id} ({operation}) was quarantined: its arguments predict a cost far \
+                 above the operation's baseline, so it did not run; release it from the \
+                 quarantine store to run it (coordinator.guard_house.quarantine)"
+            ),
+            CoreError::Blocked(m)
+            | CoreError::Deadlock(m)
+            | CoreError::Config(m)
+            | CoreError::Internal(m) => m.clone(),
         }
     }
 

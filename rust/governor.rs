@@ -81,6 +81,9 @@ pub struct Gov {
     pub errors: Vec<Py<PyBaseException>>,
     /// Which of its deadlines is current (a retry schedules a new one).
     deadline_gen: u32,
+    /// The half-open probe of its operation's breaker this token is (given back if it never
+    /// runs).
+    pub probe: Option<crate::breaker::Ticket>,
 }
 
 /// What the timer thread handles.
@@ -697,6 +700,11 @@ fn sub_sat(a: &AtomicUsize, n: usize) {
 /// (swept earlier when the dead are many, so their memory does not wait for a permit).
 pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     let t = tok.get();
+    if let Some(ticket) = t.with_gov_if(|g| g.probe.take()).flatten() {
+        if let Some(gh) = t.rt.guard.as_ref() {
+            gh.release_probe(py, &t.op, ticket);
+        }
+    }
     if let Some(at) = t.with_gov_if(|g| g.held_at.take()).flatten() {
         let shared = t.rt.clone();
         let (limiter, dead) = match &at {
@@ -1123,6 +1131,14 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
                 Ok(t) => c.set_args(t.unbind()),
                 Err(e) => return fail_outside(&shared, child, e.into_value(py)),
             }
+            if let Some(gh) = shared.guard.as_ref() {
+                // A step passes its operation's breaker when it comes up (not its spike check).
+                match gh.gate_step(py, &c.op) {
+                    Ok(Some(ticket)) => c.with_gov(|g| g.probe = Some(ticket)),
+                    Ok(None) => {}
+                    Err(e) => return fail_outside(&shared, child, e.into_value(py)),
+                }
+            }
             if shared.gov.inline {
                 run_inline(py, &shared, child, true);
             } else if stranded(&shared) {
@@ -1206,6 +1222,7 @@ pub fn run_inline(
         } else {
             t.take_call()
         };
+        let guard = shared.guard.as_ref().map(|gh| (gh, gh.on_start(py, t)));
         let outcome = match call {
             None => Err(crate::errors::internal_error_value(
                 py,
@@ -1221,6 +1238,10 @@ pub fn run_inline(
                 .map_err(|e| e.into_value(py))
             }),
         };
+        if let Some((gh, started)) = guard {
+            // Calls run in their caller have no core: their records go to the first shard.
+            gh.on_end(py, started, 0, 0, tok, h.attempt(), &outcome);
+        }
         let (Err(e), Some(pol)) = (&outcome, t.op.policy.as_ref()) else {
             break outcome;
         };

@@ -38,7 +38,7 @@ impl GuardedFunction {
         *, timeout=None, retries=0, retry_backoff=0.0, retry_backoff_max=None,
         retry_jitter=true, retry_on=None, retry_timeouts=false, retry_budget=None,
         on_exhausted=None, max_concurrency=None, rate_limit=None, rate_burst=None,
-        limit_by=None))]
+        limit_by=None, complexity=None, guard=None, spike_check=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         func: Bound<'_, PyAny>,
@@ -60,6 +60,9 @@ impl GuardedFunction {
         rate_limit: Option<f64>,
         rate_burst: Option<u32>,
         limit_by: Option<String>,
+        complexity: Option<f64>,
+        guard: Option<Bound<'_, PyDict>>,
+        spike_check: bool,
     ) -> PyResult<Self> {
         if !func.is_callable() {
             return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -128,6 +131,12 @@ impl GuardedFunction {
                 storage_speed,
                 tags: tags.map(Bound::unbind),
                 policy,
+                complexity: complexity.map(|c| c as f32),
+                guard: guard
+                    .as_ref()
+                    .map(|g| crate::guard::GuardDecl::from_dict(g).map(Box::new))
+                    .transpose()?,
+                spike_check,
             }),
         })
     }
@@ -157,6 +166,8 @@ impl GuardedFunction {
         d.set_item("priority", op.priority as u8)?;
         d.set_item("storage_speed", op.storage_speed)?;
         d.set_item("tags", op.tags.as_ref().map(|t| t.bind(py)))?;
+        d.set_item("complexity", op.complexity.map(|c| c as f64))?;
+        d.set_item("spike_check", op.spike_check)?;
         if let Some(p) = &op.policy {
             d.set_item("timeout", p.timeout)?;
             d.set_item("retries", p.retries)?;
@@ -182,7 +193,7 @@ impl GuardedFunction {
 
     #[pyo3(signature = (*args, **kwargs))]
     fn __call__<'py>(
-        &self,
+        slf: &Bound<'py, Self>,
         py: Python<'py>,
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
@@ -192,9 +203,10 @@ impl GuardedFunction {
             submit_token(
                 py,
                 &shared,
-                &self.op,
+                &slf.get().op,
                 args.clone().unbind(),
                 kwargs.map(|k| k.clone().unbind()),
+                Some(slf.as_any()),
             )
         })
     }

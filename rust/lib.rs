@@ -4,8 +4,12 @@
 //! `router` (affinity policy), `mailbox` (bounded FIFO per worker), `sched` (pool, gate,
 //! routing, stealing, parking, counters). PyO3 glue: `token`, `runtime`, `guarded`, `errors`.
 
+pub mod breaker;
 pub mod clock;
+pub mod health;
+pub mod history;
 pub mod mailbox;
+pub mod model;
 pub mod permits;
 pub mod router;
 pub mod sched;
@@ -17,6 +21,7 @@ pub mod waits;
 mod errors;
 mod exitguard;
 mod governor;
+mod guard;
 mod guarded;
 mod monitor;
 mod policy;

@@ -34,6 +34,8 @@ pub struct Shared {
     waits: WaitGraph,
     /// Timeouts, retries, limits and storage tiers.
     pub(crate) gov: Governor,
+    /// Health, breakers, spike detection and history (None: the Guard House is off).
+    pub(crate) guard: Option<crate::guard::GuardHouse>,
     cpu_map: Vec<usize>,
     pub(crate) pin: bool,
     pin_failures: AtomicUsize,
@@ -492,6 +494,7 @@ fn run_started(
 ) -> Vec<Thread> {
     let tok = job.get();
     let attempt = tok.header.attempt();
+    let guard = shared.guard.as_ref().map(|gh| (gh, gh.on_start(py, tok)));
     stack.borrow_mut().push(Running {
         id: tok.header.id,
         attempt,
@@ -536,6 +539,9 @@ fn run_started(
             ),
         ))
     });
+    if let Some((gh, started)) = guard {
+        gh.on_end(py, started, core, wi, job.bind(py), attempt, &outcome);
+    }
     let outcome = if tok.op.policy.is_some() {
         match governor::end_attempt(py, shared, core, wi, job.bind(py), attempt, outcome) {
             EndOfAttempt::Store(o) => o,
@@ -746,40 +752,93 @@ impl Shared {
 
 /// Submits a call of `op` on `shared` and returns its token (the shared path of decorated
 /// calls and `Runtime.submit`).
+///
+/// `origin` is what a quarantined call is replayed through (the guarded function).
 pub(crate) fn submit_token<'py>(
     py: Python<'py>,
     shared: &Arc<Shared>,
     op: &Arc<OpSpec>,
     args: Py<PyTuple>,
     kwargs: Option<Py<PyDict>>,
+    origin: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, TaskToken>> {
     if shared.forked() {
         return Err(CoreError::Forked.into_pyerr(py));
     }
+    let now = crate::clock::now_ns();
+    // The gate comes first: a blocked operation queues nothing.
+    let gate = match shared.guard.as_ref() {
+        Some(gh) => Some(gh.gate(
+            py,
+            op,
+            args.bind(py),
+            kwargs.as_ref().map(|k| k.bind(py)),
+            now,
+        )?),
+        None => None,
+    };
     let call = Call { args, kwargs };
+    let id = shared.sched.next_id();
+    let tok = Bound::new(
+        py,
+        TaskToken::new_at(id, op.clone(), shared.clone(), call, now),
+    )?;
+    if let Some(gate) = gate {
+        let h = &tok.get().header;
+        match (&gate.prediction, gate.size) {
+            (Some(p), Some(size)) => h.set_prediction(size, p.predicted_ns),
+            (None, Some(size)) => h.set_size_feature(size),
+            _ => {}
+        }
+        if gate.spike {
+            if let (Some(gh), Some(origin)) = (shared.guard.as_ref(), origin) {
+                gh.quarantine(py, &tok, origin, &gate);
+                return Ok(tok);
+            }
+        }
+        if let Some(ticket) = gate.probe {
+            tok.get().with_gov(|g| g.probe = Some(ticket));
+            let r = enqueue(py, shared, &tok);
+            if r.is_err() {
+                if let Some(t) = tok.get().with_gov_if(|g| g.probe.take()).flatten() {
+                    if let Some(gh) = shared.guard.as_ref() {
+                        gh.release_probe(py, op, t);
+                    }
+                }
+            }
+            return r.map(|()| tok);
+        }
+    }
+    enqueue(py, shared, &tok).map(|()| tok)
+}
+
+/// Puts a new token in the pool (or on the governed path), waiting for room as configured.
+fn enqueue<'py>(
+    py: Python<'py>,
+    shared: &Arc<Shared>,
+    tok: &Bound<'py, TaskToken>,
+) -> PyResult<()> {
+    let op = &tok.get().op;
     let bytes = if shared.sched.config().memory_budget.is_some() {
-        estimate_bytes(py, &call)
+        tok.get().call_bytes(py, estimate_bytes)
     } else {
         0
     };
-    let id = shared.sched.next_id();
-    let tok = Bound::new(py, TaskToken::new(id, op.clone(), shared.clone(), call))?;
     let mut room = RoomWait::default();
     if bytes >= BUDGET_MIN_BYTES {
         room.reserve_bytes(py, shared, tok.get(), bytes)?;
     }
     if op.governed() || shared.gov.limits_set() || shared.gov.inline {
-        let r = submit_governed(py, shared, &tok, room);
+        let r = submit_governed(py, shared, tok, room);
         if r.is_err() {
             shared.sched.release_bytes(tok.get().header.take_bytes());
         }
-        r?;
-        return Ok(tok);
+        return r;
     }
     let mut job = tok.clone().unbind();
     loop {
         match shared.sched.try_submit(job) {
-            Ok(()) => return Ok(tok),
+            Ok(()) => return Ok(()),
             Err(Rejected { reason, job: back }) => {
                 job = back;
                 if let Err(e) = room.wait(py, shared, reason) {
@@ -973,6 +1032,18 @@ pub struct Runtime {
     shared: Arc<Shared>,
 }
 
+impl Runtime {
+    /// The Guard House, or the error saying it is off.
+    fn guard(&self) -> PyResult<&crate::guard::GuardHouse> {
+        self.shared.guard.as_ref().ok_or_else(|| {
+            CoreError::Config(
+                "the Guard House is off for this coordinator (guard_house=False)".into(),
+            )
+            .into()
+        })
+    }
+}
+
 fn allowed_cpus() -> Vec<usize> {
     let mut ids: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
@@ -1035,7 +1106,8 @@ impl Runtime {
     #[pyo3(signature = (*, cores=None, workers_per_core=4, max_workers_per_core=None,
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
         pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
-        mode="threads", storage_limits=None, memory_budget=None, grow_on_demand=true))]
+        mode="threads", storage_limits=None, memory_budget=None, grow_on_demand=true,
+        guard_house=true, history_size=10_000, guard_hook=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -1053,6 +1125,9 @@ impl Runtime {
         storage_limits: Option<[usize; 4]>,
         memory_budget: Option<u64>,
         grow_on_demand: bool,
+        guard_house: bool,
+        history_size: usize,
+        guard_hook: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let inline = match mode {
             "threads" => false,
@@ -1117,6 +1192,8 @@ impl Runtime {
                 sched,
                 waits: WaitGraph::new(),
                 gov: Governor::new(inline, tier_limits),
+                guard: guard_house
+                    .then(|| crate::guard::GuardHouse::new(history_size, n, guard_hook)),
                 cpu_map,
                 pin: pin_workers && cfg!(any(target_os = "linux", target_os = "android")),
                 pin_failures: AtomicUsize::new(0),
@@ -1219,6 +1296,9 @@ impl Runtime {
             storage_speed: None,
             tags: None,
             policy: None,
+            complexity: None,
+            guard: None,
+            spike_check: false,
         });
         no_panic(py, || {
             submit_token(
@@ -1227,6 +1307,7 @@ impl Runtime {
                 &op,
                 args.unbind(),
                 kwargs.map(Bound::unbind),
+                None,
             )
         })
     }
@@ -1417,6 +1498,58 @@ impl Runtime {
         }
         sched.set_active(core, n).map_err(CoreError::Config)?;
         Ok(())
+    }
+
+    /// Coordinator-wide Guard House defaults (a `guard=` dict) for operations not seen yet.
+    fn guard_defaults(&self, py: Python<'_>, settings: &Bound<'_, PyDict>) -> PyResult<()> {
+        self.guard()?.set_defaults(py, settings)
+    }
+
+    /// Applies a `guard=` dict to one operation (created if it was never seen).
+    fn guard_configure(
+        &self,
+        py: Python<'_>,
+        operation: &Bound<'_, PyString>,
+        settings: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        self.guard()?.configure(py, operation, settings)
+    }
+
+    /// An operator's button on an operation's breaker ("block", "unblock", "force_open",
+    /// "disable"); returns the new state.
+    fn breaker_action(
+        &self,
+        py: Python<'_>,
+        operation: &Bound<'_, PyString>,
+        action: &str,
+    ) -> PyResult<&'static str> {
+        self.guard()?.button(py, operation, action)
+    }
+
+    /// Names of the operations the Guard House has seen.
+    fn guard_operations(&self) -> PyResult<Vec<String>> {
+        Ok(self.guard()?.names())
+    }
+
+    /// What the Guard House knows about one operation (None if never seen).
+    fn guard_report<'py>(
+        &self,
+        py: Python<'py>,
+        operation: &str,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.guard()?.report(py, operation)
+    }
+
+    /// The execution history, oldest first (at most `limit` newest records).
+    #[pyo3(signature = (limit=None))]
+    fn history<'py>(&self, py: Python<'py>, limit: Option<usize>) -> PyResult<Bound<'py, PyList>> {
+        self.guard()?.history_list(py, limit)
+    }
+
+    /// Capacity, records kept and records written of the execution history.
+    fn history_info(&self) -> PyResult<(usize, usize, u64)> {
+        let h = &self.guard()?.history;
+        Ok((h.capacity(), h.len(), h.written()))
     }
 
     fn active_workers(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {

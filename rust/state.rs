@@ -28,10 +28,12 @@ pub enum TokenState {
     Killed = 6,
     TimedOut = 7,
     Cancelling = 8,
+    /// Refused before it was accepted: the Guard House predicted a spike (final).
+    Quarantined = 9,
 }
 
 impl TokenState {
-    pub const ALL: [TokenState; 9] = [
+    pub const ALL: [TokenState; 10] = [
         TokenState::Created,
         TokenState::Waiting,
         TokenState::Admitted,
@@ -41,6 +43,7 @@ impl TokenState {
         TokenState::Killed,
         TokenState::TimedOut,
         TokenState::Cancelling,
+        TokenState::Quarantined,
     ];
 
     fn from_bits(bits: u8) -> TokenState {
@@ -53,16 +56,21 @@ impl TokenState {
             5 => TokenState::Failed,
             6 => TokenState::Killed,
             7 => TokenState::TimedOut,
+            9 => TokenState::Quarantined,
             _ => TokenState::Cancelling,
         }
     }
 
-    /// COMPLETED, FAILED, KILLED and TIMED_OUT are final: nothing leaves them.
+    /// COMPLETED, FAILED, KILLED, TIMED_OUT and QUARANTINED are final: nothing leaves them.
     #[inline]
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TokenState::Completed | TokenState::Failed | TokenState::Killed | TokenState::TimedOut
+            TokenState::Completed
+                | TokenState::Failed
+                | TokenState::Killed
+                | TokenState::TimedOut
+                | TokenState::Quarantined
         )
     }
 
@@ -104,6 +112,7 @@ impl TokenState {
                 | (Executing, Waiting)
                 | (Admitted, Waiting)
                 | (Created, Executing)
+                | (Created, Quarantined)
         )
     }
 
@@ -118,6 +127,7 @@ impl TokenState {
             TokenState::Killed => "KILLED",
             TokenState::TimedOut => "TIMED_OUT",
             TokenState::Cancelling => "CANCELLING",
+            TokenState::Quarantined => "QUARANTINED",
         }
     }
 }
@@ -308,10 +318,19 @@ pub struct Header {
     admitted_ns: AtomicU64,
     started_ns: AtomicU64,
     finished_ns: AtomicU64,
+    /// The cost model's view of the call (operations that predict): the size feature of its
+    /// arguments (f32 bits) and its predicted duration in ns (0: none).
+    size: AtomicU32,
+    predicted_ns: AtomicU64,
 }
 
 impl Header {
     pub fn new(id: u64, weight: Weight, priority: Priority) -> Header {
+        Header::new_at(id, weight, priority, now_ns())
+    }
+
+    /// A header created at `created_ns` (a caller that read the clock already).
+    pub fn new_at(id: u64, weight: Weight, priority: Priority, created_ns: u64) -> Header {
         Header {
             id,
             weight: AtomicU8::new(weight as u8),
@@ -321,7 +340,9 @@ impl Header {
             worker: AtomicU16::new(0),
             attempt: AtomicU32::new(0),
             bytes: AtomicU32::new(0),
-            created_ns: now_ns(),
+            created_ns,
+            size: AtomicU32::new(0),
+            predicted_ns: AtomicU64::new(0),
             admitted_ns: AtomicU64::new(0),
             started_ns: AtomicU64::new(0),
             finished_ns: AtomicU64::new(0),
@@ -411,6 +432,24 @@ impl Header {
     pub fn finished_ns(&self) -> Option<u64> {
         nonzero(self.finished_ns.load(Ordering::Acquire))
     }
+    /// The size feature of the call's arguments and its predicted duration (ns), if the
+    /// operation's cost model judged it.
+    pub fn prediction(&self) -> Option<(f32, u64)> {
+        let p = self.predicted_ns.load(Ordering::Relaxed);
+        (p > 0).then(|| (f32::from_bits(self.size.load(Ordering::Relaxed)), p))
+    }
+    pub(crate) fn set_prediction(&self, size: f32, predicted_ns: u64) {
+        self.size.store(size.to_bits(), Ordering::Relaxed);
+        self.predicted_ns
+            .store(predicted_ns.max(1), Ordering::Relaxed);
+    }
+    /// The size feature alone (an operation that learns but had too few samples to predict).
+    pub fn size_feature(&self) -> f32 {
+        f32::from_bits(self.size.load(Ordering::Relaxed))
+    }
+    pub(crate) fn set_size_feature(&self, size: f32) {
+        self.size.store(size.to_bits(), Ordering::Relaxed);
+    }
     pub(crate) fn stamp_admitted(&self, t: u64) {
         self.admitted_ns.store(t, Ordering::Release)
     }
@@ -498,7 +537,7 @@ mod tests {
         /// Random transition requests against a model: a request is applied exactly when the
         /// model says it is legal from the current state, and the state never leaves a final one.
         #[test]
-        fn random_requests_follow_the_model(reqs in proptest::collection::vec((0u8..9, 0u8..9, proptest::bool::ANY), 0..64)) {
+        fn random_requests_follow_the_model(reqs in proptest::collection::vec((0u8..10, 0u8..10, proptest::bool::ANY), 0..64)) {
             let c = StateCell::default();
             let mut model = Created;
             for (from, to, is_kill) in reqs {

@@ -32,6 +32,12 @@ pub struct OpSpec {
     pub tags: Option<Py<PyDict>>,
     /// Timeout, retries, limit (None for an operation that uses none of them).
     pub policy: Option<Box<Policy>>,
+    /// The code inspector's score of `func` (computed at decoration).
+    pub complexity: Option<f32>,
+    /// What the decorator declares to the Guard House (breaker, quarantine, prediction).
+    pub guard: Option<Box<crate::guard::GuardDecl>>,
+    /// False for calls that skip the spike check (a released quarantined call).
+    pub spike_check: bool,
 }
 
 impl OpSpec {
@@ -131,8 +137,18 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
 impl TaskToken {
     pub(crate) fn new(id: u64, op: Arc<OpSpec>, rt: Arc<Shared>, call: Call) -> Self {
+        TaskToken::new_at(id, op, rt, call, crate::clock::now_ns())
+    }
+
+    pub(crate) fn new_at(
+        id: u64,
+        op: Arc<OpSpec>,
+        rt: Arc<Shared>,
+        call: Call,
+        created_ns: u64,
+    ) -> Self {
         TaskToken {
-            header: Header::new(id, op.weight, op.priority),
+            header: Header::new_at(id, op.weight, op.priority, created_ns),
             op,
             rt,
             slot: Mutex::new(Slot {
@@ -142,6 +158,14 @@ impl TaskToken {
             }),
             outcome: OutcomeCell(UnsafeCell::new(None)),
         }
+    }
+
+    /// `estimate` of the call's arguments (0 once the call was taken).
+    pub(crate) fn call_bytes(&self, py: Python<'_>, estimate: fn(Python<'_>, &Call) -> u64) -> u64 {
+        lock(&self.slot)
+            .call
+            .as_ref()
+            .map_or(0, |c| estimate(py, c))
     }
 
     /// Takes the call out (to run it, or to drop it as the token settles); its bytes leave
@@ -373,6 +397,7 @@ impl TaskToken {
             .into_pyerr(py);
         }
         match state {
+            TokenState::Quarantined => CoreError::Quarantined { id, operation },
             TokenState::TimedOut => CoreError::TimedOut {
                 id,
                 operation,
@@ -647,6 +672,23 @@ impl TaskToken {
             }
         }
         out
+    }
+
+    /// The duration the operation's cost model predicted for this call from its arguments, in
+    /// seconds (None when the operation does not predict or had too few samples).
+    #[getter]
+    fn predicted_duration(&self) -> Option<f64> {
+        self.header.prediction().map(|(_, p)| p as f64 / 1e9)
+    }
+
+    /// The code inspector's complexity score of the token's function (None when unknown).
+    #[getter]
+    fn complexity_score(&self, py: Python<'_>) -> Option<f64> {
+        match (self.op.complexity, self.rt.guard.as_ref()) {
+            (Some(c), _) => Some(c as f64),
+            (None, Some(gh)) => gh.complexity_of(py, self),
+            (None, None) => None,
+        }
     }
 
     /// Seconds each attempt may take (None: no timeout).

@@ -16,12 +16,19 @@ workers or running coordinators behind.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from _support import SAFETY, Latch
 from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
+
+# The quarantine store defaults to the user's data directory: the suite never writes there.
+os.environ.setdefault(
+    "TOKENGATE_QUARANTINE_DIR", tempfile.mkdtemp(prefix="tokengate-test-quarantine-")
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 import tokengate
 import tokengate.errors
-from _support import SAFETY
+from _support import SAFETY, wait_until
 from tokengate import (
     AdmissionClosed,
     ConfigurationError,
@@ -396,6 +396,69 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+def _failing_op(ctx, name, **breaker):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+
+    @task_token_guard(
+        operation_type=name,
+        circuit_breaker=tokengate.CircuitBreaker(min_calls=1, window=1, **breaker),
+    )
+    def f(gate=None):
+        if gate is not None:
+            gate.enter()
+        raise ValueError("x")
+
+    with pytest.raises(ValueError):
+        f().get(timeout=SAFETY)
+    return coord, f
+
+
+def _breaker_open(ctx):
+    _failing_op(ctx, "erows_open", open_duration=60)[1]()
+
+
+def _breaker_half_open(ctx):
+    coord, f = _failing_op(ctx, "erows_half", open_duration=0.01)
+    assert wait_until(lambda: coord.guard_house.breaker_state("erows_half") == "half_open")
+    latch = ctx.make_latch()
+    f(latch)  # the probe: it holds the only place while it runs
+    latch.wait_entered(1)
+    f()
+
+
+def _blocked_by_operator(ctx):
+    coord = ctx.make_coord(cores=1, workers_per_core=1)
+    coord.guard_house.block("erows_blocked")
+    task_token_guard(operation_type="erows_blocked")(print)()
+
+
+def _quarantined(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1)
+
+    @task_token_guard(
+        operation_type="erows_q", quarantine=tokengate.Quarantine(threshold=2, min_samples=1)
+    )
+    def f(items):
+        return len(items)
+
+    f([1]).get(timeout=SAFETY)
+    f(list(range(1_000_000))).get(timeout=SAFETY)
+
+
+def _quarantine_no_record(ctx):
+    ctx.make_coord(cores=1, workers_per_core=1).guard_house.quarantine.get("nope-1")
+
+
+def _history_format(ctx):
+    import tempfile
+
+    from tokengate.guard.history import load
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"format": "other"}, f)
+    load(f.name)
+
+
 def _in_child(script: str, row_id: str):
     def trigger(ctx):
         return ctx.child(script)[row_id]
@@ -583,7 +646,8 @@ ROWS = [
         "unknown-option",
         InvalidOption,
         TypeError,
-        "unknown option(s) 'priorty'; valid: limit_by, max_concurrency, on_exhausted, priority,",
+        "unknown option(s) 'priorty'; valid: circuit_breaker, limit_by, max_concurrency, "
+        "on_exhausted, predict, priority, quarantine,",
         _unknown_option,
     ),
     Row(
@@ -827,6 +891,52 @@ ROWS = [
         TypeError,
         "run_control() needs a coroutine object, got int",
         _run_control_non_coroutine,
+    ),
+    Row(
+        "breaker-open",
+        tokengate.MethodBlocked,
+        TokenGateError,
+        "operation 'erows_open' is blocked: its circuit breaker is open because 1 of 1 calls "
+        "failed (100.0 %); it lets a probe call through in 60 s",
+        _breaker_open,
+    ),
+    Row(
+        "breaker-half-open",
+        tokengate.MethodBlocked,
+        TokenGateError,
+        "operation 'erows_half' is blocked: its circuit breaker is half-open because 1 of 1 "
+        "calls failed (100.0 %) and its probe calls are running; it closes once they succeed",
+        _breaker_half_open,
+    ),
+    Row(
+        "blocked-by-operator",
+        tokengate.MethodBlocked,
+        TokenGateError,
+        "operation 'erows_blocked' is blocked by an operator; "
+        "guard_house.unblock('erows_blocked') reopens it",
+        _blocked_by_operator,
+    ),
+    Row(
+        "quarantined",
+        tokengate.TokenQuarantined,
+        TokenGateError,
+        "(erows_q) was quarantined: its arguments predict a cost far above the operation's "
+        "baseline, so it did not run; release it from the quarantine store to run it",
+        _quarantined,
+    ),
+    Row(
+        "quarantine-no-record",
+        tokengate.QuarantineError,
+        LookupError,
+        "no quarantine record 'nope-1' in ",
+        _quarantine_no_record,
+    ),
+    Row(
+        "history-format",
+        tokengate.HistoryFormatError,
+        ValueError,
+        "is not a history dump: its format is 'other', expected 'tokengate-history'",
+        _history_format,
     ),
 ]
 

@@ -14,7 +14,13 @@ from tokengate import TokenKilled, TokenState, task_token_guard
 # time.monotonic() vs. the core's clock: both read CLOCK_MONOTONIC, allow float rounding only.
 EPS = 1e-3
 
-FINAL = {TokenState.COMPLETED, TokenState.FAILED, TokenState.KILLED, TokenState.TIMED_OUT}
+FINAL = {
+    TokenState.COMPLETED,
+    TokenState.FAILED,
+    TokenState.KILLED,
+    TokenState.TIMED_OUT,
+    TokenState.QUARANTINED,
+}
 
 
 def test_token_state_enum_matches_contract():
@@ -29,6 +35,7 @@ def test_token_state_enum_matches_contract():
         "KILLED",
         "TIMED_OUT",
         "CANCELLING",
+        "QUARANTINED",
     ]
     assert {s for s in TokenState if s.is_final} == FINAL
     assert {s for s in TokenState if s.is_settled} == FINAL | {TokenState.CANCELLING}

@@ -10,9 +10,10 @@ __all__ = ["STORAGE_SPEEDS", "TaskWeight", "TokenState"]
 
 
 class TokenState(enum.IntEnum):
-    """Where a token is in its life. COMPLETED, FAILED, KILLED and TIMED_OUT are final;
-    CANCELLING (killed while it runs) is settled: its waiters are released, the task still
-    runs until it returns, and the token then becomes KILLED."""
+    """Where a token is in its life. COMPLETED, FAILED, KILLED, TIMED_OUT and QUARANTINED are
+    final; CANCELLING (killed while it runs) is settled: its waiters are released, the task
+    still runs until it returns, and the token then becomes KILLED. QUARANTINED: the Guard
+    House's spike detection stopped the call before it was queued (it never ran)."""
 
     CREATED = 0
     WAITING = 1
@@ -23,11 +24,12 @@ class TokenState(enum.IntEnum):
     KILLED = 6
     TIMED_OUT = 7
     CANCELLING = 8
+    QUARANTINED = 9
 
     @property
     def is_final(self) -> bool:
-        """True for COMPLETED, FAILED, KILLED and TIMED_OUT."""
-        return TokenState.COMPLETED <= self <= TokenState.TIMED_OUT
+        """True for COMPLETED, FAILED, KILLED, TIMED_OUT and QUARANTINED."""
+        return self >= TokenState.COMPLETED and self is not TokenState.CANCELLING
 
     @property
     def is_settled(self) -> bool:

@@ -174,7 +174,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(bench_p)
     bench_p.set_defaults(handler=_cmd_bench)
+
+    history = sub.add_parser(
+        "history",
+        help="write or read execution-history dumps",
+        description="Write the execution history of a demo run to a JSON dump, or summarize one.",
+    )
+    hsub = history.add_subparsers(dest="history_command", metavar="ACTION", required=True)
+    hdump = hsub.add_parser(
+        "dump",
+        help="run the demo workload and write its execution history",
+        description=(
+            "Run the demo workload for a few seconds and write the execution history of its "
+            "coordinator (one record per attempt) as JSON. An application writes its own with "
+            "coordinator.dump_history(path)."
+        ),
+    )
+    hdump.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write")
+    hdump.add_argument(
+        "--seconds", type=_positive_float, default=3.0, metavar="S", help="demo run time"
+    )
+    hdump.add_argument("--seed", type=int, default=None, help="seed of the demo mix")
+    hdump.set_defaults(handler=_cmd_history_dump)
+    hshow = hsub.add_parser(
+        "show",
+        help="summarize a history dump per operation",
+        description="Load a history dump and print per-operation counts and durations.",
+    )
+    hshow.add_argument("file", metavar="FILE")
+    hshow.add_argument("--json", action="store_true", help="print the summary as JSON")
+    hshow.set_defaults(handler=_cmd_history_show)
+
+    from .guard import _cli as quarantine_cli
+
+    quarantine_cli.add_quarantine_parser(sub)
     return parser
+
+
+def _cmd_history_dump(args: argparse.Namespace) -> int:
+    from tokengate.demo import run_demo
+
+    report = run_demo(
+        seconds=args.seconds, progress=False, seed=args.seed, history_path=args.output
+    )
+    from tokengate.guard.history import load
+
+    print(f"wrote {len(load(args.output).records)} execution records to {args.output}")
+    return 0 if report["ok"] else 1
+
+
+def _cmd_history_show(args: argparse.Namespace) -> int:
+    from tokengate.guard.history import load, render_summary, summarize
+
+    summary = summarize(load(args.file).records)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(render_summary(summary))
+    return 0
 
 
 def _version() -> str:

@@ -20,6 +20,8 @@ from . import _core
 from ._core import TaskToken
 from ._types import STORAGE_SPEEDS
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
+from .guard.breaker import CircuitBreaker, Quarantine, guard_settings
+from .guard.guard_house import GuardHouse
 from .policy import options as _options
 
 if TYPE_CHECKING:
@@ -254,6 +256,20 @@ class OperationsCoordinator:
             set each core's active worker count from what it did meanwhile (fewer under light
             load, down to 1; one more per round under sustained pressure). ``None`` or ``0``
             disables convergence. Default 5.0.
+        guard_house: keep per-operation health, breakers, spike detection and the
+            execution history (docs/guard-house.md). ``False`` turns all of it off (no
+            breaker gate, no history), e.g. to measure what it costs.
+        auto_block: breakers of every operation trip by themselves (with the defaults of
+            :class:`~tokengate.CircuitBreaker`); default False: the Guard House observes and
+            only an operator (``guard_house.block()``) blocks an operation.
+        circuit_breaker: the breaker settings of every operation (a
+            :class:`~tokengate.CircuitBreaker`; implies ``auto_block``). An operation's own
+            ``task_token_guard(circuit_breaker=...)`` takes precedence.
+        quarantine: True or a :class:`~tokengate.Quarantine`: spike detection for every
+            operation (default off; per operation with ``task_token_guard(quarantine=...)``).
+        quarantine_dir: where the quarantine store keeps its records (default
+            ``$TOKENGATE_QUARANTINE_DIR``, else under the user's data directory).
+        history_size: execution records kept (a ring, split across cores; 0 keeps none).
     """
 
     def __init__(
@@ -274,6 +290,12 @@ class OperationsCoordinator:
         memory_budget: int | None = 75 * 1024 * 1024,
         grow_on_demand: bool = True,
         convergence_interval: float | None = 5.0,
+        guard_house: bool = True,
+        auto_block: bool = False,
+        circuit_breaker: CircuitBreaker | None = None,
+        quarantine: bool | Quarantine | None = None,
+        quarantine_dir: str | os.PathLike[str] | None = None,
+        history_size: int = 10_000,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -321,6 +343,21 @@ class OperationsCoordinator:
             if worker_stack_size is None
             else _check_int("worker_stack_size", worker_stack_size, _MIN_STACK, _MAX_STACK)
         )
+        for flag, value in (("guard_house", guard_house), ("auto_block", auto_block)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise ConfigurationError(
+                f"circuit_breaker must be a CircuitBreaker(...) or None, got {circuit_breaker!r}"
+            )
+        self._guard_on = guard_house
+        self._guard_defaults = guard_settings(
+            circuit_breaker if circuit_breaker is not None else (True if auto_block else None),
+            quarantine,
+        )
+        self._history_size = _check_int("history_size", history_size, 0, 2**24)
+        #: The Guard House: health, breakers, quarantine and history (docs/guard-house.md).
+        self.guard_house = GuardHouse(self._last_runtime, quarantine_dir)
         self._lock = threading.RLock()
         self._rt: _core.Runtime | None = None
         self._last_rt: _core.Runtime | None = None
@@ -362,7 +399,12 @@ class OperationsCoordinator:
                 storage_limits=self._storage_limits,
                 memory_budget=self._memory_budget,
                 grow_on_demand=self._grow_on_demand,
+                guard_house=self._guard_on,
+                history_size=self._history_size,
+                guard_hook=_quarantine_hook(self.guard_house),
             )
+            if self._guard_on and self._guard_defaults is not None:
+                rt.guard_defaults(self._guard_defaults)
             rt.start()
             self._rt = rt
             self._last_rt = rt
@@ -617,6 +659,11 @@ class OperationsCoordinator:
             s["convergence"] = Convergence.empty_summary(self._convergence_interval)
         return s
 
+    def dump_history(self, path: str | os.PathLike[str]) -> int:
+        """Writes the execution history to ``path`` as JSON; returns the records written
+        (same as ``guard_house.dump_history``)."""
+        return self.guard_house.dump_history(path)
+
     # -- policy ------------------------------------------------------------------------
 
     def reprioritize(self, token_id: int, priority: str) -> bool:
@@ -744,6 +791,20 @@ class OperationsCoordinator:
     def __repr__(self) -> str:
         state = "running" if self._rt is not None else "stopped"
         return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
+
+
+def _quarantine_hook(gh: GuardHouse) -> Callable[..., None]:
+    """The core's hook for quarantined calls. It holds the Guard House weakly: the runtime
+    keeps it, and a strong reference would tie the runtime to its coordinator in a cycle the
+    collector cannot see through the core."""
+    ref = weakref.ref(gh)
+
+    def hook(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target._on_quarantine(*args)
+
+    return hook
 
 
 def _check_id(token_id: object) -> int:

@@ -10,6 +10,7 @@ from typing import Any, overload
 from ._core import GuardedFunction
 from ._types import STORAGE_SPEEDS, TaskWeight
 from .errors import InvalidDecoration, InvalidTag
+from .guard.breaker import CircuitBreaker, Quarantine
 from .policy import options as _options
 
 __all__ = ["GuardedFunction", "task_token_guard"]
@@ -93,6 +94,7 @@ def _guard(
     storage: tuple[str, int] | None,
     priority: int,
     policy: dict[str, Any],
+    guard_options: Mapping[str, Any] | None = None,
 ) -> GuardedFunction:
     if isinstance(fn, (staticmethod, classmethod)):
         raise InvalidDecoration(
@@ -108,7 +110,15 @@ def _guard(
         raise InvalidDecoration(f"task_token_guard needs a function, got {type(fn).__name__}")
     name = operation_type or _name_of(fn)
     return _options.build(
-        fn, name, weight, priority, None if storage is None else storage[0], tags, policy, fn
+        fn,
+        name,
+        weight,
+        priority,
+        None if storage is None else storage[0],
+        tags,
+        policy,
+        fn,
+        guard_options=guard_options,
     )
 
 
@@ -144,6 +154,9 @@ def task_token_guard(
     rate_limit: float | None = None,
     rate_burst: int | None = None,
     limit_by: str | None = None,
+    circuit_breaker: bool | CircuitBreaker | None = None,
+    quarantine: bool | Quarantine | None = None,
+    predict: bool | None = None,
 ) -> GuardedFunction: ...
 
 
@@ -165,6 +178,9 @@ def task_token_guard(
     rate_limit: float | None = None,
     rate_burst: int | None = None,
     limit_by: str | None = None,
+    circuit_breaker: bool | CircuitBreaker | None = None,
+    quarantine: bool | Quarantine | None = None,
+    predict: bool | None = None,
 ) -> Callable[[Callable[..., Any]], GuardedFunction]: ...
 
 
@@ -194,18 +210,26 @@ def task_token_guard(
     types :class:`InvalidOption` (a ``TypeError``) here. ``fn.options(...)`` sets any of
     them, and ``weight``, ``priority`` and ``tags``, for the calls made through it.
 
+    Guard House (keyword-only, see docs/guard-house.md): ``circuit_breaker`` (True or a
+    :class:`CircuitBreaker`: the operation's breaker trips by itself; False: only an
+    operator's buttons), ``quarantine`` (True or a :class:`Quarantine`: calls predicted to
+    cost far above the operation's baseline are quarantined instead of run), ``predict``
+    (tokens get a ``predicted_duration`` without quarantine). Without them the operation
+    gets the coordinator's settings (passive by default: observed, never blocked).
+
     Usable as ``@task_token_guard`` or
     ``@task_token_guard(operation_type=..., tags=..., priority=...)``.
     """
     lane = _parse_priority(priority)
     clean_policy = _options.normalize(policy, also_valid=("priority",))
+    guard = {k: policy[k] for k in _options.GUARD_OPTIONS if k in policy}
     if isinstance(operation_type, (staticmethod, classmethod)) or (
         callable(operation_type) and not isinstance(operation_type, str)
     ):
         # The bare form, @task_token_guard. (A classmethod object is not callable, but it
         # means the decorator was put above @classmethod; _guard says so.)
         clean, weight, storage = _validate_tags(tags)
-        return _guard(operation_type, None, clean, weight, storage, lane, clean_policy)
+        return _guard(operation_type, None, clean, weight, storage, lane, clean_policy, guard)
     if operation_type is not None and (
         not isinstance(operation_type, str) or not operation_type.strip()
     ):
@@ -215,6 +239,6 @@ def task_token_guard(
     clean, weight, storage = _validate_tags(tags)
 
     def decorate(fn: Callable[..., Any]) -> GuardedFunction:
-        return _guard(fn, operation_type, clean, weight, storage, lane, clean_policy)
+        return _guard(fn, operation_type, clean, weight, storage, lane, clean_policy, guard)
 
     return decorate

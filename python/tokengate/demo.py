@@ -387,6 +387,7 @@ def run_demo(
     seed: int | None = None,
     max_in_flight: int | None = None,
     stream: TextIO | None = None,
+    history_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run the mixed workload for about ``seconds`` and return the report data.
 
@@ -399,6 +400,8 @@ def run_demo(
         max_in_flight: bound on tokens submitted but not yet finished
             (default: 4 times the total number of workers, at least 16).
         stream: where the progress indicator goes.
+        history_path: if given, the run's execution history is written there as JSON
+            (``coordinator.dump_history``).
 
     Returns:
         A JSON-serialisable ``dict``; :func:`format_report` renders it.
@@ -489,8 +492,11 @@ def run_demo(
             coord.stop(wait=False, timeout=5.0)
             tracker.wait_idle(timeout=5.0)
         stats = coord.stats()
+        guard = coord.guard_house.report()
+        if history_path is not None:
+            coord.dump_history(history_path)
 
-    return _build_report(
+    report = _build_report(
         tracker=tracker,
         stats=stats,
         wall=end - start,
@@ -503,6 +509,9 @@ def run_demo(
         max_in_flight=bound,
         interrupted=interrupted,
     )
+    report["guard_house"] = guard.as_dict()["operations"]
+    report["guard_house_text"] = guard.render()
+    return report
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -708,6 +717,9 @@ def format_report(report: Mapping[str, Any], *, unicode: bool = True) -> str:
             + " / ".join(f"{c:,}" for c in counts)
         )
 
+    guard = report.get("guard_house_text")
+    if guard:
+        lines += ["", *("  " + line for line in guard.splitlines())]
     lines.append("")
     if report["ok"]:
         lines.append("  verdict      OK: every token resolved as the contract says")

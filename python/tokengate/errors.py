@@ -12,16 +12,20 @@ __all__ = [
     "ConfigurationError",
     "CoordinatorForked",
     "CoordinatorNotRunning",
+    "HistoryFormatError",
     "InternalError",
     "InvalidDecoration",
     "InvalidOption",
     "InvalidTag",
+    "MethodBlocked",
     "PoolFull",
+    "QuarantineError",
     "Retry",
     "TokenCancelled",
     "TokenDeadlock",
     "TokenGateError",
     "TokenKilled",
+    "TokenQuarantined",
     "TokenTimeout",
 ]
 
@@ -56,6 +60,32 @@ class TokenKilled(TokenGateError):
 class TokenTimeout(TokenGateError, TimeoutError):
     """A wait on a token (``get(timeout=...)``) ran out of time, or the token's own
     ``timeout`` passed (it ended TIMED_OUT)."""
+
+
+class MethodBlocked(TokenGateError):
+    """The operation's circuit breaker is open (it tripped, or an operator blocked it):
+    the call was refused before anything was queued. The message names the operation, why
+    it is open and when it lets a probe call through; ``operation`` and ``retry_in`` (seconds,
+    or None when only an operator can reopen it) carry the same as attributes."""
+
+    operation: str | None = None
+    retry_in: float | None = None
+
+
+class TokenQuarantined(TokenGateError):
+    """The call was predicted to cost far more than its operation's baseline and was
+    quarantined instead of run: the token ended QUARANTINED and its record is in the
+    quarantine store, from where an operator may release (replay) or discard it."""
+
+
+class QuarantineError(TokenGateError, LookupError):
+    """A quarantine store action could not be done: no such record, a record that cannot be
+    replayed, or a bulk action without a selection."""
+
+
+class HistoryFormatError(TokenGateError, ValueError):
+    """A file given as an execution-history dump is not one (wrong format, version or
+    record fields); the message names the file and what is wrong."""
 
 
 class TokenCancelled(TokenGateError):

@@ -32,6 +32,9 @@ POLICY_OPTIONS: dict[str, Any] = {
     "limit_by": None,
 }
 
+#: The Guard House keywords of ``task_token_guard`` (see docs/guard-house.md).
+GUARD_OPTIONS: dict[str, Any] = {"circuit_breaker": None, "quarantine": None, "predict": None}
+
 #: What ``options()`` accepts besides the policy keywords.
 CALL_OPTIONS = ("priority", "weight", "tags")
 
@@ -110,14 +113,17 @@ def normalize(options: Mapping[str, Any], also_valid: tuple[str, ...] = ()) -> d
     """Checks the policy keywords in ``options`` and returns them as the core takes them
     (unknown names raise :class:`InvalidOption` listing the valid ones: the policy keywords
     and ``also_valid``, the caller's own)."""
-    unknown = sorted(set(options) - set(POLICY_OPTIONS))
+    unknown = sorted(set(options) - set(POLICY_OPTIONS) - set(GUARD_OPTIONS))
     if unknown:
         raise InvalidOption(
             f"unknown option(s) {', '.join(map(repr, unknown))}; valid: "
-            f"{', '.join(sorted((*also_valid, *POLICY_OPTIONS)))}"
+            f"{', '.join(sorted((*also_valid, *POLICY_OPTIONS, *GUARD_OPTIONS)))}"
         )
-    o = {**POLICY_OPTIONS, **options}
+    o = {**POLICY_OPTIONS, **GUARD_OPTIONS, **options}
     out: dict[str, Any] = {}
+    from ..guard.breaker import guard_settings
+
+    out["guard"] = guard_settings(o["circuit_breaker"], o["quarantine"], o["predict"])
     out["timeout"] = _seconds("timeout", o["timeout"], allow_zero=False)
     out["retries"] = _count("retries", o["retries"], 0)
     backoff = _seconds("retry_backoff", o["retry_backoff"], allow_zero=True)
@@ -177,6 +183,18 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
     options = dict(options or {})
     s: dict[str, Any] = fn._settings()
     policy = {k: s[k] for k in POLICY_OPTIONS if k in s}
+    policy.update(getattr(fn, "_tg_guard_options", {}))
+    spike_check = s["spike_check"]
+    if "quarantine" in options:
+        # Per call, quarantine=False only skips the spike check (a released quarantined call);
+        # the operation's own settings belong to the decorator and guard_house.configure().
+        if options.pop("quarantine") is not False:
+            raise InvalidOption(
+                "options(quarantine=...) only accepts False (these calls skip the spike "
+                "check); set an operation's quarantine with task_token_guard(quarantine=...) "
+                "or coordinator.guard_house.configure()"
+            )
+        spike_check = False
     weight = _INDEX_WEIGHT[s["weight"]]
     speed = None if s["storage_speed"] is None else _INDEX_SPEED[s["storage_speed"]]
     tags = dict(s["tags"] or {})
@@ -204,6 +222,9 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
         tags,
         clean,
         wraps=fn,
+        guard_options={k: policy[k] for k in GUARD_OPTIONS if k in policy},
+        spike_check=spike_check,
+        complexity=s["complexity"],
     )
 
 
@@ -216,6 +237,9 @@ def build(
     tags: dict[str, Any],
     policy: Mapping[str, Any],
     wraps: object,
+    guard_options: Mapping[str, Any] | None = None,
+    spike_check: bool = True,
+    complexity: float | None = None,
 ) -> GuardedFunction:
     """The core's guarded function for validated settings.
 
@@ -223,7 +247,14 @@ def build(
     ``#[pyclass(dict)]`` object for the collector before its Rust fields are written and
     allocates its ``__dict__`` in between, so a collection at that moment would traverse
     fields that do not exist yet (a crash). Nothing else runs meanwhile (the GIL is held).
+
+    ``guard_options`` are the Guard House keywords as given (kept for ``options()``); the
+    code inspector scores ``func`` here, once per function.
     """
+    if complexity is None:
+        from ..guard.inspector import score_of
+
+        complexity = score_of(func)
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -235,9 +266,12 @@ def build(
             None if speed is None else _SPEED_INDEX[speed],
             tags,
             **policy,
+            complexity=complexity,
+            spike_check=spike_check,
         )
     finally:
         if enabled:
             gc.enable()
     functools.update_wrapper(guarded, wraps)  # type: ignore[arg-type]
+    guarded._tg_guard_options = dict(guard_options or {})  # type: ignore[attr-defined]
     return guarded
