@@ -371,6 +371,7 @@ impl TripReason {
                 "{slow} of {calls} calls slower than {}",
                 fmt_ns(slow_call_ns)
             ),
+            TripReason::Consecutive { n: 1 } => "a failure".into(),
             TripReason::Consecutive { n } => format!("{n} failures in a row"),
             TripReason::ProbeFailed => "a half-open probe failed".into(),
             TripReason::Manual => "opened by an operator".into(),

@@ -98,6 +98,8 @@ pub enum CoreError {
     Quarantined {
         id: u64,
         operation: String,
+        /// Its record id in the quarantine store, or why it could not be stored.
+        record: Result<String, String>,
     },
     /// A task waited on a token that cannot finish while it waits.
     Deadlock(String),
@@ -213,11 +215,25 @@ impl CoreError {
                 "token {id} ({operation}) was {why}: stop this task (checkpoint() raises \
                  until it returns)"
             ),
-            CoreError::Quarantined { id, operation } => format!(
-                "token {id} ({operation}) was quarantined: its arguments predict a cost far \
-                 above the operation's baseline, so it did not run; release it from the \
-                 quarantine store to run it (coordinator.guard_house.quarantine)"
-            ),
+            CoreError::Quarantined {
+                id,
+                operation,
+                record,
+            } => {
+                let tail = match record {
+                    Ok(rid) => format!(
+                        "release record {rid} from the quarantine store to run it \
+                         (coordinator.guard_house.release)"
+                    ),
+                    Err(why) => {
+                        format!("its record could not be stored ({why}), so it cannot be released")
+                    }
+                };
+                format!(
+                    "token {id} ({operation}) was quarantined: its arguments predict a cost far \
+                     above the operation's baseline, so it did not run; {tail}"
+                )
+            }
             CoreError::Blocked(m)
             | CoreError::Deadlock(m)
             | CoreError::Config(m)

@@ -84,6 +84,11 @@ pub struct Gov {
     /// The half-open probe of its operation's breaker this token is (given back if it never
     /// runs).
     pub probe: Option<crate::breaker::Ticket>,
+    /// The running attempt as the Guard House saw it start (tokens with a timeout: whoever
+    /// notes the attempt's end first, the worker or the deadline, takes it).
+    pub attempt: Option<crate::guard::AttemptNote>,
+    /// A quarantined token's record id in the store, or why it could not be stored.
+    pub quarantine: Option<Result<String, String>>,
 }
 
 /// What the timer thread handles.
@@ -700,11 +705,7 @@ fn sub_sat(a: &AtomicUsize, n: usize) {
 /// (swept earlier when the dead are many, so their memory does not wait for a permit).
 pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
     let t = tok.get();
-    if let Some(ticket) = t.with_gov_if(|g| g.probe.take()).flatten() {
-        if let Some(gh) = t.rt.guard.as_ref() {
-            gh.release_probe(py, &t.op, ticket);
-        }
-    }
+    give_back_probe(py, t);
     if let Some(at) = t.with_gov_if(|g| g.held_at.take()).flatten() {
         let shared = t.rt.clone();
         let (limiter, dead) = match &at {
@@ -719,6 +720,15 @@ pub fn settled(py: Python<'_>, tok: &Bound<'_, TaskToken>) {
         }
     }
     release_permits(py, tok);
+}
+
+/// Gives back the breaker probe `t` holds, if any (a token that will not run).
+pub fn give_back_probe(py: Python<'_>, t: &TaskToken) {
+    if let Some(ticket) = t.with_gov_if(|g| g.probe.take()).flatten() {
+        if let Some(gh) = t.rt.guard.as_ref() {
+            gh.release_probe(py, &t.op, ticket);
+        }
+    }
 }
 
 /// Gives back the permits `tok` holds (once: whoever clears `FLAG_PERMITS` does it), which
@@ -820,6 +830,9 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
         if let Some(pol) = t.op.policy.as_ref().filter(|p| p.overlapping_attempts()) {
             let attempt = h.attempt();
             let err = timeout_error(py, t);
+            if let Some(gh) = shared.guard.as_ref() {
+                gh.on_timed_out(py, t, attempt); // before the breaker decides on a retry
+            }
             if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
                 match shared.sched.abandon_for_retry(h) {
                     Ok(()) => {
@@ -834,11 +847,14 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             }
         }
     }
+    let attempt = h.attempt();
     match shared.sched.time_out(h) {
         Ok(from) => {
             if from != TokenState::Executing {
                 drop(t.take_call());
                 settled(py, tok);
+            } else if let Some(gh) = shared.guard.as_ref() {
+                gh.on_timed_out(py, t, attempt);
             }
             // Waiters are woken here; callbacks and chain steps run on the callback thread,
             // so one that waits cannot stall the other timers.
@@ -886,6 +902,13 @@ fn retry_delay(
 ) -> Option<f64> {
     if attempt > pol.retries {
         return None;
+    }
+    if t.rt
+        .guard
+        .as_ref()
+        .is_some_and(|gh| !gh.admits_retry(py, &t.op))
+    {
+        return None; // its breaker is not closed: no more attempts now
     }
     let retry_cls = crate::errors::error_class(py, "Retry").ok();
     let explicit = retry_cls
@@ -1131,6 +1154,9 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
                 Ok(t) => c.set_args(t.unbind()),
                 Err(e) => return fail_outside(&shared, child, e.into_value(py)),
             }
+            if c.header.state.load().is_settled() {
+                return false; // killed while it waited for its parent
+            }
             if let Some(gh) = shared.guard.as_ref() {
                 // A step passes its operation's breaker when it comes up (not its spike check).
                 match gh.gate_step(py, &c.op) {
@@ -1145,7 +1171,9 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
                 kill_stranded(py, &shared, child);
             } else if shared.sched.hold_accepted(&c.header) {
                 submit_governed(py, &shared, child);
-            } // else: killed while it waited for its parent
+            } else {
+                give_back_probe(py, c); // killed meanwhile (its settling found no probe yet)
+            }
             false
         }
         TokenState::Failed => {
@@ -1212,6 +1240,7 @@ pub fn run_inline(
     let t = tok.get();
     let h = &t.header;
     if !shared.sched.claim_outside(h, accepted, true) {
+        give_back_probe(py, t);
         return;
     }
     // Each attempt has its own timeout, counted from its own start (after its delay).

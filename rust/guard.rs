@@ -338,8 +338,20 @@ pub(crate) struct Gate {
 /// What a worker notes when an attempt starts (for the end of the attempt).
 pub(crate) struct Started<'a> {
     g: &'a OpGuard,
+    note: AttemptNote,
+    /// Whether the note is also in the token (a token with a timeout: its deadline may end
+    /// the attempt first, and then notes it itself).
+    shared: bool,
+}
+
+/// An attempt as it started: the breaker generation its result counts against, the probe
+/// ticket it runs as (if any), and when it started.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttemptNote {
+    attempt: u32,
     gen: u32,
-    half_open: bool,
+    probe: Option<Ticket>,
+    started_ns: u64,
 }
 
 impl GuardHouse {
@@ -521,54 +533,132 @@ impl GuardHouse {
         if let Some(ticket) = gate.probe {
             g.breaker.release_probe(ticket);
         }
+        // The record is written first: a waiter that sees QUARANTINED finds it in the store
+        // (or learns why it is not there).
+        let call = t.take_call();
+        let stored = match (&self.hook, gate.prediction.as_ref()) {
+            (Some(hook), Some(p)) => {
+                let (args, kwargs) = match &call {
+                    Some(c) => (
+                        c.args.clone_ref(py).into_any(),
+                        c.kwargs.as_ref().map_or_else(
+                            || PyDict::new(py).unbind().into_any(),
+                            |k| k.clone_ref(py).into_any(),
+                        ),
+                    ),
+                    None => (
+                        PyTuple::empty(py).unbind().into_any(),
+                        PyDict::new(py).unbind().into_any(),
+                    ),
+                };
+                let r = hook.bind(py).call1((
+                    tok,
+                    origin,
+                    args,
+                    kwargs,
+                    p.predicted_ns as f64 / 1e9,
+                    p.baseline_ns as f64 / 1e9,
+                    p.deviation,
+                    gate.threshold,
+                ));
+                match r.and_then(|id| id.extract::<String>()) {
+                    Ok(id) => Ok(id),
+                    Err(e) => {
+                        let why = e
+                            .value(py)
+                            .repr()
+                            .map_or_else(|_| "an error".to_string(), |r| r.to_string());
+                        crate::token::log_raised(py, "the quarantine store", hook.bind(py), e);
+                        Err(why)
+                    }
+                }
+            }
+            _ => Err("no quarantine store".to_string()),
+        };
+        drop(call);
+        t.with_gov(|gv| gv.quarantine = Some(stored));
         let _ = t
             .header
             .state
             .transition(TokenState::Created, TokenState::Quarantined);
         t.header.stamp_finished(now_ns());
         g.health.note_quarantined();
-        let call = t.take_call();
-        let Some(hook) = &self.hook else { return };
-        let Some(p) = gate.prediction.as_ref() else {
-            return;
-        };
-        let (args, kwargs) = match &call {
-            Some(c) => (
-                c.args.clone_ref(py).into_any(),
-                c.kwargs.as_ref().map_or_else(
-                    || PyDict::new(py).unbind().into_any(),
-                    |k| k.clone_ref(py).into_any(),
-                ),
-            ),
-            None => (
-                PyTuple::empty(py).unbind().into_any(),
-                PyDict::new(py).unbind().into_any(),
-            ),
-        };
-        let r = hook.bind(py).call1((
-            tok,
-            origin,
-            args,
-            kwargs,
-            p.predicted_ns as f64 / 1e9,
-            p.baseline_ns as f64 / 1e9,
-            p.deviation,
-            gate.threshold,
-        ));
-        if let Err(e) = r {
-            crate::token::log_raised(py, "the quarantine store", hook.bind(py), e);
-        }
     }
 
     /// A worker starts an attempt of `tok`: notes the breaker generation (results of attempts
-    /// that started before a transition do not count against the new state).
+    /// that started before a transition do not count against the new state) and, for a
+    /// probe, the generation of the round that admitted it.
     pub fn on_start<'a>(&'a self, py: Python<'_>, tok: &TaskToken) -> Started<'a> {
         let g = self.op(py, tok.op.operation_type.bind(py), Some(&tok.op));
         let (gen, state) = g.breaker.generation_and_state();
-        Started {
-            g,
-            gen,
-            half_open: state == BreakerState::HalfOpen,
+        let h = &tok.header;
+        // Only a breaker that is not closed can have probes out (a stale ticket of a round
+        // that closed meanwhile needs nothing: its generation is gone).
+        let probe = match state {
+            BreakerState::Closed | BreakerState::Disabled => None,
+            _ => tok.with_gov_if(|gv| gv.probe.take()).flatten(),
+        };
+        let note = AttemptNote {
+            attempt: h.attempt(),
+            gen: probe.map_or(gen, |t| t.gen),
+            probe,
+            started_ns: h.started_ns().unwrap_or_else(now_ns),
+        };
+        let shared = tok.op.policy.as_ref().is_some_and(|p| p.timeout.is_some());
+        if shared {
+            tok.with_gov(|gv| gv.attempt = Some(note));
+        }
+        Started { g, note, shared }
+    }
+
+    /// The deadline of `t`'s running attempt `attempt` passed: it counts as a timed-out
+    /// failure now (health and breaker), not when its task returns, which may be never.
+    pub fn on_timed_out(&self, py: Python<'_>, t: &TaskToken, attempt: u32) {
+        let Some(note) = t
+            .with_gov_if(|gv| gv.attempt.take_if(|n| n.attempt == attempt))
+            .flatten()
+        else {
+            return; // its worker noted it already (or it never started)
+        };
+        let g = self.op(py, t.op.operation_type.bind(py), Some(&t.op));
+        let now = now_ns();
+        let exec = now.saturating_sub(note.started_ns);
+        let core = t.header.placement().map_or(0, |(c, _)| c);
+        g.health.record(
+            core,
+            AttemptOutcome::TimedOut,
+            exec,
+            note.started_ns.saturating_sub(t.header.created_ns()),
+        );
+        self.note_breaker(py, g, &note, true, exec, now);
+    }
+
+    /// Whether a retry of `spec` may be scheduled now: not while its breaker is open,
+    /// half-open or blocked.
+    pub fn admits_retry(&self, py: Python<'_>, spec: &OpSpec) -> bool {
+        let g = self.op(py, spec.operation_type.bind(py), Some(spec));
+        matches!(
+            g.breaker.generation_and_state().1,
+            BreakerState::Closed | BreakerState::Disabled
+        )
+    }
+
+    fn note_breaker(
+        &self,
+        py: Python<'_>,
+        g: &OpGuard,
+        note: &AttemptNote,
+        failure: bool,
+        exec: u64,
+        now: u64,
+    ) {
+        if note.probe.is_some() || g.breaker_auto.load(Ordering::Relaxed) {
+            if let Some(tr) = g
+                .breaker
+                .record(note.gen, note.probe.is_some(), failure, exec, now)
+            {
+                log_transition(py, &g.name, tr.from, tr.to, &tr.reason);
+            }
         }
     }
 
@@ -589,7 +679,7 @@ impl GuardHouse {
         let h = &t.header;
         let g = s.g;
         let now = now_ns();
-        let started = h.started_ns().unwrap_or(now);
+        let started = s.note.started_ns;
         let exec = now.saturating_sub(started);
         let queue = started.saturating_sub(h.created_ns());
         let kind = match h.state.load() {
@@ -599,23 +689,27 @@ impl GuardHouse {
             _ if outcome.is_ok() => AttemptOutcome::Completed,
             _ => AttemptOutcome::Failed,
         };
-        g.health.record(core, kind, exec, queue);
-        let probe = || t.with_gov_if(|gv| gv.probe.take()).flatten();
-        if kind == AttemptOutcome::Killed {
-            if s.half_open {
-                if let Some(ticket) = probe() {
+        // A token with a timeout shares the note with its deadline: whoever takes it counts
+        // the attempt (a deadline that passed counted it as timed out already).
+        let note = if s.shared {
+            t.with_gov_if(|gv| gv.attempt.take_if(|n| n.attempt == attempt))
+                .flatten()
+        } else {
+            Some(s.note)
+        };
+        if let Some(note) = note {
+            g.health.record(core, kind, exec, queue);
+            if kind == AttemptOutcome::Killed {
+                if let Some(ticket) = note.probe {
                     g.breaker.release_probe(ticket);
                 }
-            }
-        } else if s.half_open || g.breaker_auto.load(Ordering::Relaxed) {
-            let failure = match (kind, outcome) {
-                (AttemptOutcome::TimedOut, _) => true,
-                (AttemptOutcome::Failed, Err(e)) => g.counts_as_failure(py, e.bind(py)),
-                _ => false,
-            };
-            let is_probe = s.half_open && probe().is_some();
-            if let Some(tr) = g.breaker.record(s.gen, is_probe, failure, exec, now) {
-                log_transition(py, &g.name, tr.from, tr.to, &tr.reason);
+            } else {
+                let failure = match (kind, outcome) {
+                    (AttemptOutcome::TimedOut, _) => true,
+                    (AttemptOutcome::Failed, Err(e)) => g.counts_as_failure(py, e.bind(py)),
+                    _ => false,
+                };
+                self.note_breaker(py, g, &note, failure, exec, now);
             }
         }
         if kind == AttemptOutcome::Completed && g.predict.load(Ordering::Relaxed) {

@@ -12,8 +12,10 @@
 //! the variance `vxx` of `x` and the covariance `cxy`, the slope is a ridge estimate pulled
 //! toward the prior slope `b0 = 1` (cost linear in size):
 //! `b = (cxy + tau * b0) / (vxx + tau)` with `tau = 0.05`, clamped to `[0, 3]`, and
-//! `a = my - b * mx`. When all sizes are the same (`vxx = 0`) the prior decides; once sizes
-//! spread, the data does.
+//! `a = my - b * mx`. When all sizes are the same (`vxx = 0`) the prior decides the
+//! prediction; once sizes spread, the data does. A call is judged a spike only once the sizes
+//! learnt from spread ([`MIN_SPREAD`], the zero-spread guard of [`judge`]): the prior alone is
+//! no evidence that a bigger call costs more.
 //!
 //! The weighted moments are kept centred (running means and co-moments, updated the way
 //! Welford's algorithm does) rather than as raw sums `sxx`, `sxy`: the same fit in exact
@@ -76,7 +78,16 @@ pub struct Prediction {
     /// `predicted / baseline` (`exp(b (x - mx))`): how much longer than a typical attempt this
     /// call is expected to take because of its size. Finite, at least 0.
     pub deviation: f64,
+    /// The spread (standard deviation) of the sizes learnt from, in `ln(1 + size)`: below
+    /// [`MIN_SPREAD`] the model has not seen sizes vary and may not judge a call by its size.
+    pub spread: f64,
 }
+
+/// The least spread of learnt sizes (std of `ln(1 + size)`, about 10 % variation) with which a
+/// call may be judged a spike: with every call so far the same size (or nearly), the model
+/// cannot know how cost follows size, and a call of a new size is no evidence of a spike (the
+/// zero-spread guard).
+pub const MIN_SPREAD: f64 = 0.1;
 
 /// A copy of a model's state.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -207,6 +218,7 @@ impl CostModel {
             predicted_ns: to_ns(g.my + ln_dev),
             baseline_ns: to_ns(g.my),
             deviation: ln_dev.exp().min(f64::MAX),
+            spread: (g.mxx / g.n).max(0.0).sqrt(),
         })
     }
 
@@ -239,10 +251,11 @@ impl CostModel {
 }
 
 /// Whether a call is a spike: its predicted deviation from the typical attempt is at least
-/// `threshold` (e.g. 3.0: three times the baseline). The one place the rule lives.
+/// `threshold` (e.g. 3.0: three times the baseline), and the sizes learnt from had spread
+/// enough ([`MIN_SPREAD`]) to say how cost follows size. The one place the rule lives.
 #[inline]
 pub fn judge(pred: &Prediction, threshold: f64) -> bool {
-    pred.deviation >= threshold
+    pred.spread >= MIN_SPREAD && pred.deviation >= threshold
 }
 
 #[cfg(test)]
@@ -331,6 +344,8 @@ mod tests {
         assert!(close(v.mean_size, 50.0, 1e-9), "{v:?}");
         let p = m.predict(5_099.0).unwrap();
         assert!(close(p.deviation, 100.0, 1e-6), "{p:?}");
+        assert_eq!(p.spread, 0.0);
+        assert!(!judge(&p, 3.0), "no spread in the sizes: no judgement");
     }
 
     #[test]

@@ -778,6 +778,11 @@ pub(crate) fn submit_token<'py>(
         None => None,
     };
     let call = Call { args, kwargs };
+    let bytes = if shared.sched.config().memory_budget.is_some() {
+        estimate_bytes(py, &call)
+    } else {
+        0
+    };
     let id = shared.sched.next_id();
     let tok = Bound::new(
         py,
@@ -798,7 +803,7 @@ pub(crate) fn submit_token<'py>(
         }
         if let Some(ticket) = gate.probe {
             tok.get().with_gov(|g| g.probe = Some(ticket));
-            let r = enqueue(py, shared, &tok);
+            let r = enqueue(py, shared, &tok, bytes);
             if r.is_err() {
                 if let Some(t) = tok.get().with_gov_if(|g| g.probe.take()).flatten() {
                     if let Some(gh) = shared.guard.as_ref() {
@@ -809,21 +814,18 @@ pub(crate) fn submit_token<'py>(
             return r.map(|()| tok);
         }
     }
-    enqueue(py, shared, &tok).map(|()| tok)
+    enqueue(py, shared, &tok, bytes).map(|()| tok)
 }
 
-/// Puts a new token in the pool (or on the governed path), waiting for room as configured.
+/// Puts a new token in the pool (or on the governed path), waiting for room as configured;
+/// `bytes` is the estimate of its arguments (counted against the memory budget from 1 KiB).
 fn enqueue<'py>(
     py: Python<'py>,
     shared: &Arc<Shared>,
     tok: &Bound<'py, TaskToken>,
+    bytes: u64,
 ) -> PyResult<()> {
     let op = &tok.get().op;
-    let bytes = if shared.sched.config().memory_budget.is_some() {
-        tok.get().call_bytes(py, estimate_bytes)
-    } else {
-        0
-    };
     let mut room = RoomWait::default();
     if bytes >= BUDGET_MIN_BYTES {
         room.reserve_bytes(py, shared, tok.get(), bytes)?;

@@ -160,14 +160,6 @@ impl TaskToken {
         }
     }
 
-    /// `estimate` of the call's arguments (0 once the call was taken).
-    pub(crate) fn call_bytes(&self, py: Python<'_>, estimate: fn(Python<'_>, &Call) -> u64) -> u64 {
-        lock(&self.slot)
-            .call
-            .as_ref()
-            .map_or(0, |c| estimate(py, c))
-    }
-
     /// Takes the call out (to run it, or to drop it as the token settles); its bytes leave
     /// the memory budget.
     pub(crate) fn take_call(&self) -> Option<Call> {
@@ -386,7 +378,14 @@ impl TaskToken {
         let id = self.header.id;
         let operation = self.op.operation_type.bind(py).to_string();
         let state = self.header.state.load();
-        let upstream = lock(&self.slot).gov.as_ref().and_then(|g| g.upstream);
+        let (upstream, record) = {
+            let slot = lock(&self.slot);
+            let g = slot.gov.as_ref();
+            (
+                g.and_then(|g| g.upstream),
+                g.and_then(|g| g.quarantine.clone()),
+            )
+        };
         if let Some(parent) = upstream {
             return CoreError::Upstream {
                 id,
@@ -397,7 +396,20 @@ impl TaskToken {
             .into_pyerr(py);
         }
         match state {
-            TokenState::Quarantined => CoreError::Quarantined { id, operation },
+            TokenState::Quarantined => {
+                let record = record.unwrap_or_else(|| Err("no quarantine store".into()));
+                let err = CoreError::Quarantined {
+                    id,
+                    operation: operation.clone(),
+                    record: record.clone(),
+                }
+                .into_pyerr(py);
+                let v = err.value(py);
+                let _ = v.setattr("token_id", id);
+                let _ = v.setattr("operation", operation);
+                let _ = v.setattr("record_id", record.ok());
+                return err;
+            }
             TokenState::TimedOut => CoreError::TimedOut {
                 id,
                 operation,

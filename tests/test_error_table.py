@@ -435,13 +435,17 @@ def _blocked_by_operator(ctx):
 def _quarantined(ctx):
     ctx.make_coord(cores=1, workers_per_core=1)
 
+    never = threading.Event()
+
     @task_token_guard(
-        operation_type="erows_q", quarantine=tokengate.Quarantine(threshold=2, min_samples=1)
+        operation_type="erows_q", quarantine=tokengate.Quarantine(threshold=2, min_samples=4)
     )
     def f(items):
+        never.wait(len(items) * 1e-5)  # costs time in proportion to its input
         return len(items)
 
-    f([1]).get(timeout=SAFETY)
+    for n in (10, 100, 10, 100):
+        f(list(range(n))).get(timeout=SAFETY)
     f(list(range(1_000_000))).get(timeout=SAFETY)
 
 
@@ -921,7 +925,7 @@ ROWS = [
         tokengate.TokenQuarantined,
         TokenGateError,
         "(erows_q) was quarantined: its arguments predict a cost far above the operation's "
-        "baseline, so it did not run; release it from the quarantine store to run it",
+        "baseline, so it did not run; release record ",
         _quarantined,
     ),
     Row(

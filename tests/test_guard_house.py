@@ -179,8 +179,14 @@ def test_bad_breaker_settings_fail_at_decoration():
         CircuitBreaker(failure_rate=1.5)
     with pytest.raises(ConfigurationError, match="min_calls must be an int >= 1"):
         CircuitBreaker(min_calls=0)
-    with pytest.raises(ConfigurationError, match="open_max must be >= open_duration"):
+    with pytest.raises(ConfigurationError, match=r"open_duration \(60\) must be <= open_max"):
         CircuitBreaker(open_duration=60, open_max=10)
+    with pytest.raises(ConfigurationError, match=r"min_calls \(200\) must be <= window \(10\)"):
+        CircuitBreaker(min_calls=200, window=10)
+    with pytest.raises(ConfigurationError, match="not both"):
+        CircuitBreaker(window=10, window_seconds=5)
+    with pytest.raises(ConfigurationError, match="ValueError cannot be both in failure_on"):
+        CircuitBreaker(failure_on=ValueError, ignore=ValueError)
     with pytest.raises(InvalidOption, match="failure_on must be an exception class"):
         CircuitBreaker(failure_on=(ValueError, "x"))
     with pytest.raises(InvalidOption, match="circuit_breaker must be True, False or a"):
@@ -291,7 +297,11 @@ def test_failure_on_and_ignore_choose_what_counts(make_coord):
     @task_token_guard(
         operation_type="gh_classes",
         circuit_breaker=_breaker(
-            min_calls=3, window=3, failure_rate=1.0, failure_on=(Boom, KeyError), ignore=(KeyError,)
+            min_calls=3,
+            window=3,
+            failure_rate=1.0,
+            failure_on=(Boom, LookupError),
+            ignore=(KeyError,),
         ),
     )
     def work(exc):

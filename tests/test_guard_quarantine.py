@@ -83,9 +83,9 @@ def test_no_judgement_before_min_samples(tmp_path):
         assert coord.guard_house.health("gq_cold").quarantined == 0
 
 
-def test_zero_spread_sizes_use_the_prior(tmp_path):
-    """Every training call had the same size: the model cannot fit a slope, and assumes cost
-    grows with size (its prior) instead of dividing by a zero spread."""
+def test_zero_spread_sizes_never_judge(tmp_path):
+    """Every training call had the same size: the model cannot know how cost follows size, so
+    a call of a new size is no evidence of a spike (the zero-spread guard): it runs."""
 
     @task_token_guard(operation_type="gq_flat", quarantine=True)
     def flat(items):
@@ -94,10 +94,48 @@ def test_zero_spread_sizes_use_the_prior(tmp_path):
     with OperationsCoordinator(quarantine_dir=tmp_path) as coord:
         for _ in range(25):
             flat(list(range(100))).get(timeout=SAFETY)
-        same = flat(list(range(100)))
-        assert same.get(timeout=SAFETY) == 100
-        assert flat(list(range(100_000))).state is TokenState.QUARANTINED
-        assert coord.guard_house.health("gq_flat").model["slope"] == pytest.approx(1.0, abs=0.3)
+        big = flat(list(range(5_000)))
+        assert big.get(timeout=SAFETY) == 5_000
+        assert big.predicted_duration is not None  # predicted (with the prior slope)...
+        h = coord.guard_house.health("gq_flat")
+        assert h.quarantined == 0  # ...but not judged
+        assert h.model["slope"] == pytest.approx(1.0, abs=0.3)
+
+
+def test_the_quarantined_error_names_its_record(tmp_path):
+    with OperationsCoordinator(quarantine_dir=tmp_path) as coord:
+        _train(scan)
+        big = scan(list(range(200_000)))
+        with pytest.raises(TokenQuarantined) as e:
+            big.get(timeout=SAFETY)
+        (rec,) = coord.guard_house.quarantined()
+        assert e.value.record_id == rec.record_id
+        assert e.value.token_id == big.token_id and e.value.operation == "gq_scan"
+        assert f"release record {rec.record_id}" in str(e.value)
+
+
+def test_a_store_that_cannot_write_says_so(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with OperationsCoordinator(quarantine_dir=blocker / "sub") as coord:
+        _train(scan)
+        big = scan(list(range(200_000)))
+        assert big.state is TokenState.QUARANTINED
+        with pytest.raises(TokenQuarantined, match="its record could not be stored") as e:
+            big.get(timeout=SAFETY)
+        assert e.value.record_id is None
+        assert coord.guard_house.health("gq_scan").quarantined == 1
+
+
+def test_a_quarantine_dir_that_is_a_file_is_refused_at_once(tmp_path):
+    from tokengate import ConfigurationError
+
+    f = tmp_path / "f"
+    f.write_text("")
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        OperationsCoordinator(quarantine_dir=f)
+    with pytest.raises(ConfigurationError, match="quarantine_dir must be a path"):
+        OperationsCoordinator(quarantine_dir=5)
 
 
 _CHILD = """

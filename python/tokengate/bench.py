@@ -75,6 +75,12 @@ SYSTEMS: tuple[str, ...] = (
 )
 BASELINE = "threadpool"
 TOKENGATE_SYSTEMS = ("tokengate", "tokengate/submit")
+#: Rows of ``tokengate bench`` that show the Guard House's cost next to the default
+#: ``tokengate`` rows (health and history on, breakers passive).
+GUARD_VARIANTS: dict[str, dict[str, Any]] = {
+    "tokengate/guard-off": {"guard_house": False},
+    "tokengate/breakers": {"auto_block": True},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1157,6 +1163,19 @@ def run_quick(
                         plain_call_us=r["plain_call_us"],
                     )
                 )
+        if name == "tokengate":
+            # What the Guard House costs: off, and with every operation's breaker tripping by
+            # itself (the "tokengate" rows above are the default: health and history on).
+            for variant, kw in GUARD_VARIANTS.items():
+                say(f"{variant}: no-op throughput, round trip")
+                with open_system(name, default_layout(), **kw) as s:
+                    noop_throughput(s, 10_000)
+                    r = _median_rounds(partial(noop_throughput, s, n), 3 if full else 1, 0)
+                    rows.append(row("no-op throughput", variant, r["us_per_task"], "us/task", n=n))
+                    r = round_trip(s, 5_000 if full else 2_000)
+                    rows.append(
+                        row("round trip median", variant, r["median_us"], "us", p95_us=r["p95_us"])
+                    )
         if name not in ("asyncio.to_thread", "dask"):  # tasks submit through a handle
             say(f"{name}: nested waits")
             with open_system(name, default_layout()) as s:
@@ -1247,7 +1266,9 @@ def run_quick(
         )
 
     order = {w: i for i, w in enumerate(dict.fromkeys(r["workload"] for r in rows))}
-    sysorder = {s: i for i, s in enumerate(SYSTEMS)}
+    shown = [*SYSTEMS[: SYSTEMS.index("tokengate") + 1], *GUARD_VARIANTS]
+    shown += [s for s in SYSTEMS if s not in shown]
+    sysorder = {s: i for i, s in enumerate(shown)}
     rows.sort(key=lambda r: (order[r["workload"]], sysorder.get(r["system"], 99)))
     evaluate_rows(rows)
     if json_path is not None:

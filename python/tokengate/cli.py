@@ -226,7 +226,12 @@ def _cmd_history_dump(args: argparse.Namespace) -> int:
 def _cmd_history_show(args: argparse.Namespace) -> int:
     from tokengate.guard.history import load, render_summary, summarize
 
-    summary = summarize(load(args.file).records)
+    try:
+        records = load(args.file).records
+    except OSError as exc:
+        print(f"tokengate: error: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    summary = summarize(records)
     if args.json:
         _print_json(summary)
     else:

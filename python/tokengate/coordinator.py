@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from . import _core
 from ._core import TaskToken
 from ._types import STORAGE_SPEEDS
-from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning
+from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning, InvalidOption
 from .guard.breaker import CircuitBreaker, Quarantine, guard_settings
 from .guard.guard_house import GuardHouse
 from .policy import options as _options
@@ -263,8 +263,9 @@ class OperationsCoordinator:
             :class:`~tokengate.CircuitBreaker`); default False: the Guard House observes and
             only an operator (``guard_house.block()``) blocks an operation.
         circuit_breaker: the breaker settings of every operation (a
-            :class:`~tokengate.CircuitBreaker`; implies ``auto_block``). An operation's own
-            ``task_token_guard(circuit_breaker=...)`` takes precedence.
+            :class:`~tokengate.CircuitBreaker`, or True for its defaults: implies
+            ``auto_block``). An operation's own ``task_token_guard(circuit_breaker=...)``
+            takes precedence.
         quarantine: True or a :class:`~tokengate.Quarantine`: spike detection for every
             operation (default off; per operation with ``task_token_guard(quarantine=...)``).
         quarantine_dir: where the quarantine store keeps its records (default
@@ -292,7 +293,7 @@ class OperationsCoordinator:
         convergence_interval: float | None = 5.0,
         guard_house: bool = True,
         auto_block: bool = False,
-        circuit_breaker: CircuitBreaker | None = None,
+        circuit_breaker: bool | CircuitBreaker | None = None,
         quarantine: bool | Quarantine | None = None,
         quarantine_dir: str | os.PathLike[str] | None = None,
         history_size: int = 10_000,
@@ -346,10 +347,24 @@ class OperationsCoordinator:
         for flag, value in (("guard_house", guard_house), ("auto_block", auto_block)):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
-        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
-            raise ConfigurationError(
-                f"circuit_breaker must be a CircuitBreaker(...) or None, got {circuit_breaker!r}"
+        if circuit_breaker is not None and not isinstance(circuit_breaker, (bool, CircuitBreaker)):
+            raise InvalidOption(
+                "circuit_breaker must be True, False, a CircuitBreaker(...) or None, got "
+                f"{circuit_breaker!r}"
             )
+        if not guard_house and (auto_block or circuit_breaker or quarantine):
+            raise ConfigurationError(
+                "guard_house=False turns the Guard House off: it cannot take auto_block, "
+                "circuit_breaker or quarantine as well"
+            )
+        if quarantine_dir is not None and not isinstance(quarantine_dir, (str, os.PathLike)):
+            raise ConfigurationError(
+                f"quarantine_dir must be a path (str or os.PathLike) or None, "
+                f"got {quarantine_dir!r}"
+            )
+        if quarantine_dir is not None and os.path.exists(quarantine_dir):
+            if not os.path.isdir(quarantine_dir):
+                raise ConfigurationError(f"quarantine_dir {quarantine_dir!r} is not a directory")
         self._guard_on = guard_house
         self._guard_defaults = guard_settings(
             circuit_breaker if circuit_breaker is not None else (True if auto_block else None),
@@ -793,16 +808,17 @@ class OperationsCoordinator:
         return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
 
 
-def _quarantine_hook(gh: GuardHouse) -> Callable[..., None]:
+def _quarantine_hook(gh: GuardHouse) -> Callable[..., str]:
     """The core's hook for quarantined calls. It holds the Guard House weakly: the runtime
     keeps it, and a strong reference would tie the runtime to its coordinator in a cycle the
     collector cannot see through the core."""
     ref = weakref.ref(gh)
 
-    def hook(*args: Any) -> None:
+    def hook(*args: Any) -> str:
         target = ref()
-        if target is not None:
-            target._on_quarantine(*args)
+        if target is None:
+            raise CoordinatorNotRunning("the coordinator of this Guard House is gone")
+        return target._on_quarantine(*args)
 
     return hook
 

@@ -59,7 +59,8 @@ def _classes(name: str, v: object) -> tuple[type[BaseException], ...] | None:
 class CircuitBreaker:
     """When an operation's circuit breaker opens, and how it recovers.
 
-    It trips (opens) when, over the last ``window`` calls (or the last ``window_seconds``),
+    It trips (opens) when, over the last ``window`` calls (default 100; or instead the calls
+    of the last ``window_seconds``),
     once at least ``min_calls`` were seen, the share of failures reaches ``failure_rate``, or
     the share of calls slower than ``slow_call`` reaches ``slow_call_rate``; or on
     ``consecutive_failures`` failures in a row (whatever ``min_calls`` says). Open, every call
@@ -76,7 +77,7 @@ class CircuitBreaker:
     """
 
     failure_rate: float = 0.5
-    window: int = 100
+    window: int | None = None
     window_seconds: float | None = None
     min_calls: int = 20
     slow_call: float | None = None
@@ -93,12 +94,28 @@ class CircuitBreaker:
     def __post_init__(self) -> None:
         _rate("failure_rate", self.failure_rate)
         _rate("slow_call_rate", self.slow_call_rate)
-        _int("window", self.window, 1)
+        _int("window", self.window, 1, allow_none=True)
         _secs("window_seconds", self.window_seconds, allow_none=True)
+        if self.window is not None and self.window_seconds is not None:
+            raise ConfigurationError(
+                "give window (the last N calls) or window_seconds (the calls of the last S "
+                f"seconds), not both; got window={self.window}, "
+                f"window_seconds={self.window_seconds}"
+            )
         _int("min_calls", self.min_calls, 1)
+        if self.window_seconds is None and self.min_calls > self.calls_window:
+            raise ConfigurationError(
+                f"min_calls ({self.min_calls}) must be <= window ({self.calls_window}): the "
+                "window never holds that many calls, so the rates would never be judged"
+            )
         _secs("slow_call", self.slow_call, allow_none=True)
         _int("consecutive_failures", self.consecutive_failures, 1, allow_none=True)
         _secs("open_duration", self.open_duration)
+        if isinstance(self.open_max, (int, float)) and self.open_duration > self.open_max:
+            raise ConfigurationError(
+                f"open_duration ({self.open_duration}) must be <= open_max ({self.open_max}); "
+                "raise open_max too"
+            )
         b = self.open_backoff
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (1 <= b < math.inf):
             raise ConfigurationError(f"open_backoff must be a number >= 1 (1: constant), got {b!r}")
@@ -111,6 +128,15 @@ class CircuitBreaker:
         _int("half_open_probes", self.half_open_probes, 1)
         object.__setattr__(self, "failure_on", _classes("failure_on", self.failure_on))
         object.__setattr__(self, "ignore", _classes("ignore", self.ignore))
+        both = set(self.failure_on or ()) & set(self.ignore or ())
+        if both:
+            names = ", ".join(sorted(c.__qualname__ for c in both))
+            raise ConfigurationError(f"{names} cannot be both in failure_on and in ignore")
+
+    @property
+    def calls_window(self) -> int:
+        """The count window (``window``, default 100; unused with ``window_seconds``)."""
+        return 100 if self.window is None else self.window
 
     def to_core(self, auto: bool = True) -> dict[str, Any]:
         """The settings as the core takes them (durations in ns)."""
@@ -130,7 +156,7 @@ class CircuitBreaker:
         if self.window_seconds is not None:
             d["window_ns"] = int(self.window_seconds * _NS)
         else:
-            d["window_calls"] = self.window
+            d["window_calls"] = self.calls_window
         return d
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -107,7 +107,14 @@ class OperationHealth:
 
 
 def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1e3:.3g} ms"
+    """A duration for the text report: "-", "850 us", "12.5 ms", "1.25 s"."""
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1.0:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
 
 
 @dataclass(frozen=True)
@@ -304,15 +311,38 @@ class GuardHouse:
         """Records in the quarantine store (filters: operation, since, until, limit)."""
         return self.quarantine.list(**filters)
 
-    def release(self, record_ids: Any = None, **kw: Any) -> ActionResult:
+    def release(
+        self,
+        record_ids: str | Iterable[str] | None = None,
+        *,
+        operation: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        dry_run: bool = False,
+    ) -> ActionResult:
         """Replays quarantined calls as new tokens (through the breaker and limits like any
         call, only not the spike check) and removes their records; ``dry_run=True`` shows
-        what it would touch. Selection: record ids, or operation / since / until."""
-        return self.quarantine.release(record_ids, replay=replay_call, **kw)
+        what it would touch. Selection: record ids, or operation / since / until (UNIX
+        times)."""
+        ids = _record_ids(record_ids, dry_run)
+        return self.quarantine.release(
+            ids, operation=operation, since=since, until=until, dry_run=dry_run, replay=replay_call
+        )
 
-    def discard(self, record_ids: Any = None, **kw: Any) -> ActionResult:
+    def discard(
+        self,
+        record_ids: str | Iterable[str] | None = None,
+        *,
+        operation: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        dry_run: bool = False,
+    ) -> ActionResult:
         """Removes quarantined records without running them (same selection as release)."""
-        return self.quarantine.discard(record_ids, **kw)
+        ids = _record_ids(record_ids, dry_run)
+        return self.quarantine.discard(
+            ids, operation=operation, since=since, until=until, dry_run=dry_run
+        )
 
     def _on_quarantine(
         self,
@@ -324,8 +354,10 @@ class GuardHouse:
         baseline: float,
         deviation: float,
         threshold: float,
-    ) -> None:
-        """Called by the core, in the submitting thread, for a call it quarantined."""
+    ) -> str:
+        """Called by the core, in the submitting thread, for a call it quarantines; returns the
+        record id (if it raises, the token still ends QUARANTINED and its error says the
+        record could not be stored)."""
         reason = (
             f"predicted {predicted:.3g} s, {deviation:.1f}x the baseline of {baseline:.3g} s "
             f"(threshold {threshold:g}x)"
@@ -349,6 +381,7 @@ class GuardHouse:
             reason,
             record.record_id,
         )
+        return record.record_id
 
     # -- audit --------------------------------------------------------------------------
 
@@ -358,12 +391,37 @@ class GuardHouse:
         )
 
     def _forward(self, event: dict[str, Any]) -> None:
+        if "target" not in event:  # a quarantine action: name what it touched and how it went
+            event = dict(event)
+            event["target"] = ", ".join(event.get("records") or []) or "(nothing selected)"
+            failed = event.get("failed") or {}
+            done = event.get("done") or []
+            prefix = "dry run: would do " if event.get("dry_run") else ""
+            event["outcome"] = f"{prefix}{len(done)} done, {len(failed)} failed"
         log.info("guard house action: %s", event)
         for hook in list(self.on_action):
             try:
                 hook(event)
             except Exception:
                 log.exception("guard house action hook %r raised", hook)
+
+
+def _record_ids(record_ids: object, dry_run: object) -> list[str] | None:
+    if not isinstance(dry_run, bool):
+        raise InvalidOption(f"dry_run must be True or False, got {dry_run!r}")
+    if record_ids is None:
+        return None
+    if isinstance(record_ids, str):
+        return [record_ids]
+    if isinstance(record_ids, (bytes, Mapping)) or not isinstance(record_ids, Iterable):
+        raise InvalidOption(
+            f"record_ids must be a record id (str) or an iterable of them, got {record_ids!r}"
+        )
+    ids = list(record_ids)
+    bad = [r for r in ids if not isinstance(r, str)]
+    if bad:
+        raise InvalidOption(f"record ids are str, got {bad[0]!r}")
+    return ids
 
 
 def _name(operation: object) -> str:

@@ -185,6 +185,12 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
     policy = {k: s[k] for k in POLICY_OPTIONS if k in s}
     policy.update(getattr(fn, "_tg_guard_options", {}))
     spike_check = s["spike_check"]
+    for key in ("circuit_breaker", "predict"):
+        if key in options:
+            raise InvalidOption(
+                f"options({key}=...) is not a per-call option: it belongs to the operation; set "
+                f"it with task_token_guard({key}=...) or coordinator.guard_house.configure()"
+            )
     if "quarantine" in options:
         # Per call, quarantine=False only skips the spike check (a released quarantined call);
         # the operation's own settings belong to the decorator and guard_house.configure().
