@@ -1252,6 +1252,7 @@ pub fn run_inline(
             t.take_call()
         };
         let guard = shared.guard.as_ref().map(|gh| (gh, gh.on_start(py, t)));
+        let started_at = started;
         let outcome = match call {
             None => Err(crate::errors::internal_error_value(
                 py,
@@ -1268,8 +1269,14 @@ pub fn run_inline(
             }),
         };
         if let Some((gh, started)) = guard {
-            // Calls run in their caller have no core: their records go to the first shard.
-            gh.on_end(py, started, 0, 0, tok, h.attempt(), &outcome);
+            // Calls run in their caller have no core: their records go to the first shard. A
+            // call that ran past its timeout counts as timed out (its result is dropped).
+            let late =
+                t.op.policy
+                    .as_ref()
+                    .and_then(|p| p.timeout)
+                    .is_some_and(|s| now_ns().saturating_sub(started_at) > secs_to_ns(s));
+            gh.on_end(py, started, 0, 0, tok, h.attempt(), &outcome, late);
         }
         let (Err(e), Some(pol)) = (&outcome, t.op.policy.as_ref()) else {
             break outcome;

@@ -60,6 +60,11 @@ pub(crate) struct GuardDecl {
     pub failure_on: Option<Py<PyTuple>>,
     /// Exceptions that never count as failures.
     pub ignore: Option<Py<PyTuple>>,
+    /// The runtime (its Guard House's uid) this declaration was last applied to: a function's
+    /// declaration is applied the first time it is called on a runtime, even when its
+    /// operation was created earlier (by an operator's button, `configure()`, or another
+    /// function of the same name).
+    applied: AtomicU64,
 }
 
 impl GuardDecl {
@@ -92,6 +97,7 @@ impl GuardDecl {
             predict: self.predict,
             failure_on: self.failure_on.as_ref().map(|t| t.clone_ref(py)),
             ignore: self.ignore.as_ref().map(|t| t.clone_ref(py)),
+            applied: AtomicU64::new(0),
         }
     }
 
@@ -216,8 +222,10 @@ pub(crate) struct OpGuard {
     /// Whether results feed the breaker (its `auto`); manual buttons work either way.
     breaker_auto: AtomicBool,
     model: CostModel,
-    /// Whether calls are featurized and predicted (implied by quarantine).
+    /// Whether calls are featurized and predicted: asked for (`predict_wanted`), or implied
+    /// by quarantine.
     predict: AtomicBool,
+    predict_wanted: AtomicBool,
     quarantine: Mutex<QuarantineConf>,
     quarantine_on: AtomicBool,
     /// The inspector's score of its function (f32 bits; NaN: unknown).
@@ -241,7 +249,11 @@ impl OpGuard {
             self.quarantine_on.store(q.enabled, Ordering::Release);
             self.model.set_params(1000, q.min_samples as u64);
         }
-        let predict = d.predict.unwrap_or(false) || self.quarantine_on.load(Ordering::Acquire);
+        if let Some(p) = d.predict {
+            self.predict_wanted.store(p, Ordering::Release);
+        }
+        let predict = self.predict_wanted.load(Ordering::Acquire)
+            || self.quarantine_on.load(Ordering::Acquire);
         self.predict.store(predict, Ordering::Release);
         let mut classes = lock(&self.classes);
         if let Some(t) = &d.failure_on {
@@ -409,6 +421,19 @@ impl GuardHouse {
         unsafe { &*ptr }
     }
 
+    /// The operation of calls of `spec`, with `spec`'s own declaration applied to it the
+    /// first time `spec` comes to this runtime (one atomic load after that).
+    fn op_for<'a>(&'a self, py: Python<'_>, spec: &OpSpec) -> &'a OpGuard {
+        let g = self.op(py, spec.operation_type.bind(py), Some(spec));
+        if let Some(decl) = spec.guard.as_deref() {
+            if decl.applied.load(Ordering::Acquire) != self.uid {
+                g.apply(py, decl);
+                decl.applied.store(self.uid, Ordering::Release);
+            }
+        }
+        g
+    }
+
     /// The operation named `name` if it exists (no cache, no creation).
     fn find(&self, name: &str) -> Option<Arc<OpGuard>> {
         let r = lock(&self.registry);
@@ -451,6 +476,7 @@ impl GuardHouse {
             breaker_auto: AtomicBool::new(false),
             model: CostModel::new(1000, q.min_samples as u64),
             predict: AtomicBool::new(false),
+            predict_wanted: AtomicBool::new(false),
             quarantine: Mutex::new(q),
             quarantine_on: AtomicBool::new(false),
             complexity: AtomicU32::new(complexity.to_bits()),
@@ -474,7 +500,7 @@ impl GuardHouse {
         kwargs: Option<&Bound<'_, PyDict>>,
         now: u64,
     ) -> PyResult<Gate> {
-        let g = self.op(py, spec.operation_type.bind(py), Some(spec));
+        let g = self.op_for(py, spec);
         let mut gate = Gate::default();
         match g.breaker.admit(now) {
             Ok(t) if t.probe => gate.probe = Some(t),
@@ -485,7 +511,7 @@ impl GuardHouse {
             }
         }
         if g.predict.load(Ordering::Relaxed) {
-            let size = features(args, kwargs) as f32;
+            let size = features(args, kwargs).min(f32::MAX as f64) as f32;
             gate.size = Some(size);
             gate.prediction = g.model.predict(size as f64);
             if spec.spike_check && g.quarantine_on.load(Ordering::Relaxed) {
@@ -502,7 +528,7 @@ impl GuardHouse {
     /// The breaker gate of a chain step coming up: its probe ticket if it is one, or
     /// `MethodBlocked`.
     pub fn gate_step(&self, py: Python<'_>, spec: &OpSpec) -> PyResult<Option<Ticket>> {
-        let g = self.op(py, spec.operation_type.bind(py), Some(spec));
+        let g = self.op_for(py, spec);
         match g.breaker.admit(now_ns()) {
             Ok(t) => Ok(t.probe.then_some(t)),
             Err(refusal) => {
@@ -628,7 +654,8 @@ impl GuardHouse {
             core,
             AttemptOutcome::TimedOut,
             exec,
-            note.started_ns.saturating_sub(t.header.created_ns()),
+            note.started_ns
+                .saturating_sub(queued_since(&t.header, attempt)),
         );
         self.note_breaker(py, g, &note, true, exec, now);
     }
@@ -674,6 +701,7 @@ impl GuardHouse {
         tok: &Bound<'_, TaskToken>,
         attempt: u32,
         outcome: &Result<Py<PyAny>, Py<PyBaseException>>,
+        late: bool,
     ) {
         let t = tok.get();
         let h = &t.header;
@@ -681,9 +709,9 @@ impl GuardHouse {
         let now = now_ns();
         let started = s.note.started_ns;
         let exec = now.saturating_sub(started);
-        let queue = started.saturating_sub(h.created_ns());
+        let queue = started.saturating_sub(queued_since(h, attempt));
         let kind = match h.state.load() {
-            _ if h.attempt() != attempt => AttemptOutcome::TimedOut, // abandoned for another
+            _ if late || h.attempt() != attempt => AttemptOutcome::TimedOut, // or abandoned
             TokenState::TimedOut => AttemptOutcome::TimedOut,
             TokenState::Cancelling | TokenState::Killed => AttemptOutcome::Killed,
             _ if outcome.is_ok() => AttemptOutcome::Completed,
@@ -872,12 +900,15 @@ impl GuardHouse {
             "slow_call_rate",
             if slow > 0 { hs.slow_rate(slow) } else { None },
         )?;
-        match &*lock(&g.last_error) {
-            Some(e) => {
+        let last = lock(&g.last_error)
+            .as_ref()
+            .map(|e| (e.kind.clone(), e.message.clone(), e.at));
+        match last {
+            Some((kind, message, at)) => {
                 let le = PyDict::new(py);
-                le.set_item("type", &e.kind)?;
-                le.set_item("message", &e.message)?;
-                le.set_item("time", e.at)?;
+                le.set_item("type", kind)?;
+                le.set_item("message", message)?;
+                le.set_item("time", at)?;
                 d.set_item("last_error", le)?;
             }
             None => d.set_item("last_error", py.None())?,
@@ -1063,6 +1094,16 @@ fn inspect_score(py: Python<'_>, func: &Bound<'_, PyAny>) -> Option<f32> {
         .map(|s| s as f32)
 }
 
+/// Where an attempt's queue wait starts: the token's creation for its first attempt, its
+/// admission back into a mailbox for a retry (its retry delay is not queueing).
+fn queued_since(h: &crate::state::Header, attempt: u32) -> u64 {
+    if attempt > 1 {
+        h.admitted_ns().unwrap_or_else(|| h.created_ns())
+    } else {
+        h.created_ns()
+    }
+}
+
 fn wall_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1097,9 +1138,9 @@ pub(crate) fn features(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDi
 }
 
 fn one_feature(v: &Bound<'_, PyAny>) -> f64 {
-    use pyo3::types::{PyBool, PyFloat, PyInt};
-    if v.is_instance_of::<PyBool>() || v.is_none() {
-        return 0.0;
+    use pyo3::types::{PyBool, PyFloat, PyInt, PyWeakrefProxy};
+    if v.is_instance_of::<PyBool>() || v.is_none() || v.is_instance_of::<PyWeakrefProxy>() {
+        return 0.0; // (a weak proxy's len() is its referent's, which may be user code)
     }
     if v.is_exact_instance_of::<PyInt>() || v.is_exact_instance_of::<PyFloat>() {
         return v

@@ -241,8 +241,21 @@ impl GuardedFunction {
 
     /// Pickles by reference, like a function: `copy`, `pickle` and `multiprocessing` find it
     /// again as `module.qualname` (a nested function fails with the usual PicklingError).
+    ///
+    /// One made by `options()` pickles as its decorated function (by reference) and the
+    /// options, so it can be unpickled (a quarantined call made through it can be replayed).
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        slf.getattr("__qualname__")
+        let py = slf.py();
+        match slf.getattr("_tg_base") {
+            Ok(base) if !base.is_none() => {
+                let rebuild = py
+                    .import("tokengate.policy.options")?
+                    .getattr("with_options")?;
+                let args = PyTuple::new(py, [base, slf.getattr("_tg_options")?])?;
+                Ok(PyTuple::new(py, [rebuild, args.into_any()])?.into_any())
+            }
+            _ => slf.getattr("__qualname__"),
+        }
     }
 
     /// Binds like a function when looked up on an instance.

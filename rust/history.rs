@@ -50,9 +50,10 @@ pub struct ExecRecord {
     pub started_ns: u64,
     /// How long it executed, in ns.
     pub exec_ns: u64,
-    /// How long it waited from submission (or its retry's due time) to start, in ns.
+    /// How long it waited to start, in ns: from submission (a retry: from its admission back
+    /// into a mailbox, after its delay).
     pub queue_ns: u64,
-    /// The size feature of its arguments the cost model saw; NaN if none.
+    /// The code inspector's complexity score of its function; NaN if none.
     pub complexity: f32,
     /// The cost model's predicted duration in ns; 0 if none.
     pub predicted_ns: u64,

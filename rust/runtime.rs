@@ -540,7 +540,16 @@ fn run_started(
         ))
     });
     if let Some((gh, started)) = guard {
-        gh.on_end(py, started, core, wi, job.bind(py), attempt, &outcome);
+        gh.on_end(
+            py,
+            started,
+            core,
+            wi,
+            job.bind(py),
+            attempt,
+            &outcome,
+            false,
+        );
     }
     let outcome = if tok.op.policy.is_some() {
         match governor::end_attempt(py, shared, core, wi, job.bind(py), attempt, outcome) {
@@ -1526,6 +1535,28 @@ impl Runtime {
         action: &str,
     ) -> PyResult<&'static str> {
         self.guard()?.button(py, operation, action)
+    }
+
+    /// Submits a call of the guarded function `func` to this runtime (whichever runtime takes
+    /// decorated calls): a released quarantined call is replayed on its own coordinator.
+    #[pyo3(signature = (func, args, kwargs=None))]
+    fn call_guarded<'py>(
+        &self,
+        py: Python<'py>,
+        func: &Bound<'py, crate::guarded::GuardedFunction>,
+        args: Bound<'py, PyTuple>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, TaskToken>> {
+        no_panic(py, || {
+            submit_token(
+                py,
+                &self.shared,
+                &func.get().op,
+                args.unbind(),
+                kwargs.map(Bound::unbind),
+                Some(func.as_any()),
+            )
+        })
     }
 
     /// Names of the operations the Guard House has seen.

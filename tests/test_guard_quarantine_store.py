@@ -354,6 +354,8 @@ def test_leftovers_of_a_dead_process_are_cleaned_up(tmp_path, caplog):
     for p in (temp, orphan):
         os.utime(p, (hour_ago, hour_ago))
     caplog.set_level(logging.WARNING, logger="tokengate.guard")
+    # the next process's store cleans up at its first add (and every 32 adds after that)
+    store = QuarantineStore(tmp_path)
     new = add(store, args=(3, 0))
     assert [r.record_id for r in store.list()] == [claimed.record_id, new.record_id]
     assert not claim.exists() and fresh.exists()  # a fresh claim belongs to a live action

@@ -418,8 +418,10 @@ class OperationsCoordinator:
                 history_size=self._history_size,
                 guard_hook=_quarantine_hook(self.guard_house),
             )
-            if self._guard_on and self._guard_defaults is not None:
-                rt.guard_defaults(self._guard_defaults)
+            if self._guard_on:
+                if self._guard_defaults is not None:
+                    rt.guard_defaults(self._guard_defaults)
+                self.guard_house._restore(rt)
             rt.start()
             self._rt = rt
             self._last_rt = rt

@@ -173,12 +173,25 @@ class GuardReport:
         return self.render()
 
 
-def replay_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def replay_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    runtime: Runtime | None = None,
+) -> Any:
     """Submits a released quarantined call as a new token: through the breaker, limits and
-    every other rule of its operation, only without the spike check (which stopped it)."""
-    options = getattr(fn, "options", None)
-    if options is not None:
-        return options(quarantine=False)(*args, **kwargs)
+    every other rule of its operation, only without the spike check (which stopped it). With
+    ``runtime`` it goes to that coordinator's runtime, else to the one taking decorated
+    calls."""
+    from .._core import GuardedFunction
+
+    if isinstance(fn, GuardedFunction):
+        skip = fn.options(quarantine=False)
+        if runtime is not None:
+            return runtime.call_guarded(skip, tuple(args), dict(kwargs))
+        return skip(*args, **kwargs)
+    if runtime is not None:
+        return runtime.submit(fn, tuple(args), dict(kwargs))
     return fn(*args, **kwargs)
 
 
@@ -194,6 +207,9 @@ class GuardHouse:
         self._quarantine_dir = quarantine_dir
         self._store: QuarantineStore | None = None
         self._lock = threading.Lock()
+        # What operators set, carried over to the next run of the coordinator: per operation,
+        # its configure() settings and a standing block()/disable().
+        self._carried: dict[str, dict[str, Any]] = {}
         #: Called with an audit dict for every operator action (buttons, quarantine release
         #: and discard); exceptions are logged. The dashboard's audit log subscribes here.
         self.on_action: list[Callable[[dict[str, Any]], None]] = []
@@ -240,6 +256,8 @@ class GuardHouse:
         if settings is None:
             raise InvalidOption("configure() needs circuit_breaker=, quarantine= or predict=")
         self._runtime().guard_configure(_name(operation), settings)
+        with self._lock:
+            self._carried.setdefault(operation, {}).setdefault("settings", {}).update(settings)
         self._audit("configure", operation, "ok", settings=_plain(settings))
         return self.health(operation)
 
@@ -249,6 +267,12 @@ class GuardHouse:
         except Exception as e:
             self._audit(action, operation, f"refused: {e}")
             raise
+        with self._lock:
+            carried = self._carried.setdefault(operation, {})
+            if action in ("block", "disable"):
+                carried["button"] = action
+            elif action == "unblock":
+                carried.pop("button", None)
         self._audit(action, operation, state)
         return str(state)
 
@@ -325,8 +349,13 @@ class GuardHouse:
         what it would touch. Selection: record ids, or operation / since / until (UNIX
         times)."""
         ids = _record_ids(record_ids, dry_run)
+        rt = None if dry_run else self._runtime()
+
+        def replay(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return replay_call(fn, args, kwargs, rt)
+
         return self.quarantine.release(
-            ids, operation=operation, since=since, until=until, dry_run=dry_run, replay=replay_call
+            ids, operation=operation, since=since, until=until, dry_run=dry_run, replay=replay
         )
 
     def discard(
@@ -382,6 +411,17 @@ class GuardHouse:
             record.record_id,
         )
         return record.record_id
+
+    def _restore(self, rt: Runtime) -> None:
+        """Applies what operators set during earlier runs (``configure()`` settings, a standing
+        ``block()`` or ``disable()``) to a new run's runtime; health figures start afresh."""
+        with self._lock:
+            carried = {op: dict(c) for op, c in self._carried.items()}
+        for op, c in carried.items():
+            if c.get("settings"):
+                rt.guard_configure(op, c["settings"])
+            if c.get("button"):
+                rt.breaker_action(op, c["button"])
 
     # -- audit --------------------------------------------------------------------------
 

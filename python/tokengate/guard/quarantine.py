@@ -84,6 +84,11 @@ _MAX_TEXT = 1000  # reason / why_not_replayable / function are cut to this many 
 _STALE_SECONDS = 3600.0
 
 
+#: Adds between two scans that enforce the store's bounds (so ``max_records`` may be passed by
+#: up to this many records for a moment).
+_ENFORCE_EVERY = 32
+
+
 def _wall_ns() -> int:
     return time.time_ns()
 
@@ -473,6 +478,12 @@ class QuarantineStore:
         #: Hooks called with an audit dict after every release / discard (dry runs too).
         self.on_action: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.Lock()
+        # What the last scan of the directory found, plus this store's adds since.
+        self._adds_since = 0
+        self._enforced_once = False
+        self._est_count = 0
+        self._est_bytes = 0
+        self._est_oldest: float | None = None
         self._last_ns = 0
         self._dir_checked = False
 
@@ -700,12 +711,34 @@ class QuarantineStore:
         )
         if why is not None:
             logger.warning("quarantine record %s cannot be replayed: %s", record_id, why)
-        try:
-            self._enforce_bounds()
-        except OSError:
-            logger.warning(
-                "quarantine store %s: enforcing its bounds failed", self._dir, exc_info=True
+        # The bounds are enforced by a scan of the directory. It runs on the first add, when
+        # what this store added since the last scan may have crossed a bound (by its own
+        # count: another process's adds are seen at the next scan), and every _ENFORCE_EVERY
+        # adds (leftovers of dead processes): a store near its bounds does not rescan on every
+        # quarantined call.
+        size = len(data) + (0 if payload is None else len(payload))
+        with self._lock:
+            self._adds_since += 1
+            self._est_count += 1
+            self._est_bytes += size
+            t = record.quarantined_at
+            self._est_oldest = t if self._est_oldest is None else min(self._est_oldest, t)
+            due = (
+                not self._enforced_once
+                or self._adds_since >= _ENFORCE_EVERY
+                or self._est_count > self._max_records
+                or (self._max_bytes is not None and self._est_bytes > self._max_bytes)
+                or (
+                    self._retention is not None and self._now() - self._est_oldest > self._retention
+                )
             )
+        if due:
+            try:
+                self._enforce_bounds()
+            except OSError:
+                logger.warning(
+                    "quarantine store %s: enforcing its bounds failed", self._dir, exc_info=True
+                )
         return record
 
     def _pickle_call(
@@ -808,6 +841,11 @@ class QuarantineStore:
                 rid = keep.pop(0)
                 drop_big.append(rid)
                 total -= records[rid][1] + pickles.get(rid, (0, 0))[1]
+        self._adds_since = 0
+        self._enforced_once = True
+        self._est_count = len(keep)
+        self._est_bytes = sum(records[r][1] + pickles.get(r, (0, 0))[1] for r in keep)
+        self._est_oldest = records[keep[0]][0] if keep else None
         dropped = 0
         for rid in (*drop_old, *drop_many, *drop_big):
             try:

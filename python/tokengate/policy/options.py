@@ -181,6 +181,9 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
     from ..decorator import _validate_tags
 
     options = dict(options or {})
+    # What it is made from, for pickling: the decorated function and every option on top.
+    root = getattr(fn, "_tg_base", None) or fn
+    chained = {**getattr(fn, "_tg_options", {}), **options}
     s: dict[str, Any] = fn._settings()
     policy = {k: s[k] for k in POLICY_OPTIONS if k in s}
     policy.update(getattr(fn, "_tg_guard_options", {}))
@@ -219,7 +222,7 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
         priority = parse_priority(options.pop("priority"))
     policy.update(options)  # (retry_timeouts is not among them: derived from retry_on again)
     clean = normalize(policy, also_valid=CALL_OPTIONS)
-    return build(
+    made = build(
         s["func"],
         s["operation_type"],
         weight,
@@ -232,6 +235,9 @@ def with_options(fn: GuardedFunction, options: Mapping[str, Any] | None) -> Guar
         spike_check=spike_check,
         complexity=s["complexity"],
     )
+    made._tg_base = root  # type: ignore[attr-defined]
+    made._tg_options = chained  # type: ignore[attr-defined]
+    return made
 
 
 def build(
@@ -280,4 +286,6 @@ def build(
             gc.enable()
     functools.update_wrapper(guarded, wraps)  # type: ignore[arg-type]
     guarded._tg_guard_options = dict(guard_options or {})  # type: ignore[attr-defined]
+    for copied in ("_tg_base", "_tg_options"):  # (only options() sets them, for pickling)
+        guarded.__dict__.pop(copied, None)
     return guarded
