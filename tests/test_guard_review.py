@@ -336,3 +336,17 @@ def test_quarantine_audit_events_name_target_and_outcome(make_coord, tmp_path):
     assert e["action"] == "discard" and e["dry_run"]
     assert e["target"] == "(nothing selected)"
     assert e["outcome"] == "dry run: would do 0 done, 0 failed"
+
+
+def test_an_executor_gives_a_blocked_call_as_a_failed_future(make_coord):
+    import concurrent.futures as cf
+
+    from tokengate import Executor
+
+    coord = make_coord()
+    coord.guard_house.block("rv_exec")
+    with Executor(coordinator=coord, operation_type="rv_exec") as ex:
+        futures = [ex.submit(int, "1") for _ in range(3)]
+        done, _ = cf.wait(futures, timeout=SAFETY)
+        assert len(done) == 3
+        assert all(isinstance(f.exception(), MethodBlocked) for f in futures)

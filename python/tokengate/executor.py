@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from ._core import TaskToken
 from ._types import TaskWeight, TokenState
 from .coordinator import OperationsCoordinator
-from .errors import ConfigurationError
+from .errors import ConfigurationError, MethodBlocked
 from .topology import allowed_cores, allowed_cpu_count
 
 __all__ = ["Executor"]
@@ -342,6 +342,12 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
                 token = rt.submit(fn, args, kwargs or None)
             else:
                 token = self._submit_token(fn, args, kwargs)
+        except MethodBlocked as exc:
+            # Its operation's breaker refused it: a failed future, as for any call that
+            # cannot run (a bare exception here would break `wait()` over many submissions).
+            self._release(f)
+            f.set_exception(exc)
+            return f
         except BaseException:
             self._release(f)  # give the slot back (to a call held meanwhile, if any)
             raise
