@@ -1170,7 +1170,7 @@ def run_quick(
                 say(f"{variant}: no-op throughput, round trip")
                 with open_system(name, default_layout(), **kw) as s:
                     noop_throughput(s, 10_000)
-                    r = _median_rounds(partial(noop_throughput, s, n), 3 if full else 1, 0)
+                    r = _median_rounds(partial(noop_throughput, s, n), 3, 0)
                     rows.append(row("no-op throughput", variant, r["us_per_task"], "us/task", n=n))
                     r = round_trip(s, 5_000 if full else 2_000)
                     rows.append(
