@@ -230,6 +230,9 @@ pub(crate) struct OpGuard {
     quarantine_on: AtomicBool,
     /// The inspector's score of its function (f32 bits; NaN: unknown).
     complexity: AtomicU32,
+    /// The function to score when asked, for an operation first seen without a score (a
+    /// `submit(fn)` call): the inspector (a parse of its source) never runs on a submit.
+    unscored: Mutex<Option<Py<PyAny>>>,
     last_error: Mutex<Option<LastError>>,
     classes: Mutex<Classes>,
     /// The breaker's slow-call threshold in ns (0: none), for the health report.
@@ -292,7 +295,15 @@ impl OpGuard {
         }
     }
 
-    fn complexity(&self) -> Option<f64> {
+    /// The inspector's score of the operation's function, computed on first use if the
+    /// operation was first seen without one.
+    fn complexity(&self, py: Python<'_>) -> Option<f64> {
+        let unscored = lock(&self.unscored).take();
+        if let Some(func) = unscored {
+            if let Some(c) = inspect_score(py, func.bind(py)) {
+                self.complexity.store(c.to_bits(), Ordering::Relaxed);
+            }
+        }
         let c = f32::from_bits(self.complexity.load(Ordering::Relaxed));
         c.is_finite().then_some(c as f64)
     }
@@ -450,11 +461,10 @@ impl GuardHouse {
         if let Some(g) = self.find(s) {
             return g;
         }
-        // The inspector runs outside the registry lock (it is Python).
-        let complexity = spec
-            .and_then(|sp| sp.complexity)
-            .or_else(|| spec.and_then(|sp| inspect_score(py, sp.func.bind(py))))
-            .unwrap_or(f32::NAN);
+        let complexity = spec.and_then(|sp| sp.complexity).unwrap_or(f32::NAN);
+        let unscored = spec
+            .filter(|sp| sp.complexity.is_none())
+            .map(|sp| sp.func.clone_ref(py));
         let decl = {
             let defaults = lock(&self.defaults);
             match spec.and_then(|sp| sp.guard.as_deref()) {
@@ -480,6 +490,7 @@ impl GuardHouse {
             quarantine: Mutex::new(q),
             quarantine_on: AtomicBool::new(false),
             complexity: AtomicU32::new(complexity.to_bits()),
+            unscored: Mutex::new(unscored),
             last_error: Mutex::new(None),
             classes: Mutex::new(Classes::default()),
             slow_ns: AtomicU64::new(0),
@@ -786,10 +797,8 @@ impl GuardHouse {
                     started_ns: started,
                     exec_ns: exec,
                     queue_ns: queue,
-                    complexity: t
-                        .op
-                        .complexity
-                        .unwrap_or_else(|| g.complexity().map_or(f32::NAN, |c| c as f32)),
+                    // (NaN: the operation's score, filled in when the history is read)
+                    complexity: t.op.complexity.unwrap_or(f32::NAN),
                     predicted_ns: h.prediction().map_or(0, |(_, p)| p),
                     error,
                 },
@@ -803,7 +812,7 @@ impl GuardHouse {
             return Some(c as f64);
         }
         self.op(py, tok.op.operation_type.bind(py), Some(&tok.op))
-            .complexity()
+            .complexity(py)
     }
 
     // ---- what the Python layer asks -----------------------------------------------------
@@ -870,7 +879,7 @@ impl GuardHouse {
         let now = now_ns();
         let d = PyDict::new(py);
         d.set_item("operation", &g.name)?;
-        d.set_item("complexity_score", g.complexity())?;
+        d.set_item("complexity_score", g.complexity(py))?;
         let hs = g.health.snapshot();
         let secs = |ns: Option<u64>| ns.map(|n| n as f64 / 1e9);
         d.set_item("attempts", hs.attempts)?;
@@ -938,6 +947,7 @@ impl GuardHouse {
         py: Python<'py>,
         limit: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
+        let ops: Vec<Arc<OpGuard>> = lock(&self.registry).ops.clone();
         let names = self.names();
         let out = PyList::empty(py);
         for r in self.history.snapshot(limit) {
@@ -953,10 +963,12 @@ impl GuardHouse {
             d.set_item("queue_wait", r.queue_ns as f64 / 1e9)?;
             d.set_item("core_id", r.core as usize + 1)?;
             d.set_item("worker_id", r.worker)?;
-            d.set_item(
-                "complexity_score",
-                r.complexity.is_finite().then_some(r.complexity as f64),
-            )?;
+            let score = if r.complexity.is_finite() {
+                Some(r.complexity as f64)
+            } else {
+                ops.get(r.op as usize).and_then(|g| g.complexity(py))
+            };
+            d.set_item("complexity_score", score)?;
             d.set_item(
                 "predicted_duration",
                 (r.predicted_ns > 0).then(|| r.predicted_ns as f64 / 1e9),
