@@ -230,9 +230,10 @@ pub(crate) struct OpGuard {
     quarantine_on: AtomicBool,
     /// The inspector's score of its function (f32 bits; NaN: unknown).
     complexity: AtomicU32,
-    /// The function to score when asked, for an operation first seen without a score (a
-    /// `submit(fn)` call): the inspector (a parse of its source) never runs on a submit.
-    unscored: Mutex<Option<Py<PyAny>>>,
+    /// A weak reference to the function to score when asked, for an operation first seen
+    /// without a score (a `submit(fn)` call): the inspector (a parse of its source) never runs
+    /// on a submit, and the operation does not keep the function alive.
+    unscored: Mutex<Option<Py<pyo3::types::PyWeakrefReference>>>,
     last_error: Mutex<Option<LastError>>,
     classes: Mutex<Classes>,
     /// The breaker's slow-call threshold in ns (0: none), for the health report.
@@ -298,9 +299,10 @@ impl OpGuard {
     /// The inspector's score of the operation's function, computed on first use if the
     /// operation was first seen without one.
     fn complexity(&self, py: Python<'_>) -> Option<f64> {
+        use pyo3::types::PyWeakrefMethods;
         let unscored = lock(&self.unscored).take();
-        if let Some(func) = unscored {
-            if let Some(c) = inspect_score(py, func.bind(py)) {
+        if let Some(func) = unscored.and_then(|w| w.bind(py).upgrade()) {
+            if let Some(c) = inspect_score(py, &func) {
                 self.complexity.store(c.to_bits(), Ordering::Relaxed);
             }
         }
@@ -462,9 +464,11 @@ impl GuardHouse {
             return g;
         }
         let complexity = spec.and_then(|sp| sp.complexity).unwrap_or(f32::NAN);
+        // (a callable that takes no weak reference is never scored)
         let unscored = spec
             .filter(|sp| sp.complexity.is_none())
-            .map(|sp| sp.func.clone_ref(py));
+            .and_then(|sp| pyo3::types::PyWeakrefReference::new(sp.func.bind(py)).ok())
+            .map(Bound::unbind);
         let decl = {
             let defaults = lock(&self.defaults);
             match spec.and_then(|sp| sp.guard.as_deref()) {

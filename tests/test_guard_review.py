@@ -350,3 +350,21 @@ def test_an_executor_gives_a_blocked_call_as_a_failed_future(make_coord):
         done, _ = cf.wait(futures, timeout=SAFETY)
         assert len(done) == 3
         assert all(isinstance(f.exception(), MethodBlocked) for f in futures)
+
+
+def _scored(n):
+    for i in range(n):
+        if i % 2:
+            n += i
+    return n
+
+
+def test_submitted_functions_are_scored_when_asked_not_on_submit(make_coord):
+    coord = make_coord()
+    t = coord.submit(_scored, 3)
+    assert t.get(timeout=SAFETY) == 4
+    from tokengate.guard.inspector import score_of
+
+    assert t.complexity_score == score_of(_scored)
+    (r,) = [r for r in coord.guard_house.history() if r.token_id == t.token_id]
+    assert r.complexity_score == pytest.approx(score_of(_scored), rel=1e-6)
