@@ -347,8 +347,13 @@ pub enum TripReason {
         /// Failures in a row.
         n: u32,
     },
-    /// A half-open probe failed (or was slow).
+    /// A half-open probe failed.
     ProbeFailed,
+    /// A half-open probe succeeded but was slower than the slow-call threshold.
+    ProbeSlow {
+        /// The threshold it reached.
+        slow_call_ns: u64,
+    },
     /// An operator opened it (`force_open` or `block`).
     Manual,
 }
@@ -374,6 +379,9 @@ impl TripReason {
             TripReason::Consecutive { n: 1 } => "a failure".into(),
             TripReason::Consecutive { n } => format!("{n} failures in a row"),
             TripReason::ProbeFailed => "a half-open probe failed".into(),
+            TripReason::ProbeSlow { slow_call_ns } => {
+                format!("a half-open probe was slower than {}", fmt_ns(slow_call_ns))
+            }
             TripReason::Manual => "opened by an operator".into(),
         }
     }
@@ -907,7 +915,10 @@ impl Breaker {
             }
             BreakerState::HalfOpen if probe => {
                 if failure || slow {
-                    let why = TripReason::ProbeFailed;
+                    let why = match g.cfg.slow_call_ns {
+                        Some(slow_call_ns) if !failure => TripReason::ProbeSlow { slow_call_ns },
+                        _ => TripReason::ProbeFailed,
+                    };
                     return Some(self.open(&mut g, now, why, true, why.describe()));
                 }
                 g.round_ok += 1;
@@ -1460,6 +1471,28 @@ mod tests {
             assert!(admitted.load(Ordering::Relaxed) >= n);
             assert_eq!(b.view(30 * SEC).probes_left, n, "every probe came back");
         }
+    }
+
+    #[test]
+    fn a_slow_probe_reopens_and_says_so() {
+        let b = tripped(
+            BreakerConfig {
+                slow_call_ns: Some(250_000_000),
+                ..auto()
+            },
+            0,
+        );
+        let p = probe(&b, 30 * SEC);
+        let t = b
+            .record(p.gen, true, false, SEC, 31 * SEC)
+            .expect("re-opens");
+        assert_eq!(
+            (t.to, t.reason.as_str()),
+            (
+                BreakerState::Open,
+                "a half-open probe was slower than 250 ms"
+            )
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub enum CoreError {
         operation: String,
         parent: u64,
         timed_out: bool,
+        /// The step before was quarantined (it ends this one KILLED).
+        quarantined: bool,
     },
     /// Raised inside a task by `checkpoint()` once its token was killed or timed out.
     Cancelled {
@@ -202,11 +204,14 @@ impl CoreError {
                 operation,
                 parent,
                 timed_out,
+                quarantined,
             } => format!(
                 "token {id} ({operation}) did not run: token {parent}, the step before it in \
                  its chain, {}",
                 if *timed_out {
                     "timed out"
+                } else if *quarantined {
+                    "was quarantined"
                 } else {
                     "was killed"
                 }

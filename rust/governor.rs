@@ -78,6 +78,8 @@ pub struct Gov {
     /// The step before this one in its chain, when it ended this one by ending (killed,
     /// timed out) without running it.
     pub upstream: Option<u64>,
+    /// Whether that step was quarantined (rather than killed).
+    pub upstream_quarantined: bool,
     pub errors: Vec<Py<PyBaseException>>,
     /// Which of its deadlines is current (a retry schedules a new one).
     deadline_gen: u32,
@@ -1198,9 +1200,12 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
             }
             ended
         }
-        _ => {
-            // Killed (before or while it ran).
-            c.with_gov(|g| g.upstream = Some(p.header.id));
+        parent_state => {
+            // Killed (before or while it ran), or quarantined.
+            c.with_gov(|g| {
+                g.upstream = Some(p.header.id);
+                g.upstream_quarantined = parent_state == TokenState::Quarantined;
+            });
             let ended = shared.sched.kill(&c.header).is_ok();
             if ended {
                 drop(c.take_call());

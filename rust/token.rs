@@ -378,11 +378,12 @@ impl TaskToken {
         let id = self.header.id;
         let operation = self.op.operation_type.bind(py).to_string();
         let state = self.header.state.load();
-        let (upstream, record) = {
+        let (upstream, quarantined, record) = {
             let slot = lock(&self.slot);
             let g = slot.gov.as_ref();
             (
                 g.and_then(|g| g.upstream),
+                g.is_some_and(|g| g.upstream_quarantined),
                 g.and_then(|g| g.quarantine.clone()),
             )
         };
@@ -392,6 +393,7 @@ impl TaskToken {
                 operation,
                 parent,
                 timed_out: state == TokenState::TimedOut,
+                quarantined,
             }
             .into_pyerr(py);
         }

@@ -243,3 +243,15 @@ def test_options_quarantine_only_accepts_false():
         scan.options(quarantine=True)
     assert scan.options(quarantine=False)._settings()["spike_check"] is False
     assert scan._settings()["spike_check"] is True
+
+
+def test_a_step_after_a_quarantined_step_says_so(tmp_path):
+    from tokengate import TokenKilled
+
+    with OperationsCoordinator(quarantine_dir=tmp_path):
+        _train(scan)
+        big = scan(list(range(200_000)))
+        child = big.then(len)
+        with pytest.raises(TokenKilled, match=r"the step before it in its chain, was quarantined"):
+            child.get(timeout=SAFETY)
+        assert child.state is TokenState.KILLED

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ConfigurationError, QuarantineError
+from ..errors import ConfigurationError, InvalidOption, QuarantineError
 
 __all__ = [
     "ActionResult",
@@ -418,9 +418,9 @@ def _check_time(name: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a UNIX time (a number) or None, got {value!r}")
+        raise InvalidOption(f"{name} must be a UNIX time (a number) or None, got {value!r}")
     if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
+        raise ConfigurationError(f"{name} must not be NaN")
     return float(value)
 
 
@@ -882,13 +882,13 @@ class QuarantineStore:
         oldest). A record file that cannot be read as a record is skipped with a WARNING
         naming the file."""
         if operation is not None and not isinstance(operation, str):
-            raise TypeError(f"operation must be a str or None, got {operation!r}")
+            raise InvalidOption(f"operation must be a str or None, got {operation!r}")
         lo = _check_time("since", since)
         hi = _check_time("until", until)
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
-            raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
+            raise ConfigurationError(f"limit must be an int >= 0 or None, got {limit!r}")
         found: list[QuarantineRecord] = []
         for rid in self._record_names():
             m = _ID_TIME_RE.match(rid)
