@@ -1250,6 +1250,8 @@ pub fn run_inline(
     }
     // Each attempt has its own timeout, counted from its own start (after its delay).
     let mut started = now_ns();
+    let timeout = t.op.policy.as_ref().and_then(|p| p.timeout);
+    let mut late;
     let outcome = loop {
         let call = if t.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
             t.clone_call(py)
@@ -1273,14 +1275,11 @@ pub fn run_inline(
                 .map_err(|e| e.into_value(py))
             }),
         };
+        // A call that ran past its timeout ends TIMED_OUT (its result is dropped): decided once,
+        // here, for the Guard House and the token alike.
+        late = timeout.is_some_and(|s| now_ns().saturating_sub(started_at) > secs_to_ns(s));
         if let Some((gh, started)) = guard {
-            // Calls run in their caller have no core: their records go to the first shard. A
-            // call that ran past its timeout counts as timed out (its result is dropped).
-            let late =
-                t.op.policy
-                    .as_ref()
-                    .and_then(|p| p.timeout)
-                    .is_some_and(|s| now_ns().saturating_sub(started_at) > secs_to_ns(s));
+            // Calls run in their caller have no core: their records go to the first shard.
             gh.on_end(py, started, 0, 0, tok, h.attempt(), &outcome, late);
         }
         let (Err(e), Some(pol)) = (&outcome, t.op.policy.as_ref()) else {
@@ -1306,8 +1305,6 @@ pub fn run_inline(
             }
         }
     };
-    let timeout = t.op.policy.as_ref().and_then(|p| p.timeout);
-    let late = timeout.is_some_and(|s| now_ns().saturating_sub(started) > secs_to_ns(s));
     drop(t.take_call());
     if late && shared.sched.time_out(h).is_ok() {
         shared.sched.finish_outside(h, false);

@@ -60,11 +60,6 @@ pub(crate) struct GuardDecl {
     pub failure_on: Option<Py<PyTuple>>,
     /// Exceptions that never count as failures.
     pub ignore: Option<Py<PyTuple>>,
-    /// The runtime (its Guard House's uid) this declaration was last applied to: a function's
-    /// declaration is applied the first time it is called on a runtime, even when its
-    /// operation was created earlier (by an operator's button, `configure()`, or another
-    /// function of the same name).
-    applied: AtomicU64,
 }
 
 impl GuardDecl {
@@ -97,7 +92,6 @@ impl GuardDecl {
             predict: self.predict,
             failure_on: self.failure_on.as_ref().map(|t| t.clone_ref(py)),
             ignore: self.ignore.as_ref().map(|t| t.clone_ref(py)),
-            applied: AtomicU64::new(0),
         }
     }
 
@@ -205,6 +199,16 @@ struct Classes {
     ignore: Option<Py<PyTuple>>,
 }
 
+/// Which settings of an operation `configure()` set (the code's declarations leave them).
+#[derive(Default, Clone, Copy)]
+struct Configured {
+    breaker: bool,
+    quarantine: bool,
+    predict: bool,
+    failure_on: bool,
+    ignore: bool,
+}
+
 /// The last failure of an operation.
 struct LastError {
     kind: String,
@@ -236,11 +240,51 @@ pub(crate) struct OpGuard {
     unscored: Mutex<Option<Py<pyo3::types::PyWeakrefReference>>>,
     last_error: Mutex<Option<LastError>>,
     classes: Mutex<Classes>,
+    /// Whether a function's declaration was applied to it (the first one to come).
+    declared: AtomicBool,
+    configured: Mutex<Configured>,
     /// The breaker's slow-call threshold in ns (0: none), for the health report.
     slow_ns: AtomicU64,
 }
 
 impl OpGuard {
+    /// Applies what a function declares, except what `configure()` set for this operation
+    /// (an operator's setting wins over the code's).
+    fn apply_declared(&self, py: Python<'_>, d: &GuardDecl) {
+        let c = *lock(&self.configured);
+        self.apply(
+            py,
+            &GuardDecl {
+                breaker: d.breaker.clone().filter(|_| !c.breaker),
+                quarantine: d.quarantine.filter(|_| !c.quarantine),
+                predict: d.predict.filter(|_| !c.predict),
+                failure_on: d
+                    .failure_on
+                    .as_ref()
+                    .filter(|_| !c.failure_on)
+                    .map(|t| t.clone_ref(py)),
+                ignore: d
+                    .ignore
+                    .as_ref()
+                    .filter(|_| !c.ignore)
+                    .map(|t| t.clone_ref(py)),
+            },
+        );
+    }
+
+    /// Applies `configure()` settings and remembers which ones it set.
+    fn apply_configured(&self, py: Python<'_>, d: &GuardDecl) {
+        {
+            let mut c = lock(&self.configured);
+            c.breaker |= d.breaker.is_some();
+            c.quarantine |= d.quarantine.is_some();
+            c.predict |= d.predict.is_some();
+            c.failure_on |= d.failure_on.is_some();
+            c.ignore |= d.ignore.is_some();
+        }
+        self.apply(py, d);
+    }
+
     fn apply(&self, py: Python<'_>, d: &GuardDecl) {
         if let Some(b) = &d.breaker {
             self.breaker_auto.store(b.auto, Ordering::Release);
@@ -434,14 +478,14 @@ impl GuardHouse {
         unsafe { &*ptr }
     }
 
-    /// The operation of calls of `spec`, with `spec`'s own declaration applied to it the
-    /// first time `spec` comes to this runtime (one atomic load after that).
+    /// The operation of calls of `spec`. The first function with a declaration to come to
+    /// an operation has it applied (even when a button or `configure()` made the operation
+    /// first), except for what `configure()` set; one atomic load after that.
     fn op_for<'a>(&'a self, py: Python<'_>, spec: &OpSpec) -> &'a OpGuard {
         let g = self.op(py, spec.operation_type.bind(py), Some(spec));
         if let Some(decl) = spec.guard.as_deref() {
-            if decl.applied.load(Ordering::Acquire) != self.uid {
-                g.apply(py, decl);
-                decl.applied.store(self.uid, Ordering::Release);
+            if !g.declared.load(Ordering::Acquire) && !g.declared.swap(true, Ordering::AcqRel) {
+                g.apply_declared(py, decl);
             }
         }
         g
@@ -467,7 +511,16 @@ impl GuardHouse {
         // (a callable that takes no weak reference is never scored)
         let unscored = spec
             .filter(|sp| sp.complexity.is_none())
-            .and_then(|sp| pyo3::types::PyWeakrefReference::new(sp.func.bind(py)).ok())
+            .and_then(|sp| {
+                // A bound method lives as long as the call: refer to its function.
+                let f = sp.func.bind(py);
+                let is_method = f.get_type().name().is_ok_and(|n| n == "method");
+                let f = match is_method {
+                    true => f.getattr("__func__").unwrap_or_else(|_| f.clone()),
+                    false => f.clone(),
+                };
+                pyo3::types::PyWeakrefReference::new(&f).ok()
+            })
             .map(Bound::unbind);
         let decl = {
             let defaults = lock(&self.defaults);
@@ -497,6 +550,8 @@ impl GuardHouse {
             unscored: Mutex::new(unscored),
             last_error: Mutex::new(None),
             classes: Mutex::new(Classes::default()),
+            declared: AtomicBool::new(spec.is_some_and(|sp| sp.guard.is_some())),
+            configured: Mutex::new(Configured::default()),
             slow_ns: AtomicU64::new(0),
         });
         g.apply(py, &decl);
@@ -568,7 +623,7 @@ impl GuardHouse {
         tok: &Bound<'_, TaskToken>,
         origin: &Bound<'_, PyAny>,
         gate: &Gate,
-    ) {
+    ) -> PyResult<()> {
         let t = tok.get();
         let g = self.op(py, t.op.operation_type.bind(py), Some(&t.op));
         if let Some(ticket) = gate.probe {
@@ -577,6 +632,7 @@ impl GuardHouse {
         // The record is written first: a waiter that sees QUARANTINED finds it in the store
         // (or learns why it is not there).
         let call = t.take_call();
+        let mut interrupt = None;
         let stored = match (&self.hook, gate.prediction.as_ref()) {
             (Some(hook), Some(p)) => {
                 let (args, kwargs) = match &call {
@@ -609,7 +665,11 @@ impl GuardHouse {
                             .value(py)
                             .repr()
                             .map_or_else(|_| "an error".to_string(), |r| r.to_string());
-                        crate::token::log_raised(py, "the quarantine store", hook.bind(py), e);
+                        if e.is_instance_of::<PyException>(py) {
+                            crate::token::log_raised(py, "the quarantine store", hook.bind(py), e);
+                        } else {
+                            interrupt = Some(e); // Ctrl-C, SystemExit: re-raised below
+                        }
                         Err(why)
                     }
                 }
@@ -624,6 +684,7 @@ impl GuardHouse {
             .transition(TokenState::Created, TokenState::Quarantined);
         t.header.stamp_finished(now_ns());
         g.health.note_quarantined();
+        interrupt.map_or(Ok(()), Err)
     }
 
     /// A worker starts an attempt of `tok`: notes the breaker generation (results of attempts
@@ -837,7 +898,7 @@ impl GuardHouse {
         d: &Bound<'_, PyDict>,
     ) -> PyResult<()> {
         let decl = GuardDecl::from_dict(d)?;
-        self.op(py, name, None).apply(py, &decl);
+        self.op(py, name, None).apply_configured(py, &decl);
         Ok(())
     }
 

@@ -806,7 +806,7 @@ pub(crate) fn submit_token<'py>(
         }
         if gate.spike {
             if let (Some(gh), Some(origin)) = (shared.guard.as_ref(), origin) {
-                gh.quarantine(py, &tok, origin, &gate);
+                gh.quarantine(py, &tok, origin, &gate)?;
                 return Ok(tok);
             }
         }

@@ -368,3 +368,85 @@ def test_submitted_functions_are_scored_when_asked_not_on_submit(make_coord):
     assert t.complexity_score == score_of(_scored)
     (r,) = [r for r in coord.guard_house.history() if r.token_id == t.token_id]
     assert r.complexity_score == pytest.approx(score_of(_scored), rel=1e-6)
+
+
+def test_configure_wins_over_the_decorator_across_restarts_options_and_coordinators():
+    coord = OperationsCoordinator(cores=1, workers_per_core=1)
+
+    @task_token_guard(
+        operation_type="rv_cfgwin",
+        circuit_breaker=CircuitBreaker(min_calls=10, window=10, consecutive_failures=7),
+    )
+    def f(n):
+        return n
+
+    def consecutive():
+        return coord.guard_house.health("rv_cfgwin").breaker["config"]["consecutive_failures"]
+
+    with coord:
+        assert f(1).get(timeout=SAFETY) == 1
+        coord.guard_house.configure(
+            "rv_cfgwin",
+            circuit_breaker=CircuitBreaker(min_calls=2, window=2, consecutive_failures=2),
+        )
+        assert f.options(priority="high")(2).get(timeout=SAFETY) == 2
+        assert consecutive() == 2
+    with coord:
+        assert f(3).get(timeout=SAFETY) == 3
+        assert consecutive() == 2, "configure() carried over and the decorator left it"
+
+
+def test_force_open_ends_a_carried_block():
+    coord = OperationsCoordinator(cores=1, workers_per_core=1)
+
+    @task_token_guard(operation_type="rv_carry")
+    def f():
+        return 1
+
+    with coord:
+        coord.guard_house.block("rv_carry")
+        coord.guard_house.force_open("rv_carry")
+    with coord:
+        assert f().get(timeout=SAFETY) == 1
+
+
+class _Holder:
+    def method(self, n):
+        for i in range(n):
+            if i:
+                n += 1
+        return n
+
+
+def test_bound_methods_are_scored(make_coord):
+    from tokengate.guard.inspector import score_of
+
+    coord = make_coord()
+    t = coord.submit(_Holder().method, 2)
+    assert t.get(timeout=SAFETY) == 3
+    assert t.complexity_score == score_of(_Holder.method)
+
+
+def test_ctrl_c_in_the_quarantine_store_reaches_the_caller(tmp_path):
+    with OperationsCoordinator(quarantine_dir=tmp_path) as coord:
+        for i in range(30):
+            two(list(range(100 + 4 * i))).get(timeout=SAFETY)
+
+        def interrupted(*_):
+            raise KeyboardInterrupt
+
+        coord.guard_house._on_quarantine = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            two(list(range(100_000)))
+        assert coord.guard_house.health("rv_two").quarantined == 1
+
+
+def test_release_on_a_stopped_coordinator_says_so(tmp_path):
+    from tokengate import CoordinatorNotRunning
+
+    coord = OperationsCoordinator(quarantine_dir=tmp_path)
+    with coord:
+        pass
+    with pytest.raises(CoordinatorNotRunning, match="not running: start it first"):
+        coord.guard_house.release(operation="rv_two")
+    assert coord.guard_house.release(operation="rv_two", dry_run=True).done == []

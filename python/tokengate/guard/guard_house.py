@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ..errors import ConfigurationError, InvalidOption
+from ..errors import ConfigurationError, CoordinatorNotRunning, InvalidOption
 from .breaker import guard_settings
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ class GuardHouse:
             carried = self._carried.setdefault(operation, {})
             if action in ("block", "disable"):
                 carried["button"] = action
-            elif action == "unblock":
+            else:  # unblock, or force_open: it recovers by itself from now on
                 carried.pop("button", None)
         self._audit(action, operation, state)
         return str(state)
@@ -350,6 +350,11 @@ class GuardHouse:
         times)."""
         ids = _record_ids(record_ids, dry_run)
         rt = None if dry_run else self._runtime()
+        if rt is not None and rt.shut_down:
+            raise CoordinatorNotRunning(
+                "release() replays the calls on this coordinator, which is not running: "
+                "start it first (dry_run=True shows what would be released)"
+            )
 
         def replay(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return replay_call(fn, args, kwargs, rt)
