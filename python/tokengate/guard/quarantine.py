@@ -966,8 +966,15 @@ class QuarantineStore:
                 f"the call data of quarantine record {rid} is missing ({pkl})"
             ) from None
         except Exception as exc:
+            hint = ""
+            if "__main__" in str(exc):
+                hint = (
+                    " (its function is defined in the program's __main__, which only that "
+                    "program can import: release it there with guard_house.release(), or define "
+                    "the function in an importable module)"
+                )
             raise QuarantineError(
-                f"cannot load the call of quarantine record {rid}: {_exc_text(exc)}"
+                f"cannot load the call of quarantine record {rid}: {_exc_text(exc)}{hint}"
             ) from exc
         if not (
             type(call) is tuple
