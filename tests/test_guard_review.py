@@ -450,3 +450,150 @@ def test_release_on_a_stopped_coordinator_says_so(tmp_path):
     with pytest.raises(CoordinatorNotRunning, match="not running: start it first"):
         coord.guard_house.release(operation="rv_two")
     assert coord.guard_house.release(operation="rv_two", dry_run=True).done == []
+
+
+# --------------------------------------------------------------------------- third review
+
+
+def _store_record(store):
+    import operator
+
+    return store.add(
+        1,
+        "op",
+        operator.add,
+        (1, 2),
+        {},
+        predicted=1,
+        baseline=0.1,
+        deviation=10,
+        threshold=3,
+        reason="r",
+    )
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX permissions")
+def test_pickles_under_a_world_writable_parent_are_refused(tmp_path):
+    import os
+
+    from tokengate import QuarantineError
+    from tokengate.guard.quarantine import QuarantineStore
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anyone could swap the store's directory inside it
+    store = QuarantineStore(shared / "q")
+    rec = _store_record(store)
+    with pytest.raises(QuarantineError, match="writable by others"):
+        store.load_call(rec.record_id)
+
+
+def test_parents_the_store_creates_are_private(tmp_path):
+    import os
+    import stat
+
+    from tokengate.guard.quarantine import QuarantineStore
+
+    old = os.umask(0)
+    try:
+        store = QuarantineStore(tmp_path / "a" / "b" / "q")
+        _store_record(store)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "q"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_a_release_that_died_after_its_replay_is_never_replayed_again(tmp_path):
+    import os
+
+    from tokengate.guard import quarantine as q
+
+    store = q.QuarantineStore(tmp_path)
+    rec = _store_record(store)
+    ran = []
+
+    def replay_then_die(fn, args, kwargs):
+        ran.append(args)
+        raise SystemExit  # the process "dies" right after the replay (a BaseException)
+
+    with pytest.raises(SystemExit):
+        store.release([rec.record_id], replay=replay_then_die)
+    # a BaseException puts the record back (the replay raised: it did not complete)...
+    assert [r.record_id for r in store.list()] == [rec.record_id]
+    # ...but one whose process vanished while it was marked replaying stays out for good
+    marker = next(iter(tmp_path.glob("*.json")))
+    os.rename(marker, tmp_path / f"{rec.record_id}.replaying-1-999999999-abcd")
+    later = q.QuarantineStore(tmp_path)
+    _store_record(later)  # a scan of the directory (the first add of a store)
+    assert rec.record_id not in [r.record_id for r in later.list()]
+    assert ran == [(1, 2)]
+
+
+def test_cli_times_that_look_like_dates_are_refused():
+    from tokengate.guard._cli import parse_time
+
+    for text in ("20261201", "2026"):
+        with pytest.raises(ValueError, match="not a plausible UNIX time"):
+            parse_time(text)
+    assert parse_time("1764583200") == 1764583200.0
+
+
+def test_a_corrupt_record_is_skipped_not_fatal(tmp_path, caplog):
+    import json
+
+    from tokengate.guard.quarantine import QuarantineStore
+
+    store = QuarantineStore(tmp_path)
+    good = _store_record(store)
+    bad = json.loads((tmp_path / f"{good.record_id}.json").read_text())
+    bad["record_id"] = good.record_id[:-6] + "ffffff"
+    bad["predicted_duration"] = 10**400
+    (tmp_path / f"{bad['record_id']}.json").write_text(json.dumps(bad))
+    assert [r.record_id for r in store.list()] == [good.record_id]
+
+
+def test_history_files_with_absurd_numbers_are_refused(tmp_path):
+    import json
+
+    from tokengate import HistoryFormatError
+    from tokengate.guard.history import load
+
+    rec = {
+        "token_id": 1,
+        "operation_type": "x",
+        "success": True,
+        "outcome": "completed",
+        "execution_time": 1e308,
+        "queue_wait": 0.0,
+        "core_id": 1,
+        "worker_id": 0,
+        "complexity_score": None,
+        "predicted_duration": None,
+        "attempt": 1,
+        "error_type": None,
+        "error_message": None,
+        "started_at": 1.0,
+        "finished_at": 2.0,
+    }
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps([rec]))
+    with pytest.raises(HistoryFormatError, match="execution_time"):
+        load(path)
+    path.write_text("[" * 100_000)
+    with pytest.raises(HistoryFormatError, match="not JSON"):
+        load(path)
+
+
+def test_the_inspector_never_raises():
+    from tokengate.guard.inspector import inspect_function
+
+    class Hostile:
+        def __getattribute__(self, name):
+            raise RuntimeError("no attributes for you")
+
+        def __call__(self):
+            return 0
+
+    r = inspect_function(Hostile())
+    assert not r.source and r.complexity_score >= 1

@@ -44,6 +44,10 @@ _AGE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
+#: UNIX times before this (2001-09-09) are refused as ambiguous (a date like 20261201).
+_EARLIEST_UNIX_TIME = 1e9
+
+
 def parse_time(text: str, *, now: float | None = None) -> float:
     """A UNIX time from ``text``: a UNIX time (``1764583200``), an ISO-8601 time
     (``2026-12-01T10:00``, local time unless it carries an offset such as ``+01:00`` or
@@ -61,6 +65,12 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     else:
         if not math.isfinite(value):
             raise ValueError(f"not a finite UNIX time: {text!r}")
+        if value < _EARLIEST_UNIX_TIME:
+            # 20261201 or 2026 would be a moment of 1970: surely a date meant otherwise.
+            raise ValueError(
+                f"{text!r} is not a plausible UNIX time (before 2001): give an ISO-8601 date "
+                "such as 2026-12-01 or 2026-12-01T10:00, or an age such as 10m, 2h, 3d"
+            )
         return value
     m = _AGE_RE.fullmatch(text)
     if m:
@@ -229,9 +239,11 @@ def _cmd_release(args: argparse.Namespace) -> int:
     saved_path = list(sys.path)
     cwd = os.getcwd()
     extra = [os.path.abspath(p) for p in args.path or []]
+    sys.path[:0] = extra  # --path goes first: the user asked for it
     if "" not in sys.path and cwd not in sys.path:
-        extra.append(cwd)  # as with `python -m`: the user's modules in the cwd import
-    sys.path[:0] = extra
+        # The user's modules in the cwd import, but after the installed ones: a file planted
+        # in the cwd cannot shadow the module a trusted pickle names.
+        sys.path.append(cwd)
     replayer = _Replayer()
     finished = False
     try:

@@ -10,6 +10,7 @@ told to: breakers trip by themselves only with ``auto_block=True`` (or
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -443,12 +444,22 @@ class GuardHouse:
             done = event.get("done") or []
             prefix = "dry run: would do " if event.get("dry_run") else ""
             event["outcome"] = f"{prefix}{len(done)} done, {len(failed)} failed"
-        log.info("guard house action: %s", event)
+        log.info(
+            "guard house action: %s %s: %s",
+            event.get("action"),
+            _short(event.get("target")),
+            event.get("outcome"),
+        )
         for hook in list(self.on_action):
             try:
-                hook(event)
+                hook(copy.deepcopy(event))  # each hook its own copy: one cannot change another's
             except Exception:
                 log.exception("guard house action hook %r raised", hook)
+
+
+def _short(text: object, limit: int = 200) -> str:
+    s = str(text)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _record_ids(record_ids: object, dry_run: object) -> list[str] | None:

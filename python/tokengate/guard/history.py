@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -173,12 +174,21 @@ def _check(name: str, value: Any, where: str) -> Any:
         if name == "core_id" and value < 1:
             raise bad("an integer >= 1 (core ids are 1-based)")
     else:
-        value = float(value)
-        if not math.isfinite(value):
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value) or abs(value) > _MAX_MAGNITUDE:
             raise bad("a finite number" + (" or null" if nullable else ""))
     if name in _NON_NEGATIVE and value < 0:
         raise bad(expected.replace(_KIND_TEXT[kind], _KIND_TEXT[kind] + " >= 0"))
     return value
+
+
+#: The largest dump ``load`` reads (a full ring of 16 Mi records is well under it).
+_MAX_DUMP_BYTES = 8 * 1024**3
+#: Numbers in a record beyond this (about 30 000 years, in seconds) are refused as corrupt.
+_MAX_MAGNITUDE = 1e12
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,12 +292,21 @@ def load(path: str | os.PathLike[str]) -> HistoryDump:
     it is not JSON, not a ``tokengate-history`` dump, of another version, or when a record or
     field is not valid; ``OSError`` (e.g. ``FileNotFoundError``) when it cannot be read."""
     name = os.fspath(path)
-    raw = Path(name).read_bytes()
+    path = Path(name)
+    st = path.stat()  # FileNotFoundError as usual
+    if not stat.S_ISREG(st.st_mode):
+        raise HistoryFormatError(f"{name} is not a history dump: not a regular file")
+    if st.st_size > _MAX_DUMP_BYTES:
+        raise HistoryFormatError(
+            f"{name} is not a history dump: {st.st_size} bytes, more than the "
+            f"{_MAX_DUMP_BYTES} a dump of the largest history can take"
+        )
+    raw = path.read_bytes()
     try:
         document = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise HistoryFormatError(f"{name} is not a history dump: not UTF-8 text ({exc})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise HistoryFormatError(f"{name} is not a history dump: not JSON ({exc})") from None
     if isinstance(document, list):
         return HistoryDump(records=_records(document, name), dumped_at=None, coordinator=None)

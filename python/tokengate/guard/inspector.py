@@ -272,6 +272,17 @@ def inspect_function(fn: object) -> Inspection:
     bounded table. Thread-safe; never raises: whatever goes wrong yields a fallback
     inspection whose ``reason`` says what."""
     try:
+        return _inspect(fn)
+    except Exception as exc:  # an object whose attributes, or whose error's str(), raise
+        try:
+            what = f"{type(exc).__name__}: {exc}"
+        except Exception:
+            what = type(exc).__name__
+        return _fallback(f"no source available: inspecting it raised {what}")
+
+
+def _inspect(fn: object) -> Inspection:
+    try:
         target = _resolve(fn)
     except Exception as exc:  # a hostile __getattr__, say
         return _fallback(f"no source available: cannot unwrap {type(fn).__name__}: {exc}")

@@ -75,7 +75,11 @@ _FORMAT = "tokengate.quarantine/1"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 #: Ids made by this module start with the zero-padded time in ns, so they sort by time.
 _ID_TIME_RE = re.compile(r"(\d{20})-")
-_CLAIM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.claim-(\d{1,20})-[0-9a-z-]+")
+_CLAIM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.claim-(\d{1,20})-(\d{1,10})-[0-9a-z-]+")
+#: A record whose call is being replayed: never put back by itself (the replay may have run).
+_REPLAYING_RE = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.replaying-(\d{1,20})-(\d{1,10})-[0-9a-z-]+"
+)
 
 _MAX_JSON_BYTES = 1024 * 1024  # records are a few hundred bytes; anything bigger is not one
 _MAX_TEXT = 1000  # reason / why_not_replayable / function are cut to this many characters
@@ -87,6 +91,19 @@ _STALE_SECONDS = 3600.0
 #: Adds between two scans that enforce the store's bounds (so ``max_records`` may be passed by
 #: up to this many records for a moment).
 _ENFORCE_EVERY = 32
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (True when that cannot be told)."""
+    if pid <= 0 or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _wall_ns() -> int:
@@ -346,7 +363,15 @@ class QuarantineRecord:
         record_id = need("record_id", str)
         if not _ID_RE.fullmatch(record_id):
             raise ValueError(f"field 'record_id' is not a valid record id: {record_id[:80]!r}")
-        floats = {name: float(need(name, (int, float))) for name in _FLOAT_FIELDS}
+        floats = {}
+        for name in _FLOAT_FIELDS:
+            try:
+                v = float(need(name, (int, float)))
+            except OverflowError:
+                v = math.inf
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"field {name!r} must be a finite number >= 0, got {v!r}")
+            floats[name] = v
         return cls(
             record_id=record_id,
             token_id=need("token_id", int),
@@ -480,6 +505,7 @@ class QuarantineStore:
         self._lock = threading.Lock()
         # What the last scan of the directory found, plus this store's adds since.
         self._adds_since = 0
+        self._warned: set[str] = set()
         self._enforced_once = False
         self._est_count = 0
         self._est_bytes = 0
@@ -520,9 +546,17 @@ class QuarantineStore:
 
     def _ensure_dir(self) -> None:
         if not self._dir.is_dir():
-            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if os.name != "nt":
-                os.chmod(self._dir, 0o700)  # exactly rwx------, whatever the umask
+            # Every directory it creates (the parents too) is rwx------, whatever the umask.
+            missing = []
+            p = self._dir
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    d.mkdir(mode=0o700)
+                if os.name != "nt":
+                    os.chmod(d, 0o700)
         elif not self._dir_checked and os.name != "nt":  # warn once per store
             mode = stat.S_IMODE(self._dir.stat().st_mode)
             if mode & 0o077:
@@ -602,7 +636,7 @@ class QuarantineStore:
         try:
             data = json.loads(raw.decode("utf-8"))
             record = QuarantineRecord.from_dict(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError, OverflowError) as exc:
             raise _Corrupt(f"is not a valid record: {_exc_text(exc)}") from None
         if record.record_id != record_id:
             raise _Corrupt(f"holds record {record.record_id!r}, not {record_id!r}")
@@ -632,6 +666,51 @@ class QuarantineStore:
                     f"refusing to load pickles from the quarantine {what} {path}: {problem}; "
                     "pickles are code, so the store must be private (chmod 700 the directory)"
                 )
+
+    def _open_trusted(self, pkl: Path) -> io.BufferedReader:
+        """``pkl`` opened for reading, checked on the descriptor that is read (not by path, so
+        nothing can be swapped in between): the store's directory opened without following a
+        link in its last component, owned by this user and writable by no one else, its
+        parents writable by no one else (unless sticky, like /tmp), and the pickle a regular
+        file of this user with one link that no one else can write."""
+        if os.name == "nt" or not hasattr(os, "getuid") or not hasattr(os, "O_NOFOLLOW"):
+            return open(pkl, "rb")
+        uid = os.getuid()
+
+        def refuse(what: object, problem: str) -> QuarantineError:
+            return QuarantineError(
+                f"refusing to load pickles from the quarantine store: {what} {problem}; "
+                "pickles are code, so the store and its parents must be private"
+            )
+
+        for parent in Path(os.path.realpath(self._dir)).parents:
+            st = os.stat(parent)
+            if st.st_uid not in (0, uid):
+                raise refuse(parent, f"is owned by uid {st.st_uid}")
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                raise refuse(parent, f"is writable by others (mode {stat.S_IMODE(st.st_mode):#o})")
+        dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid != uid or st.st_mode & 0o022:
+                raise refuse(self._dir, "is not private to this user")
+            fd = os.open(pkl.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_uid != uid:
+            problem = f"is owned by uid {st.st_uid}"
+        elif st.st_mode & 0o022:
+            problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):#o})"
+        elif st.st_nlink != 1:
+            problem = f"has {st.st_nlink} hard links"
+        if problem:
+            os.close(fd)
+            raise refuse(pkl, problem)
+        return os.fdopen(fd, "rb")
 
     # -- adding -------------------------------------------------------------------------
 
@@ -798,8 +877,25 @@ class QuarantineStore:
                 continue
             m = _CLAIM_RE.fullmatch(name)
             if m:
+                if _pid_alive(int(m.group(3))):
+                    claimed.add(m.group(1))  # a live action's: not ours to restore
+                    continue
                 claims.append((name, m.group(1), int(m.group(2)) / 1e9))
                 claimed.add(m.group(1))
+                continue
+            m = _REPLAYING_RE.fullmatch(name)
+            if m:
+                claimed.add(m.group(1))
+                if not _pid_alive(int(m.group(3))) and m.group(1) not in self._warned:
+                    self._warned.add(m.group(1))
+                    logger.warning(
+                        "quarantine record %s was being replayed by a process that is gone: "
+                        "its call may have run; it is left as %s (rename it to %s.json to "
+                        "release it again, or delete it)",
+                        m.group(1),
+                        self._dir / name,
+                        m.group(1),
+                    )
 
         # Leftovers of processes that died mid-write or mid-action.
         for name, rid, claimed_at in claims:
@@ -959,8 +1055,10 @@ class QuarantineStore:
         pkl = self._pkl_path(rid)
         self._check_trusted(pkl)
         try:
-            with open(pkl, "rb") as f:
+            with self._open_trusted(pkl) as f:
                 call = pickle.load(f)
+        except QuarantineError:
+            raise
         except FileNotFoundError:
             raise QuarantineError(
                 f"the call data of quarantine record {rid} is missing ({pkl})"
@@ -1007,7 +1105,8 @@ class QuarantineStore:
             )
 
     def _remove_claimed(self, claim: Path, rid: str) -> None:
-        for path in (self._pkl_path(rid), claim):
+        # The claim first: a pickle left without it is an orphan, cleaned up later.
+        for path in (claim, self._pkl_path(rid)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -1135,6 +1234,11 @@ class QuarantineStore:
                 self._unclaim(claim, rid)
                 result.failed[rid] = str(exc)
                 return
+            # From here on the record is marked as replaying: a process that dies during the
+            # replay leaves it so, never released again by itself (at most once).
+            replaying = self._dir / claim.name.replace(".claim-", ".replaying-", 1)
+            os.rename(claim, replaying)
+            claim = replaying
             try:
                 out = replay(fn, args, kwargs)
             except Exception as exc:
