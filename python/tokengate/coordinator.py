@@ -270,7 +270,7 @@ class OperationsCoordinator:
             operation (default off; per operation with ``task_token_guard(quarantine=...)``).
         quarantine_dir: where the quarantine store keeps its records (default
             ``$TOKENGATE_QUARANTINE_DIR``, else under the user's data directory).
-        history_size: execution records kept (a ring, split across cores; 0 keeps none).
+        history_size: execution records kept (the newest, in a ring; 0 keeps none).
     """
 
     def __init__(
