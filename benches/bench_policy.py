@@ -1,10 +1,16 @@
-"""What execution policy costs per token, against ThreadPoolExecutor in the same run.
+"""What execution policy and the Guard House cost per token, against ThreadPoolExecutor in
+the same run.
 
 100 000 no-op calls submitted, then every result, for: ThreadPoolExecutor; a decorated function
 without options (the fast path, unchanged by policy); the same with a timeout; with retries
 (none needed); with a storage tier (a permit per call); with a per-operation concurrency limit.
-Each figure is microseconds per call; the session table shows its ratio to ThreadPoolExecutor's.
-The option-less row is the promise: policy costs nothing to a token that uses none of it.
+Then the Guard House (issue #8), with the option-less function: off (``guard_house=False``: no
+gate, no health, no history); breakers on for every operation (``auto_block=True``); spike
+detection on (``quarantine=True``: each call featurized and predicted, each attempt teaches the
+cost model). "no options" is the Guard House's default (health and history on, breakers
+passive). Each figure is microseconds per call; the session table shows its ratio to
+ThreadPoolExecutor's. The option-less row is the promise: policy costs nothing to a token that
+uses none of it; the Guard House rows stay within 15 % of the off row.
 
 Run: ``pytest benches/bench_policy.py --benchmark-only``.
 """
@@ -36,6 +42,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "retries": {"retries": 3},
     "storage tier": {"tags": {"storage_speed": "INSANE"}},
     "concurrency limit": {"max_concurrency": 1000},
+    # Guard House variants: options of the coordinator, not of the function
+    "guard house off": {"coordinator": {"guard_house": False}},
+    "breakers on": {"coordinator": {"auto_block": True}},
+    "quarantine on": {"coordinator": {"quarantine": True}},
 }
 
 
@@ -45,7 +55,7 @@ def variant(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def submit(system_name: str, variant: str) -> Iterator[Callable[[], Any]]:
+def submit(system_name: str, variant: str, tmp_path: Any) -> Iterator[Callable[[], Any]]:
     if system_name == "threadpool":
         ex = cf.ThreadPoolExecutor(max_workers=tokengate.topology.allowed_cpu_count() * 4)
         yield lambda: ex.submit(noop)
@@ -53,8 +63,11 @@ def submit(system_name: str, variant: str) -> Iterator[Callable[[], Any]]:
         return
     opts = dict(VARIANTS[variant])
     tags = opts.pop("tags", {})
+    coord_opts = opts.pop("coordinator", {})
     fn = tokengate.task_token_guard(operation_type=f"noop {variant}", tags=tags, **opts)(noop)
-    with tokengate.OperationsCoordinator(pool_capacity=1_000_000):
+    with tokengate.OperationsCoordinator(
+        pool_capacity=1_000_000, quarantine_dir=tmp_path, **coord_opts
+    ):
         for t in [fn() for _ in range(2_000)]:
             t.wait()
         yield fn
@@ -64,8 +77,9 @@ def submit(system_name: str, variant: str) -> Iterator[Callable[[], Any]]:
 @pytest.mark.systems(["threadpool", "tokengate"])
 @pytest.mark.benchmark(group="policy: 100 000 no-op calls, then every result")
 def test_policy_cost(benchmark, system_name, variant, submit, record):
-    # ThreadPoolExecutor has none of these options: it runs its plain no-op under every
-    # variant's name, so each TokenGate row has its ratio to a baseline measured beside it.
+    # ThreadPoolExecutor has none of these options (nor a Guard House): it runs its plain
+    # no-op under every variant's name, so each TokenGate row has its ratio to a baseline
+    # measured beside it.
     rng = range(BURST)
     samples: list[float] = []
 

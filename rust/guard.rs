@@ -571,15 +571,10 @@ impl GuardHouse {
         now: u64,
     ) -> PyResult<Gate> {
         let g = self.op_for(py, spec);
-        let mut gate = Gate::default();
-        match g.breaker.admit(now) {
-            Ok(t) if t.probe => gate.probe = Some(t),
-            Ok(_) => {}
-            Err(refusal) => {
-                g.health.note_blocked();
-                return Err(blocked_error(py, g, &refusal));
-            }
-        }
+        let mut gate = Gate {
+            probe: admit(py, g, now)?,
+            ..Gate::default()
+        };
         if g.predict.load(Ordering::Relaxed) {
             let size = features(args, kwargs).min(f32::MAX as f64) as f32;
             gate.size = Some(size);
@@ -598,14 +593,7 @@ impl GuardHouse {
     /// The breaker gate of a chain step coming up: its probe ticket if it is one, or
     /// `MethodBlocked`.
     pub fn gate_step(&self, py: Python<'_>, spec: &OpSpec) -> PyResult<Option<Ticket>> {
-        let g = self.op_for(py, spec);
-        match g.breaker.admit(now_ns()) {
-            Ok(t) => Ok(t.probe.then_some(t)),
-            Err(refusal) => {
-                g.health.note_blocked();
-                Err(blocked_error(py, g, &refusal))
-            }
-        }
+        admit(py, self.op_for(py, spec), now_ns())
     }
 
     /// Gives back the probe of a call that will not run.
@@ -817,12 +805,8 @@ impl GuardHouse {
             }
         }
         if kind == AttemptOutcome::Completed && g.predict.load(Ordering::Relaxed) {
-            if let Some((size, predicted)) = h.prediction() {
-                g.model.note_error(predicted, exec);
-                g.model.observe(size as f64, exec);
-            } else {
-                g.model.observe(h.size_feature() as f64, exec);
-            }
+            let (size, predicted) = h.prediction().unwrap_or((h.size_feature(), 0));
+            g.model.learn(size as f64, exec, predicted);
         }
         let error = match (kind, outcome) {
             (AttemptOutcome::Failed, Err(e)) => {
@@ -1013,15 +997,12 @@ impl GuardHouse {
         limit: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         let ops: Vec<Arc<OpGuard>> = lock(&self.registry).ops.clone();
-        let names = self.names();
         let out = PyList::empty(py);
         for r in self.history.snapshot(limit) {
             let d = PyDict::new(py);
             d.set_item("token_id", r.token_id)?;
-            d.set_item(
-                "operation_type",
-                names.get(r.op as usize).map_or("", String::as_str),
-            )?;
+            let op = ops.get(r.op as usize);
+            d.set_item("operation_type", op.map_or("", |g| g.name.as_str()))?;
             d.set_item("success", r.outcome == AttemptOutcome::Completed)?;
             d.set_item("outcome", r.outcome.name())?;
             d.set_item("execution_time", r.exec_ns as f64 / 1e9)?;
@@ -1031,7 +1012,7 @@ impl GuardHouse {
             let score = if r.complexity.is_finite() {
                 Some(r.complexity as f64)
             } else {
-                ops.get(r.op as usize).and_then(|g| g.complexity(py))
+                op.and_then(|g| g.complexity(py))
             };
             d.set_item("complexity_score", score)?;
             d.set_item(
@@ -1105,6 +1086,18 @@ fn breaker_dict<'py>(py: Python<'py>, g: &OpGuard, now: u64) -> PyResult<Bound<'
     }
     b.set_item("history", hist)?;
     Ok(b)
+}
+
+/// The breaker gate of operation `g`: the probe ticket of a call admitted as a half-open
+/// probe, None for any other admitted call, or `MethodBlocked` (counted as blocked).
+fn admit(py: Python<'_>, g: &OpGuard, now: u64) -> PyResult<Option<Ticket>> {
+    match g.breaker.admit(now) {
+        Ok(t) => Ok(t.probe.then_some(t)),
+        Err(refusal) => {
+            g.health.note_blocked();
+            Err(blocked_error(py, g, &refusal))
+        }
+    }
 }
 
 /// `MethodBlocked` for a refused call: names the operation, why its breaker is open, and

@@ -190,19 +190,7 @@ impl CostModel {
 
     /// Learns from one completed attempt of a call of size `size` that ran `duration_ns`.
     pub fn observe(&self, size: f64, duration_ns: u64) {
-        let (x, y) = (feature(size), target(duration_ns));
-        let mut g = lock(&self.inner);
-        let old = g.n * g.keep;
-        let n = old + 1.0;
-        let (dx, dy) = (x - g.mx, y - g.my);
-        g.mx += dx / n;
-        g.my += dy / n;
-        // merging weight `old` (centred at the old means) with one sample at (x, y)
-        let f = old / n;
-        g.mxx = g.keep * g.mxx + f * dx * dx;
-        g.mxy = g.keep * g.mxy + f * dx * dy;
-        g.n = n;
-        g.raw += 1;
+        observe_into(&mut lock(&self.inner), size, duration_ns);
     }
 
     /// What the model expects of a call of size `size`; `None` until it has seen
@@ -226,13 +214,15 @@ impl CostModel {
     /// [`MIN_DURATION_NS`]) joins an exponentially weighted mean with the model's forgetting
     /// factor. `predicted_ns == 0` (no prediction) is ignored.
     pub fn note_error(&self, predicted_ns: u64, actual_ns: u64) {
-        if predicted_ns == 0 {
-            return;
-        }
-        let e = (target(actual_ns) - target(predicted_ns)).abs();
+        note_error_into(&mut lock(&self.inner), predicted_ns, actual_ns);
+    }
+
+    /// [`CostModel::note_error`] (when `predicted_ns > 0`) and [`CostModel::observe`] of one
+    /// completed attempt, under one lock.
+    pub fn learn(&self, size: f64, duration_ns: u64, predicted_ns: u64) {
         let mut g = lock(&self.inner);
-        g.err_n = g.err_n * g.keep + 1.0;
-        g.err_sum = g.err_sum * g.keep + e;
+        note_error_into(&mut g, predicted_ns, duration_ns);
+        observe_into(&mut g, size, duration_ns);
     }
 
     /// A copy of the model's state.
@@ -248,6 +238,30 @@ impl CostModel {
             mean_size: if seen { g.mx.exp_m1() } else { 0.0 },
         }
     }
+}
+
+fn observe_into(g: &mut Inner, size: f64, duration_ns: u64) {
+    let (x, y) = (feature(size), target(duration_ns));
+    let old = g.n * g.keep;
+    let n = old + 1.0;
+    let (dx, dy) = (x - g.mx, y - g.my);
+    g.mx += dx / n;
+    g.my += dy / n;
+    // merging weight `old` (centred at the old means) with one sample at (x, y)
+    let f = old / n;
+    g.mxx = g.keep * g.mxx + f * dx * dx;
+    g.mxy = g.keep * g.mxy + f * dx * dy;
+    g.n = n;
+    g.raw += 1;
+}
+
+fn note_error_into(g: &mut Inner, predicted_ns: u64, actual_ns: u64) {
+    if predicted_ns == 0 {
+        return;
+    }
+    let e = (target(actual_ns) - target(predicted_ns)).abs();
+    g.err_n = g.err_n * g.keep + 1.0;
+    g.err_sum = g.err_sum * g.keep + e;
 }
 
 /// Whether a call is a spike: its predicted deviation from the typical attempt is at least
@@ -346,6 +360,19 @@ mod tests {
         assert!(close(p.deviation, 100.0, 1e-6), "{p:?}");
         assert_eq!(p.spread, 0.0);
         assert!(!judge(&p, 3.0), "no spread in the sizes: no judgement");
+    }
+
+    #[test]
+    fn learn_is_note_error_then_observe() {
+        let (a, b) = (CostModel::new(100, 1), CostModel::new(100, 1));
+        for (i, s) in sizes(50).enumerate() {
+            let d = 1_000 + 37 * i as u64;
+            let p = if i % 3 == 0 { 0 } else { 900 + i as u64 };
+            a.learn(s, d, p);
+            b.note_error(p, d);
+            b.observe(s, d);
+        }
+        assert_eq!(a.view(), b.view());
     }
 
     #[test]

@@ -193,14 +193,13 @@ class _Replayer:
     def __call__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        from tokengate.guard.guard_house import replay_call
+
         if self.coordinator is None:
             from tokengate import OperationsCoordinator
 
             self.coordinator = OperationsCoordinator().start()
-        options = getattr(fn, "options", None)
-        if options is not None:
-            return options(quarantine=False)(*args, **kwargs)
-        return fn(*args, **kwargs)
+        return replay_call(fn, args, kwargs, self.coordinator._runtime())
 
     def close(self, wait: bool) -> None:
         if self.coordinator is not None:

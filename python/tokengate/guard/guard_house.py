@@ -186,14 +186,14 @@ def replay_call(
     calls."""
     from .._core import GuardedFunction
 
-    if isinstance(fn, GuardedFunction):
-        skip = fn.options(quarantine=False)
-        if runtime is not None:
-            return runtime.call_guarded(skip, tuple(args), dict(kwargs))
-        return skip(*args, **kwargs)
+    options = getattr(fn, "options", None)
+    target = options(quarantine=False) if callable(options) else fn
     if runtime is not None:
-        return runtime.submit(fn, tuple(args), dict(kwargs))
-    return fn(*args, **kwargs)
+        if isinstance(target, GuardedFunction):
+            return runtime.call_guarded(target, tuple(args), dict(kwargs))
+        if options is None:  # a plain callable: a token of its own on that runtime
+            return runtime.submit(fn, tuple(args), dict(kwargs))
+    return target(*args, **kwargs)
 
 
 class GuardHouse:
