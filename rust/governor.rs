@@ -91,6 +91,9 @@ pub struct Gov {
     pub attempt: Option<crate::guard::AttemptNote>,
     /// A quarantined token's record id in the store, or why it could not be stored.
     pub quarantine: Option<Result<String, String>>,
+    /// The chain step whose completion submitted this one (kept only while an attempt hook
+    /// is set: tracing parents a step to the step before it).
+    pub previous: Option<Py<TaskToken>>,
 }
 
 /// What the timer thread handles.
@@ -412,6 +415,31 @@ impl Governor {
                 .saturating_sub(self.tier_dead[i].load(Ordering::Relaxed));
             let td = stats_dict(py, &st)?;
             td.set_item("limit", l.conf().total)?;
+            d.set_item(*name, td)?;
+        }
+        Ok(d)
+    }
+
+    /// `metrics()["storage"]`: per tier, its limit, running and held tokens, permits granted
+    /// and their waits (per log2 bucket, immediate grants in the first; and their sum).
+    pub fn tier_metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (i, (name, _)) in TIERS.iter().enumerate() {
+            let l = &self.tiers[i];
+            let st = l.stats();
+            let mut buckets = st.wait_hist;
+            buckets[0] += st.granted.saturating_sub(st.delayed);
+            let td = PyDict::new(py);
+            td.set_item("limit", l.conf().total)?;
+            td.set_item("running", st.holders)?;
+            td.set_item(
+                "held",
+                st.held
+                    .saturating_sub(self.tier_dead[i].load(Ordering::Relaxed)),
+            )?;
+            td.set_item("granted", st.granted)?;
+            td.set_item("wait_buckets", buckets.to_vec())?;
+            td.set_item("wait_sum", st.wait_ns_sum as f64 / 1e9)?;
             d.set_item(*name, td)?;
         }
         Ok(d)
@@ -838,6 +866,7 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
                 match shared.sched.abandon_for_retry(h) {
                     Ok(()) => {
+                        crate::observe::retried(py, t, &err);
                         t.with_gov(|g| g.errors.push(err));
                         release_permits(py, tok);
                         schedule_retry(py, shared, tok, delay);
@@ -860,7 +889,7 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             }
             // Waiters are woken here; callbacks and chain steps run on the callback thread,
             // so one that waits cannot stall the other timers.
-            let (threads, others) = t.take_listeners();
+            let (threads, others) = t.settle_listeners(py);
             wake_threads(threads);
             if !others.is_empty() {
                 shared.gov.defer_callbacks(py, tok, others);
@@ -1029,9 +1058,11 @@ pub fn end_attempt(
     if let Err(e) = &outcome {
         if let Some(delay) = retry_delay(py, t, pol, e.bind(py), attempt) {
             let Err(e) = outcome else { unreachable!() };
+            let err = e.clone_ref(py);
             t.with_gov(|g| g.errors.push(e));
             h.state.clear_flags(FLAG_FINISHING);
             if shared.sched.retry(core, wi, h) {
+                crate::observe::retried(py, t, &err);
                 release_permits(py, tok);
                 schedule_retry(py, shared, tok, delay);
                 return EndOfAttempt::Retried;
@@ -1090,23 +1121,16 @@ pub fn chain<'py>(
         .call_method1("_chain_target", (func, options))?;
     let gf = gf.cast_into::<crate::guarded::GuardedFunction>()?;
     let op = gf.get().op.clone();
+    let call = crate::token::Call::new(py, &op, args.unbind(), None)?;
     let id = shared.sched.next_id();
-    let child = Bound::new(
-        py,
-        TaskToken::new(
-            id,
-            op,
-            shared.clone(),
-            crate::token::Call {
-                args: args.unbind(),
-                kwargs: None,
-            },
-        ),
-    )?;
+    let child = Bound::new(py, TaskToken::new(id, op, shared.clone(), call))?;
     if shared.sched.is_shutdown() {
         return Err(CoreError::NotRunning.into_pyerr(py));
     }
     shared.sched.accept_early();
+    if shared.events.wants(crate::observe::CREATED) {
+        crate::observe::emit(&shared.events, crate::observe::CREATED, child.get(), None, None);
+    }
     if let Err(Listener::Chain(c)) = p.add_listener(Listener::Chain(child.clone().unbind())) {
         continue_chain(parent, c.bind(py));
     }
@@ -1123,7 +1147,7 @@ pub fn continue_chain(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken
         if !chain_step(&p, &c) {
             continue;
         }
-        let (threads, others) = c.get().take_listeners();
+        let (threads, others) = c.get().settle_listeners(py);
         wake_threads(threads);
         let mut callbacks = Vec::new();
         for l in others {
@@ -1158,6 +1182,9 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
             }
             if c.header.state.load().is_settled() {
                 return false; // killed while it waited for its parent
+            }
+            if shared.attempt_hook(py).is_some() {
+                c.with_gov(|g| g.previous = Some(parent.clone().unbind()));
             }
             if let Some(gh) = shared.guard.as_ref() {
                 // A step passes its operation's breaker when it comes up (not its spike check).
@@ -1266,13 +1293,10 @@ pub fn run_inline(
                 format!("token {} has no call to run", h.id),
             )),
             Some(call) => crate::runtime::with_inline_current(tok, || {
-                crate::exitguard::call(
-                    t.op.func.bind(py),
-                    call.args.bind(py),
-                    call.kwargs.as_ref().map(|k| k.bind(py)),
-                )
-                .map(Bound::unbind)
-                .map_err(|e| e.into_value(py))
+                crate::observe::started(t, h.created_ns());
+                crate::observe::call_attempt(py, tok, &call)
+                    .map(Bound::unbind)
+                    .map_err(|e| e.into_value(py))
             }),
         };
         // A call that ran past its timeout ends TIMED_OUT (its result is dropped): decided once,
@@ -1288,6 +1312,7 @@ pub fn run_inline(
         match retry_delay(py, t, pol, e.bind(py), h.attempt()) {
             Some(delay) => {
                 let Err(e) = outcome else { unreachable!() };
+                crate::observe::retried(py, t, &e);
                 t.with_gov(|g| g.errors.push(e));
                 if delay > 0.0 {
                     py.detach(|| std::thread::sleep(Duration::from_secs_f64(delay)));

@@ -53,6 +53,8 @@ pub(crate) struct SlotFigures {
     /// Nanoseconds spent executing tokens that finished.
     busy_ns: AtomicU64,
     waits: [AtomicU64; WAIT_BUCKETS],
+    /// The sum of those waits, in ns.
+    wait_ns: AtomicU64,
     /// The CPU-time clock of the slot's thread (`pthread_getcpuclockid`), or `NO_CLOCK`.
     clock: AtomicI64,
 }
@@ -63,6 +65,7 @@ impl Default for SlotFigures {
             busy_since: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             waits: Default::default(),
+            wait_ns: AtomicU64::new(0),
             clock: AtomicI64::new(NO_CLOCK),
         }
     }
@@ -80,7 +83,9 @@ impl SlotFigures {
     #[inline]
     pub(crate) fn note_start(&self, now: u64, created: u64) {
         self.busy_since.store(now, Ordering::Relaxed);
-        bump(&self.waits[wait_bucket(now.saturating_sub(created))], 1);
+        let wait = now.saturating_sub(created);
+        bump(&self.waits[wait_bucket(wait)], 1);
+        bump(&self.wait_ns, wait);
     }
 
     #[inline]
@@ -96,6 +101,11 @@ impl SlotFigures {
 
     pub(crate) fn busy_ns(&self) -> u64 {
         self.busy_ns.load(Ordering::Relaxed)
+    }
+
+    /// The sum of the submit-to-start waits counted here, in ns.
+    pub(crate) fn wait_ns(&self) -> u64 {
+        self.wait_ns.load(Ordering::Relaxed)
     }
 
     pub(crate) fn add_waits(&self, into: &mut [u64; WAIT_BUCKETS]) {

@@ -672,6 +672,22 @@ impl GuardHouse {
             .transition(TokenState::Created, TokenState::Quarantined);
         t.header.stamp_finished(now_ns());
         g.health.note_quarantined();
+        if t.rt.events.wants(crate::observe::QUARANTINED) {
+            let detail = t
+                .with_gov_if(|gv| match gv.quarantine.as_ref() {
+                    Some(Ok(id)) => id.clone(),
+                    Some(Err(why)) => format!("not stored: {why}"),
+                    None => String::new(),
+                })
+                .unwrap_or_default();
+            crate::observe::emit(
+                &t.rt.events,
+                crate::observe::QUARANTINED,
+                t,
+                None,
+                Some(PyString::new(py, &detail).into_any().unbind()),
+            );
+        }
         interrupt.map_or(Ok(()), Err)
     }
 
@@ -722,6 +738,37 @@ impl GuardHouse {
                 .saturating_sub(queued_since(&t.header, attempt)),
         );
         self.note_breaker(py, g, &note, true, exec, now);
+    }
+
+    /// `t` was just settled: its operation counts how it ended (once per token).
+    pub fn note_settled(&self, py: Python<'_>, t: &TaskToken) {
+        use crate::health::TokenOutcome as O;
+        let outcome = match t.header.state.load() {
+            TokenState::Completed => O::Completed,
+            TokenState::Failed => O::Failed,
+            TokenState::Killed | TokenState::Cancelling => O::Killed,
+            TokenState::TimedOut => O::TimedOut,
+            _ => return, // (quarantined: counted when it was)
+        };
+        let shard = t.header.placement().map_or(0, |(c, _)| c);
+        self.op(py, t.op.operation_type.bind(py), Some(&t.op))
+            .health
+            .note_token(shard, outcome);
+    }
+
+    /// Another attempt of `t` is scheduled.
+    pub fn note_retried(&self, py: Python<'_>, t: &TaskToken) {
+        let shard = t.header.placement().map_or(0, |(c, _)| c);
+        self.op(py, t.op.operation_type.bind(py), Some(&t.op))
+            .health
+            .note_token(shard, crate::health::TokenOutcome::Retried);
+    }
+
+    /// A submission of `spec` was refused after its token was made.
+    pub fn note_refused(&self, py: Python<'_>, spec: &OpSpec) {
+        self.op(py, spec.operation_type.bind(py), Some(spec))
+            .health
+            .note_refused();
     }
 
     /// Whether a retry of `spec` may be scheduled now: not while its breaker is open,
@@ -918,6 +965,49 @@ impl GuardHouse {
             .iter()
             .map(|g| g.name.clone())
             .collect()
+    }
+
+    /// Per operation, what a metrics scrape exports (`Runtime.metrics()["operations"]`).
+    pub fn metrics<'py>(&self, py: Python<'py>, bounds_ns: &[u64]) -> PyResult<Bound<'py, PyList>> {
+        use crate::health::{AttemptOutcome, TokenOutcome};
+        let ops: Vec<Arc<OpGuard>> = lock(&self.registry).ops.clone();
+        let now = now_ns();
+        let bounds: Vec<f64> = bounds_ns
+            .iter()
+            .map(|&b| if b == u64::MAX { f64::INFINITY } else { b as f64 / 1e9 })
+            .collect();
+        let out = PyList::empty(py);
+        for g in ops {
+            let hs = g.health.snapshot();
+            let d = PyDict::new(py);
+            d.set_item("operation", &g.name)?;
+            let tokens = PyDict::new(py);
+            for o in TokenOutcome::ALL {
+                tokens.set_item(o.name(), hs.tokens[o as usize])?;
+            }
+            tokens.set_item("quarantined", hs.quarantined)?;
+            tokens.set_item("blocked", hs.blocked)?;
+            tokens.set_item("refused", hs.refused)?;
+            d.set_item("tokens", tokens)?;
+            let attempts = PyDict::new(py);
+            for o in AttemptOutcome::ALL {
+                let n = match o {
+                    AttemptOutcome::Completed => hs.completed,
+                    AttemptOutcome::Failed => hs.failed,
+                    AttemptOutcome::TimedOut => hs.timed_out,
+                    AttemptOutcome::Killed => hs.killed,
+                };
+                attempts.set_item(o.name(), n)?;
+            }
+            d.set_item("attempts", attempts)?;
+            d.set_item("execution_bounds", bounds.clone())?;
+            d.set_item("execution_buckets", hs.hist.cumulative_at(bounds_ns))?;
+            d.set_item("execution_count", hs.hist.total())?;
+            d.set_item("execution_sum", hs.exec_ns_sum as f64 / 1e9)?;
+            d.set_item("breaker", g.breaker.view(now).state.name())?;
+            out.append(d)?;
+        }
+        Ok(out)
     }
 
     /// Everything known about operation `name` as a dict (None if never seen).
@@ -1166,7 +1256,7 @@ fn inspect_score(py: Python<'_>, func: &Bound<'_, PyAny>) -> Option<f32> {
 
 /// Where an attempt's queue wait starts: the token's creation for its first attempt, its
 /// admission back into a mailbox for a retry (its retry delay is not queueing).
-fn queued_since(h: &crate::state::Header, attempt: u32) -> u64 {
+pub(crate) fn queued_since(h: &crate::state::Header, attempt: u32) -> u64 {
     if attempt > 1 {
         h.admitted_ns().unwrap_or_else(|| h.created_ns())
     } else {

@@ -38,7 +38,7 @@ impl GuardedFunction {
         *, timeout=None, retries=0, retry_backoff=0.0, retry_backoff_max=None,
         retry_jitter=true, retry_on=None, retry_timeouts=false, retry_budget=None,
         on_exhausted=None, max_concurrency=None, rate_limit=None, rate_burst=None,
-        limit_by=None, complexity=None, guard=None, spike_check=true))]
+        limit_by=None, complexity=None, guard=None, spike_check=true, copy_context=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         func: Bound<'_, PyAny>,
@@ -63,6 +63,7 @@ impl GuardedFunction {
         complexity: Option<f64>,
         guard: Option<Bound<'_, PyDict>>,
         spike_check: bool,
+        copy_context: bool,
     ) -> PyResult<Self> {
         if !func.is_callable() {
             return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -137,6 +138,7 @@ impl GuardedFunction {
                     .map(|g| crate::guard::GuardDecl::from_dict(g).map(Box::new))
                     .transpose()?,
                 spike_check,
+                copy_context,
             }),
         })
     }
@@ -168,6 +170,7 @@ impl GuardedFunction {
         d.set_item("tags", op.tags.as_ref().map(|t| t.bind(py)))?;
         d.set_item("complexity", op.complexity.map(|c| c as f64))?;
         d.set_item("spike_check", op.spike_check)?;
+        d.set_item("copy_context", op.copy_context)?;
         if let Some(p) = &op.policy {
             d.set_item("timeout", p.timeout)?;
             d.set_item("retries", p.retries)?;

@@ -163,6 +163,32 @@ impl HistogramSnapshot {
     }
 }
 
+impl HistogramSnapshot {
+    /// Prometheus-style cumulative counts at each of `bounds_ns` (ascending): the values whose
+    /// bucket's midpoint is at most the bound. A value within a bucket's width (12.5 %) of a
+    /// bound may so be counted on either side of it; the last count is the total only if the
+    /// last bound is `u64::MAX`.
+    pub fn cumulative_at(&self, bounds_ns: &[u64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(bounds_ns.len());
+        let mut seen = 0u64;
+        let mut i = 0usize;
+        for &b in bounds_ns {
+            while i < self.counts.len() {
+                let lo = bucket_lower(i);
+                let hi = bucket_upper(i);
+                let mid = lo + (hi - lo) / 2;
+                if b != u64::MAX && mid > b {
+                    break;
+                }
+                seen += self.counts[i];
+                i += 1;
+            }
+            out.push(seen);
+        }
+        out
+    }
+}
+
 /// How an executed attempt ended.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -197,9 +223,44 @@ impl AttemptOutcome {
     }
 }
 
+/// How a token of the operation ended (counted once per token, when it settles), or a retry
+/// (counted per retry).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenOutcome {
+    Completed = 0,
+    Failed = 1,
+    Killed = 2,
+    TimedOut = 3,
+    /// Another attempt was scheduled (not a final outcome: one per retry).
+    Retried = 4,
+}
+
+impl TokenOutcome {
+    pub const ALL: [TokenOutcome; 5] = [
+        TokenOutcome::Completed,
+        TokenOutcome::Failed,
+        TokenOutcome::Killed,
+        TokenOutcome::TimedOut,
+        TokenOutcome::Retried,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenOutcome::Completed => "completed",
+            TokenOutcome::Failed => "failed",
+            TokenOutcome::Killed => "killed",
+            TokenOutcome::TimedOut => "timed_out",
+            TokenOutcome::Retried => "retried",
+        }
+    }
+}
+
 /// The counters of one shard (one core).
 #[derive(Default)]
 struct Shard {
+    /// Tokens by how they ended, and retries ([`TokenOutcome`] order).
+    tokens: [AtomicU64; 5],
     /// Attempts that failed, timed out, were killed (`AttemptOutcome as usize - 1`); completed
     /// ones are the histogram's total minus these.
     others: [AtomicU64; 3],
@@ -214,6 +275,8 @@ struct Shard {
 struct Rare {
     blocked: AtomicU64,
     quarantined: AtomicU64,
+    /// Submissions refused after their token was made (pool full, admission closed).
+    refused: AtomicU64,
 }
 
 /// The health counters of one operation, sharded by core (see the module docs).
@@ -267,6 +330,20 @@ impl OpHealth {
         s.hist.record(exec_ns);
     }
 
+    /// Counts a token of the operation that ended with `outcome` (or a retry), on shard
+    /// `shard` (one relaxed `fetch_add`).
+    #[inline]
+    pub fn note_token(&self, shard: usize, outcome: TokenOutcome) {
+        let n = self.shards.len();
+        let s = &self.shards[if shard < n { shard } else { shard % n }];
+        s.tokens[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a submission of the operation refused after its token was made.
+    pub fn note_refused(&self) {
+        self.rare.refused.fetch_add(1, Relaxed);
+    }
+
     /// Counts a call of the operation that was refused because the operation is blocked.
     pub fn note_blocked(&self) {
         self.rare.blocked.fetch_add(1, Relaxed);
@@ -282,8 +359,12 @@ impl OpHealth {
         let mut others = [0u64; 3];
         let (mut exec, mut queue, mut max) = (0u64, 0u64, 0u64);
         let mut hist = HistogramSnapshot::default();
+        let mut tokens = [0u64; 5];
         for s in self.shards.iter() {
             s.hist.merge_into(&mut hist);
+            for (acc, c) in tokens.iter_mut().zip(s.tokens.iter()) {
+                *acc += c.load(Relaxed);
+            }
             for (acc, c) in others.iter_mut().zip(s.others.iter()) {
                 *acc += c.load(Relaxed);
             }
@@ -302,6 +383,8 @@ impl OpHealth {
             killed,
             blocked: self.rare.blocked.load(Relaxed),
             quarantined: self.rare.quarantined.load(Relaxed),
+            refused: self.rare.refused.load(Relaxed),
+            tokens,
             exec_ns_sum: exec,
             queue_ns_sum: queue,
             max_exec_ns: max,
@@ -328,6 +411,10 @@ pub struct HealthSnapshot {
     /// Times the operation was quarantined.
     pub quarantined: u64,
     /// Sum of the attempts' execution times, in ns.
+    /// Submissions refused after their token was made.
+    pub refused: u64,
+    /// Tokens by how they ended, and retries ([`TokenOutcome`] order).
+    pub tokens: [u64; 5],
     pub exec_ns_sum: u64,
     /// Sum of the attempts' submit-to-start waits, in ns.
     pub queue_ns_sum: u64,
@@ -583,5 +670,36 @@ mod tests {
         assert_eq!(s.hist.total(), 40_000);
         assert_eq!(s.exec_ns_sum, 4 * (0..10_000).sum::<u64>());
         assert_eq!((s.queue_ns_sum, s.max_exec_ns), (40_000, 9_999));
+    }
+
+    #[test]
+    fn cumulative_counts_at_bounds_are_monotone_and_end_at_the_total() {
+        let h = DurationHistogram::new();
+        for v in [5u64, 900, 1_000, 1_100, 50_000, 2_000_000, u64::MAX / 2] {
+            h.record(v);
+        }
+        let mut s = HistogramSnapshot::default();
+        h.merge_into(&mut s);
+        let c = s.cumulative_at(&[10, 1_000, 100_000, 1_000_000_000, u64::MAX]);
+        assert_eq!(c[0], 1);
+        // 900 and 1000 are at most the bound 1000; 1100 is more than 12.5 % above it
+        assert_eq!(c[1], 3);
+        assert_eq!(c[2], 5);
+        assert_eq!(c[3], 6);
+        assert_eq!(c[4], 7);
+        assert!(c.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn token_outcomes_are_counted_per_token_apart_from_attempts() {
+        let h = OpHealth::new(2);
+        h.note_token(0, TokenOutcome::Completed);
+        h.note_token(1, TokenOutcome::Completed);
+        h.note_token(7, TokenOutcome::Retried);
+        h.note_refused();
+        let s = h.snapshot();
+        assert_eq!(s.tokens, [2, 0, 0, 0, 1]);
+        assert_eq!(s.refused, 1);
+        assert_eq!(s.attempts, 0);
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod breaker;
 pub mod clock;
+pub mod events;
 pub mod health;
 pub mod history;
 pub mod mailbox;
@@ -24,6 +25,7 @@ mod governor;
 mod guard;
 mod guarded;
 mod monitor;
+mod observe;
 mod policy;
 mod runtime;
 mod token;
@@ -48,6 +50,8 @@ mod tokengate_core {
         _after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime,
     };
     #[pymodule_export]
+    use super::observe::LifecycleEvent;
+    #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 
     use pyo3::prelude::*;
@@ -55,6 +59,7 @@ mod tokengate_core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("EVENT_KINDS", super::events::KINDS.to_vec())?;
         Ok(())
     }
 }

@@ -52,6 +52,22 @@ pub struct Shared {
     /// Whether a monitor thread gives busy cores more workers at once (`monitor.rs`).
     grow_on_demand: bool,
     pub(crate) growth: crate::monitor::Counters,
+    /// Lifecycle events (recorded only for the kinds someone subscribed to).
+    pub(crate) events: crate::observe::Ring,
+    /// What runs each attempt in place of the bare call (tracing), if set.
+    attempt_hook: Mutex<Option<Py<PyAny>>>,
+    has_attempt_hook: AtomicBool,
+}
+
+impl Shared {
+    /// The attempt hook, if one is set (one relaxed load when none is).
+    #[inline]
+    pub(crate) fn attempt_hook(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        if !self.has_attempt_hook.load(Ordering::Relaxed) {
+            return None;
+        }
+        lock(&self.attempt_hook).as_ref().map(|h| h.clone_ref(py))
+    }
 }
 
 /// The runtimes decorated calls go to; the last started one wins.
@@ -438,7 +454,7 @@ pub(crate) fn try_run_inline(py: Python<'_>, tok: &Bound<'_, TaskToken>) -> bool
     }) else {
         return false;
     };
-    if !shared.sched.claim_inline(core, wi, &tok.get().header) {
+    if !shared.sched.claim_inline(core, wi, tok.as_unbound()) {
         return false;
     }
     shared.inline_runs.fetch_add(1, Ordering::Relaxed);
@@ -501,6 +517,7 @@ fn run_started(
         obj: job.as_ptr(),
         under: 0,
     });
+    crate::observe::started(tok, crate::guard::queued_since(&tok.header, attempt));
     let res = catch_unwind(AssertUnwindSafe(|| {
         if tok.wants_panic() {
             panic!("test hook: panic while running token {}", tok.header.id);
@@ -516,9 +533,7 @@ fn run_started(
                 format!("token {} has no call to run", tok.header.id),
             ));
         };
-        let func = tok.op.func.bind(py);
-        let args = call.args.bind(py);
-        let r = crate::exitguard::call(func, args, call.kwargs.as_ref().map(|k| k.bind(py)));
+        let r = crate::observe::call_attempt(py, job.bind(py), &call);
         drop(call);
         r.map(Bound::unbind).map_err(|e| e.into_value(py))
     }));
@@ -588,7 +603,12 @@ fn run_started(
             governor::after_failure(py, job.bind(py));
         }
     }
-    let (waiters, callbacks) = tok.take_listeners();
+    // (Not finished here: it was killed while it ran, and whoever killed it settled it.)
+    let (waiters, callbacks) = if finished.is_some() {
+        tok.settle_listeners(py)
+    } else {
+        tok.take_listeners()
+    };
     let deferred = if callbacks.is_empty() {
         waiters
     } else {
@@ -777,16 +797,17 @@ pub(crate) fn submit_token<'py>(
     let now = crate::clock::now_ns();
     // The gate comes first: a blocked operation queues nothing.
     let gate = match shared.guard.as_ref() {
-        Some(gh) => Some(gh.gate(
-            py,
-            op,
-            args.bind(py),
-            kwargs.as_ref().map(|k| k.bind(py)),
-            now,
-        )?),
+        Some(gh) => match gh.gate(py, op, args.bind(py), kwargs.as_ref().map(|k| k.bind(py)), now)
+        {
+            Ok(g) => Some(g),
+            Err(e) => {
+                crate::observe::blocked(py, &shared.events, op, &e);
+                return Err(e);
+            }
+        },
         None => None,
     };
-    let call = Call { args, kwargs };
+    let call = Call::new(py, op, args, kwargs)?;
     let bytes = if shared.sched.config().memory_budget.is_some() {
         estimate_bytes(py, &call)
     } else {
@@ -797,6 +818,26 @@ pub(crate) fn submit_token<'py>(
         py,
         TaskToken::new_at(id, op.clone(), shared.clone(), call, now),
     )?;
+    if shared.events.wants(crate::observe::CREATED) {
+        crate::observe::emit(&shared.events, crate::observe::CREATED, tok.get(), None, None);
+    }
+    let r = submit_created(py, shared, op, &tok, gate, bytes, origin);
+    if let Err(e) = &r {
+        crate::observe::refused(py, &tok, e);
+    }
+    r.map(|()| tok)
+}
+
+/// The rest of `submit_token` once the token exists.
+fn submit_created<'py>(
+    py: Python<'py>,
+    shared: &Arc<Shared>,
+    op: &Arc<OpSpec>,
+    tok: &Bound<'py, TaskToken>,
+    gate: Option<crate::guard::Gate>,
+    bytes: u64,
+    origin: Option<&Bound<'py, PyAny>>,
+) -> PyResult<()> {
     if let Some(gate) = gate {
         let h = &tok.get().header;
         match (&gate.prediction, gate.size) {
@@ -806,13 +847,12 @@ pub(crate) fn submit_token<'py>(
         }
         if gate.spike {
             if let (Some(gh), Some(origin)) = (shared.guard.as_ref(), origin) {
-                gh.quarantine(py, &tok, origin, &gate)?;
-                return Ok(tok);
+                return gh.quarantine(py, tok, origin, &gate);
             }
         }
         if let Some(ticket) = gate.probe {
             tok.get().with_gov(|g| g.probe = Some(ticket));
-            let r = enqueue(py, shared, &tok, bytes);
+            let r = enqueue(py, shared, tok, bytes);
             if r.is_err() {
                 if let Some(t) = tok.get().with_gov_if(|g| g.probe.take()).flatten() {
                     if let Some(gh) = shared.guard.as_ref() {
@@ -820,10 +860,10 @@ pub(crate) fn submit_token<'py>(
                     }
                 }
             }
-            return r.map(|()| tok);
+            return r;
         }
     }
-    enqueue(py, shared, &tok, bytes).map(|()| tok)
+    enqueue(py, shared, tok, bytes)
 }
 
 /// Puts a new token in the pool (or on the governed path), waiting for room as configured;
@@ -1118,7 +1158,7 @@ impl Runtime {
         mailbox_capacity=120, pool_capacity=100_000, overflow="block", submit_timeout=None,
         pin_workers=true, first_token_id=1, worker_stack_size=None, decorated_calls=true,
         mode="threads", storage_limits=None, memory_budget=None, grow_on_demand=true,
-        guard_house=true, history_size=10_000, guard_hook=None))]
+        guard_house=true, history_size=10_000, guard_hook=None, event_capacity=65_536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cores: Option<usize>,
@@ -1139,7 +1179,15 @@ impl Runtime {
         guard_house: bool,
         history_size: usize,
         guard_hook: Option<Py<PyAny>>,
+        event_capacity: usize,
     ) -> PyResult<Self> {
+        if !(1..=1 << 24).contains(&event_capacity) {
+            return Err(CoreError::Config(format!(
+                "event_capacity must be between 1 and {}, got {event_capacity}",
+                1 << 24
+            ))
+            .into());
+        }
         let inline = match mode {
             "threads" => false,
             "inline" => true,
@@ -1219,6 +1267,9 @@ impl Runtime {
                 fork_gen: FORK_GEN.load(Ordering::SeqCst),
                 grow_on_demand,
                 growth: Default::default(),
+                events: crate::events::EventRing::new(event_capacity),
+                attempt_hook: Mutex::new(None),
+                has_attempt_hook: AtomicBool::new(false),
             }),
         })
     }
@@ -1310,6 +1361,7 @@ impl Runtime {
             complexity: None,
             guard: None,
             spike_check: false,
+            copy_context: true,
         });
         no_panic(py, || {
             submit_token(
@@ -1413,7 +1465,7 @@ impl Runtime {
                 if self.shared.sched.kill(&tok.header).is_ok() {
                     drop(tok.take_call());
                     governor::settled(py, job.bind(py));
-                    let (threads, callbacks) = tok.take_listeners();
+                    let (threads, callbacks) = tok.settle_listeners(py);
                     wake_threads(threads);
                     killed.push((job, callbacks));
                 }
@@ -1587,6 +1639,105 @@ impl Runtime {
 
     fn active_workers(&self, core: &Bound<'_, PyAny>) -> PyResult<usize> {
         Ok(self.shared.sched.active(self.core_index(core)?))
+    }
+
+    /// Which lifecycle event kinds are recorded (bits of `EVENT_KINDS`; 0: none).
+    #[getter]
+    fn event_mask(&self) -> u32 {
+        self.shared.events.mask()
+    }
+
+    /// Records the lifecycle event kinds in `mask` from now on (0: none, which costs
+    /// nothing).
+    fn set_event_mask(&self, mask: u32) {
+        self.shared.events.set_mask(mask);
+    }
+
+    /// Takes up to `max` buffered lifecycle events, oldest first, waiting up to `timeout`
+    /// seconds (GIL released) for the first and then a few ms for a batch; `[]` on timeout
+    /// or after `wake_events()`.
+    #[pyo3(signature = (max=4096, timeout=0.1))]
+    fn take_events(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: f64,
+    ) -> PyResult<Vec<crate::observe::LifecycleEvent>> {
+        if timeout.is_nan() || timeout < 0.0 {
+            return Err(CoreError::Config(format!(
+                "timeout must be a number of seconds >= 0, got {timeout}"
+            ))
+            .into());
+        }
+        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::from_secs(3600));
+        Ok(crate::observe::take(py, &self.shared.events, max, timeout))
+    }
+
+    /// Cuts a `take_events` wait short.
+    fn wake_events(&self) {
+        self.shared.events.wake();
+    }
+
+    /// Lifecycle events lost because the buffer was full.
+    #[getter]
+    fn events_dropped(&self) -> u64 {
+        self.shared.events.dropped()
+    }
+
+    /// Sets (or with None clears) what runs each attempt: `hook(token, func, args, kwargs,
+    /// previous)` in place of `func(*args, **kwargs)`, on the worker, in the token's context.
+    fn set_attempt_hook(&self, hook: Option<Py<PyAny>>) {
+        let on = hook.is_some();
+        *lock(&self.shared.attempt_hook) = hook;
+        self.shared.has_attempt_hook.store(on, Ordering::Release);
+    }
+
+    /// The figures a metrics scrape exports, in one call (see docs/observability.md).
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = self.shared.sched.stats();
+        let d = PyDict::new(py);
+        d.set_item("created", st.created)?;
+        let tokens = PyDict::new(py);
+        tokens.set_item("waiting", st.waiting)?;
+        tokens.set_item("admitted", st.admitted)?;
+        tokens.set_item("executing", st.executing)?;
+        tokens.set_item("held", st.held)?;
+        d.set_item("tokens", tokens)?;
+        d.set_item("pool_depth", st.pool_len)?;
+        d.set_item("events_dropped", self.shared.events.dropped())?;
+        let bounds: Vec<f64> = (0..crate::sched::growth::WAIT_BUCKETS)
+            .map(|i| {
+                if i + 1 == crate::sched::growth::WAIT_BUCKETS {
+                    f64::INFINITY
+                } else {
+                    crate::sched::growth::bucket_upper_us(i) as f64 / 1e6
+                }
+            })
+            .collect();
+        d.set_item("queue_wait_bounds", bounds)?;
+        let per_core = PyList::empty(py);
+        for (i, c) in st.per_core.iter().enumerate() {
+            let cd = PyDict::new(py);
+            cd.set_item("core", i + 1)?;
+            cd.set_item("queue_depth", c.queue_depth)?;
+            cd.set_item("active_workers", c.active_workers)?;
+            cd.set_item("busy_workers", self.shared.sched.busy_targets(i))?;
+            let routed = PyDict::new(py);
+            for w in Weight::ALL {
+                routed.set_item(w.name(), c.routed[w as usize])?;
+            }
+            cd.set_item("routed", routed)?;
+            cd.set_item("queue_wait_buckets", c.wait_histogram.to_vec())?;
+            cd.set_item("queue_wait_sum", c.wait_ns_sum as f64 / 1e9)?;
+            per_core.append(cd)?;
+        }
+        d.set_item("per_core", per_core)?;
+        d.set_item("storage", self.shared.gov.tier_metrics(py)?)?;
+        match self.shared.guard.as_ref() {
+            Some(gh) => d.set_item("operations", gh.metrics(py, &EXECUTION_BOUNDS_NS)?)?,
+            None => d.set_item("operations", PyList::empty(py))?,
+        }
+        Ok(d)
     }
 
     /// Counters and per-core distribution.
@@ -1772,6 +1923,33 @@ impl Runtime {
 }
 
 /// "high", "normal" or "low".
+/// The upper bounds of the execution-time histogram buckets a metrics scrape exports, in ns
+/// (10 µs to 60 s, then +Inf).
+const EXECUTION_BOUNDS_NS: [u64; 22] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+    u64::MAX,
+];
+
 pub(crate) fn priority_name(p: Priority) -> &'static str {
     match p {
         Priority::High => "high",

@@ -27,6 +27,11 @@ pub mod growth;
 /// Anything the scheduler can carry: it only needs the token header.
 pub trait Job: Send + Sync + 'static {
     fn header(&self) -> &Header;
+
+    /// The job was just admitted to a mailbox (before it is visible to any worker there), so
+    /// an observer sees "admitted" before "started".
+    #[inline]
+    fn admitted(&self) {}
 }
 
 /// How a job enters a mailbox or the pool.
@@ -340,6 +345,8 @@ pub struct CoreStats {
     pub busy_ns: u64,
     /// Submit-to-start waits of the tokens started here, in log2 microsecond buckets.
     pub wait_histogram: [u64; growth::WAIT_BUCKETS],
+    /// The sum of those waits, in ns.
+    pub wait_ns_sum: u64,
 }
 
 pub struct Scheduler<J> {
@@ -576,6 +583,7 @@ impl<J: Job> Scheduler<J> {
             }
         }
         self.admit_into(h, core, wi, now_ns());
+        job.admitted();
         if new {
             self.accepted.fetch_add(1, Ordering::AcqRel);
         }
@@ -1042,6 +1050,7 @@ impl<J: Job> Scheduler<J> {
                     .is_ok()
                 {
                     self.admit_into(h, core, wi, t);
+                    job.admitted();
                     admitted += 1;
                 } else {
                     cs.load.fetch_add(1, Ordering::AcqRel);
@@ -1499,7 +1508,8 @@ impl<J: Job> Scheduler<J> {
     /// the token had not started (it is EXECUTING now, counted on this worker), false if
     /// another worker started it, it was killed, or it is final. Its queue entry is discarded
     /// when popped, like a killed token's.
-    pub fn claim_inline(&self, core: usize, wi: usize, h: &Header) -> bool {
+    pub fn claim_inline(&self, core: usize, wi: usize, job: &J) -> bool {
+        let h = job.header();
         let cs = &self.cores[core];
         match h.state.load() {
             TokenState::Admitted => {
@@ -1524,6 +1534,7 @@ impl<J: Job> Scheduler<J> {
                     return false;
                 }
                 self.admit_into(h, core, wi, now_ns());
+                job.admitted();
                 self.pulled.fetch_add(1, Ordering::AcqRel);
                 self.start(core, wi, h)
             }
@@ -1784,8 +1795,10 @@ impl<J: Job> Scheduler<J> {
             let mut spawned = 0usize;
             let mut busy_ns = 0u64;
             let mut waits = [0u64; growth::WAIT_BUCKETS];
+            let mut wait_ns = 0u64;
             for w in cs.workers.iter() {
                 busy_ns += w.figures.busy_ns();
+                wait_ns = wait_ns.wrapping_add(w.figures.wait_ns());
                 w.figures.add_waits(&mut waits);
                 let done = w.completed.load(Ordering::Acquire);
                 let fail = w.failed.load(Ordering::Acquire);
@@ -1819,6 +1832,7 @@ impl<J: Job> Scheduler<J> {
                 grown_workers: cs.grown_workers.load(Ordering::Relaxed),
                 busy_ns,
                 wait_histogram: waits,
+                wait_ns_sum: wait_ns,
             });
         }
         let o_completed = self.outside_completed.load(Ordering::Acquire);
@@ -2259,10 +2273,10 @@ mod tests {
         let queued = job(&s, Weight::Heavy);
         s.try_submit(queued.clone()).unwrap();
         let (c, w) = queued.header.placement().unwrap();
-        assert!(s.claim_inline(0, 1, &queued.header));
+        assert!(s.claim_inline(0, 1, &queued));
         assert_eq!(queued.header.state.load(), TokenState::Executing);
         assert_eq!(queued.header.placement(), Some((0, 1)));
-        assert!(!s.claim_inline(0, 1, &queued.header), "only once");
+        assert!(!s.claim_inline(0, 1, &queued), "only once");
         s.finish(0, 1, &queued.header, true).unwrap();
         s.release(0, 1);
         // its queue entry is discarded by whoever pops it
@@ -2272,7 +2286,7 @@ mod tests {
         let waiting = job(&s, Weight::Medium);
         s.try_submit(waiting.clone()).unwrap();
         assert_eq!(waiting.header.state.load(), TokenState::Waiting);
-        assert!(s.claim_inline(0, 0, &waiting.header));
+        assert!(s.claim_inline(0, 0, &waiting));
         s.finish(0, 0, &waiting.header, false).unwrap();
         s.release(0, 0);
         s.unpause();
@@ -2389,7 +2403,7 @@ mod tests {
         assert_eq!(s.hold_new(&b), Ok(true));
         let c = job(&s, Weight::Heavy);
         assert_eq!(s.hold_new(&c), Err(RejectReason::PoolFull));
-        assert!(!s.claim_inline(0, 0, &a.header), "it waits for a permit");
+        assert!(!s.claim_inline(0, 0, &a), "it waits for a permit");
         s.close();
         assert!(
             s.unhold(a.clone(), false),

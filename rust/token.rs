@@ -38,6 +38,8 @@ pub struct OpSpec {
     pub guard: Option<Box<crate::guard::GuardDecl>>,
     /// False for calls that skip the spike check (a released quarantined call).
     pub spike_check: bool,
+    /// Whether calls run in a copy of the submitter's `contextvars` context.
+    pub copy_context: bool,
 }
 
 impl OpSpec {
@@ -57,6 +59,26 @@ impl OpSpec {
 pub(crate) struct Call {
     pub args: Py<PyTuple>,
     pub kwargs: Option<Py<PyDict>>,
+    /// The submitter's `contextvars` context, copied at submission (None: the operation
+    /// opted out with `copy_context=False`).
+    pub ctx: Option<Py<PyAny>>,
+}
+
+impl Call {
+    pub(crate) fn new(py: Python<'_>, op: &OpSpec, args: Py<PyTuple>, kwargs: Option<Py<PyDict>>) -> PyResult<Call> {
+        let ctx = if op.copy_context { Some(copy_context(py)?) } else { None };
+        Ok(Call { args, kwargs, ctx })
+    }
+}
+
+/// A copy of the calling thread's current `contextvars` context (what
+/// `contextvars.copy_context()` returns).
+pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    // SAFETY: attached to the interpreter; a new reference or NULL with an exception set.
+    unsafe {
+        let p = pyo3::ffi::PyContext_CopyCurrent();
+        Bound::from_owned_ptr_or_err(py, p).map(Bound::unbind)
+    }
 }
 
 struct Slot {
@@ -123,6 +145,14 @@ impl Job for Py<TaskToken> {
     fn header(&self) -> &Header {
         &self.get().header
     }
+
+    #[inline]
+    fn admitted(&self) {
+        let t = self.get();
+        if t.rt.events.wants(crate::observe::ADMITTED) {
+            crate::observe::emit(&t.rt.events, crate::observe::ADMITTED, t, None, None);
+        }
+    }
 }
 
 /// Wakes threads taken from a token's waiter list.
@@ -181,6 +211,7 @@ impl TaskToken {
         lock(&self.slot).call.as_ref().map(|c| Call {
             args: c.args.clone_ref(py),
             kwargs: c.kwargs.as_ref().map(|k| k.clone_ref(py)),
+            ctx: c.ctx.as_ref().map(|k| k.clone_ref(py)),
         })
     }
 
@@ -220,6 +251,22 @@ impl TaskToken {
 
     pub(crate) fn wants_panic(&self) -> bool {
         self.header.state.raw() & FLAG_PANIC != 0
+    }
+
+    /// The token was just settled by the caller (who made its final transition, once per
+    /// token): counts its outcome for its operation, records its final event, and takes its
+    /// listeners (see `take_listeners`).
+    pub(crate) fn settle_listeners(&self, py: Python<'_>) -> (Vec<Thread>, Vec<Listener>) {
+        crate::observe::settled(py, self);
+        self.take_listeners()
+    }
+
+    /// The exception of a FAILED token.
+    pub(crate) fn error(&self, py: Python<'_>) -> Option<Py<PyBaseException>> {
+        match self.outcome() {
+            Some(Err(e)) => Some(e.clone_ref(py)),
+            _ => None,
+        }
     }
 
     /// Takes the threads to wake and the callbacks and chained tokens to run; call once the
@@ -262,7 +309,7 @@ impl TaskToken {
 
     /// Wakes the waiters and runs the callbacks of a token that just became final.
     pub(crate) fn notify_listeners(slf: &Bound<'_, TaskToken>) -> PyResult<()> {
-        let (threads, callbacks) = slf.get().take_listeners();
+        let (threads, callbacks) = slf.get().settle_listeners(slf.py());
         wake_threads(threads);
         TaskToken::call_callbacks(slf, callbacks)
     }
@@ -594,11 +641,17 @@ impl TaskToken {
                 for e in &gov.errors {
                     visit.call(e)?;
                 }
+                if let Some(p) = &gov.previous {
+                    visit.call(p)?;
+                }
             }
             if let Some(call) = &slot.call {
                 visit.call(&call.args)?;
                 if let Some(kw) = &call.kwargs {
                     visit.call(kw)?;
+                }
+                if let Some(ctx) = &call.ctx {
+                    visit.call(ctx)?;
                 }
             }
             for l in &slot.listeners {

@@ -22,9 +22,11 @@ from ._types import STORAGE_SPEEDS
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning, InvalidOption
 from .guard.breaker import CircuitBreaker, Quarantine, guard_settings
 from .guard.guard_house import GuardHouse
+from .observe.events import EventFeed
 from .policy import options as _options
 
 if TYPE_CHECKING:
+    from .observe.metrics import MetricsServer
     from .policy.convergence import Convergence
 
 __all__ = ["OperationsCoordinator"]
@@ -34,6 +36,17 @@ log = logging.getLogger("tokengate")
 T = TypeVar("T")
 
 _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
+#: Names given to coordinators made without one ("default", then "coordinator-2", ...).
+_names_made = 0
+_names_lock = threading.Lock()
+
+
+def _default_name() -> str:
+    global _names_made
+    with _names_lock:
+        _names_made += 1
+        return "default" if _names_made == 1 else f"coordinator-{_names_made}"
+
 _SAMPLE_EVERY = 0.5
 #: How long leaving a `with` block on Ctrl-C (or interpreter exit) waits for running tokens.
 _INTERRUPT_GRACE = 1.0
@@ -271,6 +284,14 @@ class OperationsCoordinator:
         quarantine_dir: where the quarantine store keeps its records (default
             ``$TOKENGATE_QUARANTINE_DIR``, else under the user's data directory).
         history_size: execution records kept (the newest, in a ring; 0 keeps none).
+        name: what the coordinator is called in metrics (the ``coordinator`` label) and
+            logs. Default: ``"default"`` for the first coordinator made without a name in
+            this process, then ``"coordinator-2"``, ``"coordinator-3"``, ...
+        event_capacity: lifecycle events the core buffers for :attr:`events` subscribers
+            (1 to 2**24; beyond it events are dropped and counted, never waited for).
+        tracing: one OpenTelemetry span per attempt (docs/observability.md): True uses the
+            global tracer provider, or pass a ``TracerProvider``. Needs
+            ``pip install 'tokengate[otel]'``.
     """
 
     def __init__(
@@ -297,6 +318,9 @@ class OperationsCoordinator:
         quarantine: bool | Quarantine | None = None,
         quarantine_dir: str | os.PathLike[str] | None = None,
         history_size: int = 10_000,
+        name: str | None = None,
+        event_capacity: int = 65_536,
+        tracing: bool | Any = False,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -371,6 +395,20 @@ class OperationsCoordinator:
             quarantine,
         )
         self._history_size = _check_int("history_size", history_size, 0, 2**24)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError(f"name must be a non-empty str or None, got {name!r}")
+        #: The coordinator's name (the ``coordinator`` label of its metrics).
+        self.name: str = name if name is not None else _default_name()
+        self._event_capacity = _check_int("event_capacity", event_capacity, 1, 2**24)
+        self._attempt_hook: Callable[..., Any] | None = None
+        if tracing is not False and tracing is not None:
+            from .observe.otel import attempt_hook
+
+            self._attempt_hook = attempt_hook(None if tracing is True else tracing)
+        #: The lifecycle event feed (docs/observability.md): ``events.subscribe(fn)``,
+        #: ``async for event in events``.
+        self.events = EventFeed(name=self.name)
+        self._metrics_registry: Any = None
         #: The Guard House: health, breakers, quarantine and history (docs/guard-house.md).
         self.guard_house = GuardHouse(self._last_runtime, quarantine_dir)
         self._lock = threading.RLock()
@@ -417,7 +455,10 @@ class OperationsCoordinator:
                 guard_house=self._guard_on,
                 history_size=self._history_size,
                 guard_hook=_quarantine_hook(self.guard_house),
+                event_capacity=self._event_capacity,
             )
+            if self._attempt_hook is not None:
+                rt.set_attempt_hook(self._attempt_hook)
             if self._guard_on:
                 if self._guard_defaults is not None:
                     rt.guard_defaults(self._guard_defaults)
@@ -425,6 +466,7 @@ class OperationsCoordinator:
             rt.start()
             self._rt = rt
             self._last_rt = rt
+            self.events._attach(rt)
             self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
             self._control.start()
             self._control.submit(self._sample_rate())
@@ -542,6 +584,10 @@ class OperationsCoordinator:
             if stop.control is not None:
                 stop.control.stop()
         finally:
+            try:
+                self.events._detach()
+            except Exception:  # pragma: no cover - never keeps a stop from finishing
+                log.exception("stopping the event feed of %r failed", self)
             with self._lock:
                 if self._stopping is stop:
                     self._stopping = None
@@ -667,6 +713,7 @@ class OperationsCoordinator:
         s["paused"] = rt.paused
         s["admission_open"] = self._rt is not None and not rt.closed
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
+        s["events"] = self.events.stats()
         conv = self._convergence
         if conv is not None and conv.rt is rt:
             s["convergence"] = conv.summary()
@@ -675,6 +722,25 @@ class OperationsCoordinator:
 
             s["convergence"] = Convergence.empty_summary(self._convergence_interval)
         return s
+
+    # -- observability ---------------------------------------------------------------
+
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> MetricsServer:
+        """Serve this coordinator's Prometheus metrics at ``http://addr:port/metrics`` from
+        a background thread (port 0: a free port, see the result's ``.port``); close it with
+        the result's ``close()``. Binds to loopback unless told otherwise; the endpoint has
+        no login, so binding elsewhere logs a warning. See docs/observability.md."""
+        from .observe.metrics import serve
+
+        return serve(self, port, addr)
+
+    @property
+    def metrics_registry(self) -> Any:
+        """This coordinator's own ``prometheus_client.CollectorRegistry`` (several
+        coordinators never collide; each sample has a ``coordinator`` label)."""
+        from .observe.metrics import registry_for
+
+        return registry_for(self)
 
     def dump_history(self, path: str | os.PathLike[str]) -> int:
         """Writes the execution history to ``path`` as JSON; returns the records written

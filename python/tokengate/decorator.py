@@ -157,6 +157,7 @@ def task_token_guard(
     circuit_breaker: bool | CircuitBreaker | None = None,
     quarantine: bool | Quarantine | None = None,
     predict: bool | None = None,
+    copy_context: bool = True,
 ) -> GuardedFunction: ...
 
 
@@ -181,6 +182,7 @@ def task_token_guard(
     circuit_breaker: bool | CircuitBreaker | None = None,
     quarantine: bool | Quarantine | None = None,
     predict: bool | None = None,
+    copy_context: bool = True,
 ) -> Callable[[Callable[..., Any]], GuardedFunction]: ...
 
 
@@ -216,6 +218,12 @@ def task_token_guard(
     cost far above the operation's baseline are quarantined instead of run), ``predict``
     (tokens get a ``predicted_duration`` without quarantine). Without them the operation
     gets the coordinator's settings (passive by default: observed, never blocked).
+
+    ``copy_context`` (keyword-only, default True): each call runs in a copy of the caller's
+    :mod:`contextvars` context, as :func:`asyncio.to_thread` does (request ids, the current
+    OpenTelemetry span and any ``ContextVar`` reach the task; what the task sets stays in its
+    copy). ``False`` runs it in the worker thread's own context instead (see
+    docs/observability.md for what that saves).
 
     Usable as ``@task_token_guard`` or
     ``@task_token_guard(operation_type=..., tags=..., priority=...)``.

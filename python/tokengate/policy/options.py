@@ -30,6 +30,7 @@ POLICY_OPTIONS: dict[str, Any] = {
     "rate_limit": None,
     "rate_burst": None,
     "limit_by": None,
+    "copy_context": True,
 }
 
 #: The Guard House keywords of ``task_token_guard`` (see docs/guard-house.md).
@@ -137,6 +138,9 @@ def normalize(options: Mapping[str, Any], also_valid: tuple[str, ...] = ()) -> d
     if not isinstance(o["retry_jitter"], bool):
         raise InvalidOption(f"retry_jitter must be True or False, got {o['retry_jitter']!r}")
     out["retry_jitter"] = o["retry_jitter"]
+    if not isinstance(o["copy_context"], bool):
+        raise InvalidOption(f"copy_context must be True or False, got {o['copy_context']!r}")
+    out["copy_context"] = o["copy_context"]
     retry_on = _retry_on(o["retry_on"])
     out["retry_on"] = retry_on
     out["retry_timeouts"] = retry_on is not None and any(

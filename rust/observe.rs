@@ -1,0 +1,441 @@
+//! Lifecycle events: what the core records (through the pure ring of `events.rs`) and the
+//! `LifecycleEvent` Python objects the delivery thread takes. Emission sites call
+//! [`wants`] first, so with nobody listening an event costs one relaxed load and is never
+//! built.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyBaseException;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::events::{EventRing, KINDS};
+use crate::router::{Priority, Weight};
+use crate::state::Header;
+use crate::token::{OpSpec, TaskToken};
+
+pub(crate) use crate::events::{
+    ADMITTED, BLOCKED, COMPLETED, CREATED, FAILED, KILLED, QUARANTINED, REFUSED, RETRIED,
+    STARTED, TIMED_OUT,
+};
+
+/// "No value" for the 64-bit fields of [`Event`].
+const NONE: u64 = u64::MAX;
+
+/// One recorded event: plain data plus the operation (shared, no GIL needed to clone) and an
+/// optional Python object (the error, or a detail string) cloned where the GIL is held.
+pub(crate) struct Event {
+    kind: u8,
+    weight: Weight,
+    priority: Priority,
+    /// Core index + 1, worker index + 1 (0: not placed).
+    core: u16,
+    worker: u16,
+    attempt: u32,
+    token_id: u64,
+    t_ns: u64,
+    /// Queue wait (started) or the attempt's duration (ended), in ns; `NONE` if neither.
+    span_ns: u64,
+    op: Arc<OpSpec>,
+    obj: Option<Py<PyAny>>,
+}
+
+pub(crate) type Ring = EventRing<Event>;
+
+/// Records an event of `t` (call only if `ring.wants(kind)`, so an unwanted event is never
+/// built).
+pub(crate) fn emit(
+    ring: &Ring,
+    kind: u8,
+    t: &TaskToken,
+    span_ns: Option<u64>,
+    obj: Option<Py<PyAny>>,
+) {
+    let h: &Header = &t.header;
+    let (core, worker) = h
+        .placement()
+        .map_or((0, 0), |(c, w)| (c as u16 + 1, w as u16 + 1));
+    ring.push(Event {
+        kind,
+        weight: h.weight(),
+        priority: h.priority(),
+        core,
+        worker,
+        attempt: h.attempt(),
+        token_id: h.id,
+        t_ns: crate::clock::now_ns(),
+        span_ns: span_ns.unwrap_or(NONE),
+        op: t.op.clone(),
+        obj,
+    });
+}
+
+/// Records an event of a call of `op` that has no token (a breaker refused it).
+pub(crate) fn emit_call(ring: &Ring, kind: u8, op: &Arc<OpSpec>, detail: Option<Py<PyAny>>) {
+    ring.push(Event {
+        kind,
+        weight: op.weight,
+        priority: op.priority,
+        core: 0,
+        worker: 0,
+        attempt: 0,
+        token_id: 0,
+        t_ns: crate::clock::now_ns(),
+        span_ns: NONE,
+        op: op.clone(),
+        obj: detail,
+    });
+}
+
+/// The final event of `t`, which the caller just settled (from its state).
+pub(crate) fn emit_final(py: Python<'_>, t: &TaskToken) {
+    use crate::state::TokenState as S;
+    let ring = &t.rt.events;
+    let (kind, obj) = match t.header.state.load() {
+        S::Completed => (COMPLETED, None),
+        S::Failed => (FAILED, t.error(py).map(|e| e.into_any())),
+        S::Killed | S::Cancelling => (KILLED, None),
+        S::TimedOut => (TIMED_OUT, None),
+        S::Quarantined => (QUARANTINED, None),
+        _ => return,
+    };
+    if !ring.wants(kind) {
+        return;
+    }
+    let span = match (kind, t.header.started_ns()) {
+        (KILLED | TIMED_OUT | COMPLETED | FAILED, Some(s)) => {
+            let end = t.header.finished_ns().unwrap_or_else(crate::clock::now_ns);
+            Some(end.saturating_sub(s))
+        }
+        _ => None,
+    };
+    emit(ring, kind, t, span, obj);
+}
+
+/// The wall clock minus the monotonic clock, in seconds (what turns event times into
+/// `time.time()` values).
+fn wall_offset() -> f64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    wall - crate::clock::now_ns() as f64 / 1e9
+}
+
+/// Takes up to `max` events of `ring` as Python objects (see `EventRing::take`); the GIL is
+/// released while it waits.
+pub(crate) fn take(
+    py: Python<'_>,
+    ring: &Ring,
+    max: usize,
+    timeout: std::time::Duration,
+) -> Vec<LifecycleEvent> {
+    let batch = py.detach(|| ring.take(max, timeout, LINGER));
+    let off = wall_offset();
+    batch
+        .into_iter()
+        .map(|ev| LifecycleEvent {
+            time: ev.t_ns as f64 / 1e9 + off,
+            ev,
+        })
+        .collect()
+}
+
+/// How long the delivery thread gathers events after the first one.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// One lifecycle event of a token (or of a refused call), as delivered to subscribers of
+/// `coordinator.events`.
+#[pyclass(frozen, module = "tokengate._core", name = "LifecycleEvent")]
+pub struct LifecycleEvent {
+    ev: Event,
+    time: f64,
+}
+
+#[pymethods]
+impl LifecycleEvent {
+    /// One of `EVENT_KINDS`: "created", "admitted", "started", "completed", "failed",
+    /// "killed", "timed_out", "retried", "quarantined", "blocked", "refused".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        KINDS[self.ev.kind as usize]
+    }
+
+    /// The token's id (None for "blocked": the call was refused before a token existed).
+    #[getter]
+    fn token_id(&self) -> Option<u64> {
+        (self.ev.token_id != 0).then_some(self.ev.token_id)
+    }
+
+    #[getter]
+    fn operation(&self, py: Python<'_>) -> Py<PyString> {
+        self.ev.op.operation_type.clone_ref(py)
+    }
+
+    /// When it happened, in seconds since the epoch (as `time.time()`).
+    #[getter]
+    fn time(&self) -> f64 {
+        self.time
+    }
+
+    /// "heavy", "medium" or "light" (the token's weight at the time).
+    #[getter]
+    fn weight(&self) -> &'static str {
+        self.ev.weight.name()
+    }
+
+    /// "high", "normal" or "low".
+    #[getter]
+    fn priority(&self) -> &'static str {
+        crate::runtime::priority_name(self.ev.priority)
+    }
+
+    /// The 1-based core the token was routed to (None before it was admitted).
+    #[getter]
+    fn core(&self) -> Option<u16> {
+        (self.ev.core != 0).then(|| self.ev.core)
+    }
+
+    /// The 0-based worker index on that core (None before it was admitted).
+    #[getter]
+    fn worker(&self) -> Option<u16> {
+        (self.ev.worker != 0).then(|| self.ev.worker - 1)
+    }
+
+    /// Attempts started so far (1 for the first attempt; 0 before it started).
+    #[getter]
+    fn attempt(&self) -> u32 {
+        self.ev.attempt
+    }
+
+    /// The operation's tags (None if it has none).
+    #[getter]
+    fn tags(&self, py: Python<'_>) -> Option<Py<PyDict>> {
+        self.ev.op.tags.as_ref().map(|t| t.clone_ref(py))
+    }
+
+    /// "started": seconds the attempt waited since it was submitted (or since its retry was
+    /// scheduled to run); None for other kinds.
+    #[getter]
+    fn queue_wait(&self) -> Option<f64> {
+        (self.ev.kind == STARTED && self.ev.span_ns != NONE).then(|| self.ev.span_ns as f64 / 1e9)
+    }
+
+    /// Seconds the attempt ran: "completed", "failed", "retried", and "killed"/"timed_out"
+    /// of a token that had started; None otherwise.
+    #[getter]
+    fn duration(&self) -> Option<f64> {
+        (self.ev.kind != STARTED && self.ev.span_ns != NONE).then(|| self.ev.span_ns as f64 / 1e9)
+    }
+
+    /// The exception of a "failed" or "retried" event (None otherwise).
+    #[getter]
+    fn error<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.ev
+            .obj
+            .as_ref()
+            .map(|o| o.bind(py).clone())
+            .filter(|o| o.is_instance_of::<PyBaseException>())
+    }
+
+    /// Why a call was "blocked" or "refused", the record id of a "quarantined" one (or why it
+    /// could not be stored), when a "retried" one runs again; None otherwise.
+    #[getter]
+    fn detail(&self, py: Python<'_>) -> Option<String> {
+        let o = self.ev.obj.as_ref()?.bind(py);
+        if o.is_instance_of::<PyBaseException>() {
+            return None;
+        }
+        o.str().ok().map(|s| s.to_string())
+    }
+
+    /// The event as a JSON-safe dict (the error as `{"type": qualname, "message": str}`).
+    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("kind", self.kind())?;
+        d.set_item("token_id", self.token_id())?;
+        d.set_item("operation", self.operation(py))?;
+        d.set_item("time", self.time)?;
+        d.set_item("weight", self.weight())?;
+        d.set_item("priority", self.priority())?;
+        d.set_item("core", self.core())?;
+        d.set_item("worker", self.worker())?;
+        d.set_item("attempt", self.attempt())?;
+        let tags = match self.tags(py) {
+            Some(t) => Some(t.bind(py).copy()?),
+            None => None,
+        };
+        d.set_item("tags", tags)?;
+        d.set_item("queue_wait", self.queue_wait())?;
+        d.set_item("duration", self.duration())?;
+        let err = match self.error(py) {
+            Some(e) => {
+                let ed = PyDict::new(py);
+                let name = e
+                    .get_type()
+                    .qualname()
+                    .map_or_else(|_| "BaseException".to_string(), |n| n.to_string());
+                ed.set_item("type", name)?;
+                ed.set_item("message", e.str().map_or_else(|_| String::new(), |s| s.to_string()))?;
+                Some(ed)
+            }
+            None => None,
+        };
+        d.set_item("error", err)?;
+        d.set_item("detail", self.detail(py))?;
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let op = self.ev.op.operation_type.bind(py).to_string();
+        match self.token_id() {
+            Some(id) => format!("<LifecycleEvent {} token={} op={:?}>", self.kind(), id, op),
+            None => format!("<LifecycleEvent {} op={:?}>", self.kind(), op),
+        }
+    }
+}
+
+// ---- what the token's way reports ---------------------------------------------------------
+
+/// `t` was just settled by the caller: its operation counts the outcome, and its final event
+/// is recorded.
+pub(crate) fn settled(py: Python<'_>, t: &TaskToken) {
+    if let Some(gh) = t.rt.guard.as_ref() {
+        gh.note_settled(py, t);
+    }
+    emit_final(py, t);
+}
+
+/// The submission of `tok` raised `e` before the token was accepted (pool full, admission
+/// closed, ...): it is counted and recorded as refused. Nothing if the token got further (a
+/// quarantine interrupted by Ctrl-C is not a refusal).
+pub(crate) fn refused(py: Python<'_>, tok: &Bound<'_, TaskToken>, e: &PyErr) {
+    let t = tok.get();
+    if t.header.state.load() != crate::state::TokenState::Created {
+        return;
+    }
+    if let Some(gh) = t.rt.guard.as_ref() {
+        gh.note_refused(py, &t.op);
+    }
+    if t.rt.events.wants(REFUSED) {
+        let why = e
+            .value(py)
+            .str()
+            .map_or_else(|_| "refused".to_string(), |s| s.to_string());
+        emit(
+            &t.rt.events,
+            REFUSED,
+            t,
+            None,
+            Some(PyString::new(py, &why).into_any().unbind()),
+        );
+    }
+}
+
+/// A breaker refused a call of `op` (no token was made).
+pub(crate) fn blocked(py: Python<'_>, ring: &Ring, op: &Arc<OpSpec>, e: &PyErr) {
+    if ring.wants(BLOCKED) {
+        let why = e
+            .value(py)
+            .str()
+            .map_or_else(|_| "blocked".to_string(), |s| s.to_string());
+        emit_call(ring, BLOCKED, op, Some(PyString::new(py, &why).into_any().unbind()));
+    }
+}
+
+/// An attempt of `t` starts on its worker (`queued_ns`: since when it waited).
+#[inline]
+pub(crate) fn started(t: &TaskToken, queued_ns: u64) {
+    let ring = &t.rt.events;
+    if ring.wants(STARTED) {
+        let wait = t
+            .header
+            .started_ns()
+            .map(|s| s.saturating_sub(queued_ns));
+        emit(ring, STARTED, t, wait, None);
+    }
+}
+
+/// An attempt of `t` failed with `err` (or timed out) and another one is scheduled.
+pub(crate) fn retried(py: Python<'_>, t: &TaskToken, err: &Py<PyBaseException>) {
+    if let Some(gh) = t.rt.guard.as_ref() {
+        gh.note_retried(py, t);
+    }
+    let ring = &t.rt.events;
+    if ring.wants(RETRIED) {
+        let ran = t
+            .header
+            .started_ns()
+            .map(|s| crate::clock::now_ns().saturating_sub(s));
+        emit(ring, RETRIED, t, ran, Some(err.clone_ref(py).into_any()));
+    }
+}
+
+/// Runs one attempt of `tok`: `func(*args, **kwargs)` inside the token's copy of its
+/// submitter's context, through the runtime's attempt hook if one is set.
+pub(crate) fn call_attempt<'py>(
+    py: Python<'py>,
+    tok: &Bound<'py, TaskToken>,
+    call: &crate::token::Call,
+) -> PyResult<Bound<'py, PyAny>> {
+    let t = tok.get();
+    let func = t.op.func.bind(py);
+    let args = call.args.bind(py);
+    let kwargs = call.kwargs.as_ref().map(|k| k.bind(py));
+    let Some(ctx) = call.ctx.as_ref() else {
+        return run(py, tok, func, args, kwargs);
+    };
+    // A token that may run again runs each attempt in its own copy of the snapshot, so an
+    // attempt sees nothing an earlier one set (and a late attempt still running cannot
+    // collide with the next one entering the same context).
+    let fresh;
+    let ctx = if t.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
+        // SAFETY: attached; `ctx` is a context object; a new reference or NULL.
+        fresh = unsafe {
+            Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyContext_Copy(ctx.as_ptr()))?
+        };
+        fresh.as_ptr()
+    } else {
+        ctx.as_ptr()
+    };
+    // SAFETY: attached; `ctx` is a context object kept alive by `call` (or `fresh`).
+    if unsafe { pyo3::ffi::PyContext_Enter(ctx) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let r = run(py, tok, func, args, kwargs);
+    // SAFETY: the context entered above, on this thread.
+    if unsafe { pyo3::ffi::PyContext_Exit(ctx) } != 0 {
+        let exit_err = PyErr::fetch(py);
+        return r.and(Err(exit_err));
+    }
+    r
+}
+
+fn run<'py>(
+    py: Python<'py>,
+    tok: &Bound<'py, TaskToken>,
+    func: &Bound<'py, PyAny>,
+    args: &Bound<'py, pyo3::types::PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let t = tok.get();
+    match t.rt.attempt_hook(py) {
+        None => crate::exitguard::call(func, args, kwargs),
+        Some(hook) => {
+            let previous = t
+                .with_gov_if(|g| g.previous.as_ref().map(|p| p.clone_ref(py)))
+                .flatten();
+            let kw = kwargs.map_or_else(|| py.None(), |k| k.clone().unbind().into_any());
+            let hook_args = pyo3::types::PyTuple::new(
+                py,
+                [
+                    tok.clone().into_any().unbind(),
+                    func.clone().unbind(),
+                    args.clone().into_any().unbind(),
+                    kw,
+                    previous.map_or_else(|| py.None(), |p| p.into_any()),
+                ],
+            )?;
+            crate::exitguard::call(hook.bind(py), &hook_args, None)
+        }
+    }
+}
