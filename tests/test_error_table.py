@@ -650,8 +650,8 @@ ROWS = [
         "unknown-option",
         InvalidOption,
         TypeError,
-        "unknown option(s) 'priorty'; valid: circuit_breaker, limit_by, max_concurrency, "
-        "on_exhausted, predict, priority, quarantine,",
+        "unknown option(s) 'priorty'; valid: circuit_breaker, copy_context, limit_by, "
+        "max_concurrency, on_exhausted, predict, priority, quarantine,",
         _unknown_option,
     ),
     Row(

@@ -2,8 +2,13 @@
 
 ::
 
-    tokengate topology [--json]
-    tokengate demo [--seconds 20] [--workers-per-core N] [--seed S] [--json]
+    tokengate [-v | -vv] topology [--json]
+    tokengate [-v | -vv] demo [--seconds 20] [--workers-per-core N] [--seed S] [--json]
+
+``-v`` / ``--verbose`` (before or after the subcommand, counted together) sends the
+``tokengate`` loggers to stderr: none given, warnings and errors only; ``-v``, info; ``-vv``,
+debug, which includes the lifecycle events of the demo's coordinator (one line per event on
+``tokengate.events``). The library itself never configures logging; only this command does.
 
 Each subcommand is a ``_cmd_*`` function registered in :func:`build_parser`; new ones (a future
 ``tokengate bench``) add a subparser there and a handler here, keeping the work itself in the
@@ -108,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokengate",
         description="TokenGate: run decorated Python calls as tokens on pinned per-core workers.",
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log more (-v: info, -vv: debug) to stderr",
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -208,7 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     from .guard import _cli as quarantine_cli
 
     quarantine_cli.add_quarantine_parser(sub)
+    _add_verbose_to_subcommands(parser)
     return parser
+
+
+_VERBOSE_HELP = "log more to stderr (-v: info, -vv: debug and lifecycle events)"
+
+
+def _add_verbose_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v`` after the subcommand too (``tokengate demo -vv``).
+
+    Each innermost subcommand gets its own ``-v`` counted into ``verbose_sub`` (added to the
+    top-level count by :func:`_verbosity`). Parsers that have subcommands of their own do
+    not get one: argparse would overwrite their count with the inner parser's default.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to one parser
+                if any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    _add_verbose_to_subcommands(child)
+                else:
+                    child.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="count",
+                        default=0,
+                        dest="verbose_sub",
+                        help=_VERBOSE_HELP,
+                    )
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return int(args.verbose) + int(getattr(args, "verbose_sub", 0) or 0)
 
 
 def _cmd_history_dump(args: argparse.Namespace) -> int:
@@ -252,14 +282,25 @@ _LOG_HANDLER_NAME = "tokengate-cli"
 
 
 def _configure_logging(verbosity: int) -> None:
-    """Send the ``tokengate`` logger to stderr at a level set by ``-v`` (idempotent)."""
+    """Send the ``tokengate`` logger to stderr at a level set by ``-v`` (idempotent).
+
+    0: WARNING (the quiet default), 1: INFO, 2 or more: DEBUG, which also makes the demo log
+    every lifecycle event of its coordinator (``tokengate.events`` is then enabled for DEBUG).
+    A handler on the ``tokengate`` logger rather than ``logging.basicConfig()``: the root
+    logger stays as it was, so ``-vv`` does not turn on the debug output of other libraries.
+    """
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     if not any(h.get_name() == _LOG_HANDLER_NAME for h in logger.handlers):
         handler = logging.StreamHandler()  # resolves sys.stderr at emit time
         handler.set_name(_LOG_HANDLER_NAME)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, _LOG_DATEFMT))
         logger.addHandler(handler)
     logger.setLevel(level)
+
+
+#: ``12:34:56.789 INFO tokengate: demo: ...``
+_LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+_LOG_DATEFMT = "%H:%M:%S"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
-    _configure_logging(args.verbose)
+    _configure_logging(_verbosity(args))
 
     from tokengate import TokenGateError
 
