@@ -291,7 +291,10 @@ mod tests {
             r.push(i);
         }
         assert_eq!(r.take(4, Duration::ZERO, NO_LINGER), vec![0, 1, 2, 3]);
-        assert_eq!(r.take(100, Duration::ZERO, NO_LINGER), (4..10).collect::<Vec<_>>());
+        assert_eq!(
+            r.take(100, Duration::ZERO, NO_LINGER),
+            (4..10).collect::<Vec<_>>()
+        );
         assert!(r.take(100, Duration::ZERO, NO_LINGER).is_empty());
     }
 
@@ -359,7 +362,10 @@ mod tests {
             r.push(i);
         }
         let t0 = Instant::now();
-        assert_eq!(r.take(100, Duration::ZERO, Duration::from_secs(30)).len(), 4);
+        assert_eq!(
+            r.take(100, Duration::ZERO, Duration::from_secs(30)).len(),
+            4
+        );
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
 

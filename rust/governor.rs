@@ -866,7 +866,7 @@ fn on_deadline(py: Python<'_>, shared: &Arc<Shared>, tok: &Bound<'_, TaskToken>,
             if let Some(delay) = retry_delay(py, t, pol, err.bind(py), attempt) {
                 match shared.sched.abandon_for_retry(h) {
                     Ok(()) => {
-                        crate::observe::retried(py, t, &err);
+                        crate::observe::retried(py, t, &err, delay);
                         t.with_gov(|g| g.errors.push(err));
                         release_permits(py, tok);
                         schedule_retry(py, shared, tok, delay);
@@ -1062,7 +1062,7 @@ pub fn end_attempt(
             t.with_gov(|g| g.errors.push(e));
             h.state.clear_flags(FLAG_FINISHING);
             if shared.sched.retry(core, wi, h) {
-                crate::observe::retried(py, t, &err);
+                crate::observe::retried(py, t, &err, delay);
                 release_permits(py, tok);
                 schedule_retry(py, shared, tok, delay);
                 return EndOfAttempt::Retried;
@@ -1129,7 +1129,13 @@ pub fn chain<'py>(
     }
     shared.sched.accept_early();
     if shared.events.wants(crate::observe::CREATED) {
-        crate::observe::emit(&shared.events, crate::observe::CREATED, child.get(), None, None);
+        crate::observe::emit(
+            &shared.events,
+            crate::observe::CREATED,
+            child.get(),
+            None,
+            None,
+        );
     }
     if let Err(Listener::Chain(c)) = p.add_listener(Listener::Chain(child.clone().unbind())) {
         continue_chain(parent, c.bind(py));
@@ -1312,7 +1318,7 @@ pub fn run_inline(
         match retry_delay(py, t, pol, e.bind(py), h.attempt()) {
             Some(delay) => {
                 let Err(e) = outcome else { unreachable!() };
-                crate::observe::retried(py, t, &e);
+                crate::observe::retried(py, t, &e, delay);
                 t.with_gov(|g| g.errors.push(e));
                 if delay > 0.0 {
                     py.detach(|| std::thread::sleep(Duration::from_secs_f64(delay)));

@@ -974,7 +974,13 @@ impl GuardHouse {
         let now = now_ns();
         let bounds: Vec<f64> = bounds_ns
             .iter()
-            .map(|&b| if b == u64::MAX { f64::INFINITY } else { b as f64 / 1e9 })
+            .map(|&b| {
+                if b == u64::MAX {
+                    f64::INFINITY
+                } else {
+                    b as f64 / 1e9
+                }
+            })
             .collect();
         let out = PyList::empty(py);
         for g in ops {

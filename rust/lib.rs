@@ -46,11 +46,11 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
+    use super::observe::LifecycleEvent;
+    #[pymodule_export]
     use super::runtime::{
         _after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime,
     };
-    #[pymodule_export]
-    use super::observe::LifecycleEvent;
     #[pymodule_export]
     use super::token::{_debug_panic_on_run, TaskToken};
 

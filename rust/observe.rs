@@ -15,8 +15,8 @@ use crate::state::Header;
 use crate::token::{OpSpec, TaskToken};
 
 pub(crate) use crate::events::{
-    ADMITTED, BLOCKED, COMPLETED, CREATED, FAILED, KILLED, QUARANTINED, REFUSED, RETRIED,
-    STARTED, TIMED_OUT,
+    ADMITTED, BLOCKED, COMPLETED, CREATED, FAILED, KILLED, QUARANTINED, REFUSED, RETRIED, STARTED,
+    TIMED_OUT,
 };
 
 /// "No value" for the 64-bit fields of [`Event`].
@@ -36,6 +36,8 @@ pub(crate) struct Event {
     t_ns: u64,
     /// Queue wait (started) or the attempt's duration (ended), in ns; `NONE` if neither.
     span_ns: u64,
+    /// A retry's delay, in ns (`NONE` for other kinds).
+    delay_ns: u64,
     op: Arc<OpSpec>,
     obj: Option<Py<PyAny>>,
 }
@@ -49,6 +51,17 @@ pub(crate) fn emit(
     kind: u8,
     t: &TaskToken,
     span_ns: Option<u64>,
+    obj: Option<Py<PyAny>>,
+) {
+    push(ring, kind, t, span_ns, NONE, obj);
+}
+
+fn push(
+    ring: &Ring,
+    kind: u8,
+    t: &TaskToken,
+    span_ns: Option<u64>,
+    delay_ns: u64,
     obj: Option<Py<PyAny>>,
 ) {
     let h: &Header = &t.header;
@@ -65,6 +78,7 @@ pub(crate) fn emit(
         token_id: h.id,
         t_ns: crate::clock::now_ns(),
         span_ns: span_ns.unwrap_or(NONE),
+        delay_ns,
         op: t.op.clone(),
         obj,
     });
@@ -82,6 +96,7 @@ pub(crate) fn emit_call(ring: &Ring, kind: u8, op: &Arc<OpSpec>, detail: Option<
         token_id: 0,
         t_ns: crate::clock::now_ns(),
         span_ns: NONE,
+        delay_ns: NONE,
         op: op.clone(),
         obj: detail,
     });
@@ -192,7 +207,7 @@ impl LifecycleEvent {
     /// The 1-based core the token was routed to (None before it was admitted).
     #[getter]
     fn core(&self) -> Option<u16> {
-        (self.ev.core != 0).then(|| self.ev.core)
+        (self.ev.core != 0).then_some(self.ev.core)
     }
 
     /// The 0-based worker index on that core (None before it was admitted).
@@ -241,6 +256,9 @@ impl LifecycleEvent {
     /// could not be stored), when a "retried" one runs again; None otherwise.
     #[getter]
     fn detail(&self, py: Python<'_>) -> Option<String> {
+        if self.ev.delay_ns != NONE {
+            return Some(format!("retry in {:.3}s", self.ev.delay_ns as f64 / 1e9));
+        }
         let o = self.ev.obj.as_ref()?.bind(py);
         if o.is_instance_of::<PyBaseException>() {
             return None;
@@ -275,7 +293,10 @@ impl LifecycleEvent {
                     .qualname()
                     .map_or_else(|_| "BaseException".to_string(), |n| n.to_string());
                 ed.set_item("type", name)?;
-                ed.set_item("message", e.str().map_or_else(|_| String::new(), |s| s.to_string()))?;
+                ed.set_item(
+                    "message",
+                    e.str().map_or_else(|_| String::new(), |s| s.to_string()),
+                )?;
                 Some(ed)
             }
             None => None,
@@ -338,7 +359,12 @@ pub(crate) fn blocked(py: Python<'_>, ring: &Ring, op: &Arc<OpSpec>, e: &PyErr) 
             .value(py)
             .str()
             .map_or_else(|_| "blocked".to_string(), |s| s.to_string());
-        emit_call(ring, BLOCKED, op, Some(PyString::new(py, &why).into_any().unbind()));
+        emit_call(
+            ring,
+            BLOCKED,
+            op,
+            Some(PyString::new(py, &why).into_any().unbind()),
+        );
     }
 }
 
@@ -347,16 +373,14 @@ pub(crate) fn blocked(py: Python<'_>, ring: &Ring, op: &Arc<OpSpec>, e: &PyErr) 
 pub(crate) fn started(t: &TaskToken, queued_ns: u64) {
     let ring = &t.rt.events;
     if ring.wants(STARTED) {
-        let wait = t
-            .header
-            .started_ns()
-            .map(|s| s.saturating_sub(queued_ns));
+        let wait = t.header.started_ns().map(|s| s.saturating_sub(queued_ns));
         emit(ring, STARTED, t, wait, None);
     }
 }
 
-/// An attempt of `t` failed with `err` (or timed out) and another one is scheduled.
-pub(crate) fn retried(py: Python<'_>, t: &TaskToken, err: &Py<PyBaseException>) {
+/// An attempt of `t` failed with `err` (or timed out) and another one runs in `delay`
+/// seconds.
+pub(crate) fn retried(py: Python<'_>, t: &TaskToken, err: &Py<PyBaseException>, delay: f64) {
     if let Some(gh) = t.rt.guard.as_ref() {
         gh.note_retried(py, t);
     }
@@ -366,7 +390,15 @@ pub(crate) fn retried(py: Python<'_>, t: &TaskToken, err: &Py<PyBaseException>) 
             .header
             .started_ns()
             .map(|s| crate::clock::now_ns().saturating_sub(s));
-        emit(ring, RETRIED, t, ran, Some(err.clone_ref(py).into_any()));
+        let delay_ns = (delay.max(0.0) * 1e9).min(u64::MAX as f64 / 2.0) as u64;
+        push(
+            ring,
+            RETRIED,
+            t,
+            ran,
+            delay_ns,
+            Some(err.clone_ref(py).into_any()),
+        );
     }
 }
 
@@ -381,23 +413,16 @@ pub(crate) fn call_attempt<'py>(
     let func = t.op.func.bind(py);
     let args = call.args.bind(py);
     let kwargs = call.kwargs.as_ref().map(|k| k.bind(py));
-    let Some(ctx) = call.ctx.as_ref() else {
+    let Some(ctx) = call.ctx.as_ref().map(|c| c.as_ptr()) else {
         return run(py, tok, func, args, kwargs);
     };
-    // A token that may run again runs each attempt in its own copy of the snapshot, so an
-    // attempt sees nothing an earlier one set (and a late attempt still running cannot
-    // collide with the next one entering the same context).
-    let fresh;
-    let ctx = if t.op.policy.as_ref().is_some_and(|p| p.retries > 0) {
-        // SAFETY: attached; `ctx` is a context object; a new reference or NULL.
-        fresh = unsafe {
-            Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyContext_Copy(ctx.as_ptr()))?
-        };
-        fresh.as_ptr()
-    } else {
-        ctx.as_ptr()
-    };
-    // SAFETY: attached; `ctx` is a context object kept alive by `call` (or `fresh`).
+    // Each attempt runs in a fresh copy of the (shared, immutable) snapshot: what it sets is
+    // its own, and tokens sharing the snapshot (or a late attempt and the next one) never
+    // enter the same context object.
+    // SAFETY: attached; `ctx` is a context object; a new reference or NULL.
+    let fresh = unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyContext_Copy(ctx))? };
+    let ctx = fresh.as_ptr();
+    // SAFETY: attached; `ctx` is a context object kept alive by `fresh`.
     if unsafe { pyo3::ffi::PyContext_Enter(ctx) } != 0 {
         return Err(PyErr::fetch(py));
     }

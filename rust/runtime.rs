@@ -797,8 +797,13 @@ pub(crate) fn submit_token<'py>(
     let now = crate::clock::now_ns();
     // The gate comes first: a blocked operation queues nothing.
     let gate = match shared.guard.as_ref() {
-        Some(gh) => match gh.gate(py, op, args.bind(py), kwargs.as_ref().map(|k| k.bind(py)), now)
-        {
+        Some(gh) => match gh.gate(
+            py,
+            op,
+            args.bind(py),
+            kwargs.as_ref().map(|k| k.bind(py)),
+            now,
+        ) {
             Ok(g) => Some(g),
             Err(e) => {
                 crate::observe::blocked(py, &shared.events, op, &e);
@@ -819,7 +824,13 @@ pub(crate) fn submit_token<'py>(
         TaskToken::new_at(id, op.clone(), shared.clone(), call, now),
     )?;
     if shared.events.wants(crate::observe::CREATED) {
-        crate::observe::emit(&shared.events, crate::observe::CREATED, tok.get(), None, None);
+        crate::observe::emit(
+            &shared.events,
+            crate::observe::CREATED,
+            tok.get(),
+            None,
+            None,
+        );
     }
     let r = submit_created(py, shared, op, &tok, gate, bytes, origin);
     if let Err(e) = &r {

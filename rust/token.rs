@@ -1,7 +1,7 @@
 //! `TaskToken`: the Python handle of one call. The scheduler carries `Py<TaskToken>` itself,
 //! so a queued token is one Python object (no second allocation).
 
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -61,24 +61,115 @@ pub(crate) struct Call {
     pub kwargs: Option<Py<PyDict>>,
     /// The submitter's `contextvars` context, copied at submission (None: the operation
     /// opted out with `copy_context=False`).
-    pub ctx: Option<Py<PyAny>>,
+    pub ctx: Option<ContextCopy>,
 }
 
 impl Call {
-    pub(crate) fn new(py: Python<'_>, op: &OpSpec, args: Py<PyTuple>, kwargs: Option<Py<PyDict>>) -> PyResult<Call> {
-        let ctx = if op.copy_context { Some(copy_context(py)?) } else { None };
+    pub(crate) fn new(
+        py: Python<'_>,
+        op: &OpSpec,
+        args: Py<PyTuple>,
+        kwargs: Option<Py<PyDict>>,
+    ) -> PyResult<Call> {
+        let ctx = if op.copy_context {
+            Some(ContextCopy::current(py)?)
+        } else {
+            None
+        };
         Ok(Call { args, kwargs, ctx })
     }
 }
 
-/// A copy of the calling thread's current `contextvars` context (what
-/// `contextvars.copy_context()` returns).
-pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
-    // SAFETY: attached to the interpreter; a new reference or NULL with an exception set.
-    unsafe {
-        let p = pyo3::ffi::PyContext_CopyCurrent();
-        Bound::from_owned_ptr_or_err(py, p).map(Bound::unbind)
+/// The submitting thread's `contextvars` context as it was at submission: an immutable
+/// snapshot, shared by the tokens submitted in the same context. A token never runs in the
+/// snapshot itself but in a fresh copy of it per attempt (`observe::call_attempt`), so what a
+/// task sets stays in its own copy, and tokens sharing a snapshot can run at once.
+///
+/// Why shared: a context object per queued token doubles the objects the cyclic garbage
+/// collector tracks in a burst of submissions, and the collections that causes cost a no-op
+/// token about 30 % of its throughput (docs/observability.md). The per-attempt copy lives only
+/// while the attempt runs, so CPython's context free list recycles it.
+pub(crate) struct ContextCopy(Py<PyAny>);
+
+thread_local! {
+    /// The last snapshot this thread submitted with, and the address of the variables it holds
+    /// (the snapshot keeps them alive, so the address cannot be reused meanwhile).
+    static LAST_SNAPSHOT: RefCell<Option<(usize, Py<PyAny>)>> = const { RefCell::new(None) };
+}
+
+impl ContextCopy {
+    fn current(py: Python<'_>) -> PyResult<ContextCopy> {
+        // SAFETY: attached; a new reference or NULL with an error set.
+        let ctx = unsafe {
+            Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyContext_CopyCurrent())?.unbind()
+        };
+        let Some(vars) = context_vars(py, &ctx) else {
+            return Ok(ContextCopy(ctx));
+        };
+        // The same variables as the last submission from this thread: share its snapshot (this
+        // copy goes straight back to the free list).
+        let shared = LAST_SNAPSHOT.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|(v, _)| *v == vars)
+                .map(|(_, snap)| snap.clone_ref(py))
+        });
+        if let Some(snap) = shared {
+            return Ok(ContextCopy(snap));
+        }
+        LAST_SNAPSHOT.with(|c| *c.borrow_mut() = Some((vars, ctx.clone_ref(py))));
+        Ok(ContextCopy(ctx))
     }
+
+    pub(crate) fn as_ptr(&self) -> *mut pyo3::ffi::PyObject {
+        self.0.as_ptr()
+    }
+
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> ContextCopy {
+        ContextCopy(self.0.clone_ref(py))
+    }
+}
+
+/// The address of the variables (an immutable HAMT) a context holds, read from CPython's
+/// `PyContext` (`PyObject_HEAD; PyContext *ctx_prev; PyHamtObject *ctx_vars; ...`, the same
+/// from 3.7 to 3.14), or None if a check of that layout failed on this interpreter (then
+/// every submission keeps a snapshot of its own). The address is only compared, never
+/// followed.
+fn context_vars(py: Python<'_>, ctx: &Py<PyAny>) -> Option<usize> {
+    static LAYOUT_OK: PyOnceLock<bool> = PyOnceLock::new();
+    if !*LAYOUT_OK.get_or_init(py, || check_context_layout(py).unwrap_or(false)) {
+        return None;
+    }
+    Some(read_vars(ctx.as_ptr()))
+}
+
+fn read_vars(ctx: *mut pyo3::ffi::PyObject) -> usize {
+    let offset = std::mem::size_of::<pyo3::ffi::PyObject>() + std::mem::size_of::<usize>();
+    // SAFETY: `ctx` is a live context object, at least this large (checked once by
+    // `check_context_layout`); an aligned pointer-sized read.
+    unsafe { std::ptr::read((ctx as *const u8).add(offset) as *const usize) }
+}
+
+/// Whether `read_vars` reads the variables of a context: two copies of one context share
+/// them (and they are not null), and a copy in which a variable was set has others.
+fn check_context_layout(py: Python<'_>) -> PyResult<bool> {
+    let cv = py.import("contextvars")?;
+    let a = cv.call_method0("copy_context")?;
+    if !a.get_type().name()?.to_string().eq("Context") {
+        return Ok(false);
+    }
+    let b = a.call_method0("copy")?;
+    let c = a.call_method0("copy")?;
+    let var = cv
+        .getattr("ContextVar")?
+        .call1(("tokengate_context_layout_check",))?;
+    c.call_method1("run", (var.getattr("set")?, 1))?;
+    let (va, vb, vc) = (
+        read_vars(a.as_ptr()),
+        read_vars(b.as_ptr()),
+        read_vars(c.as_ptr()),
+    );
+    Ok(va != 0 && va == vb && vc != 0 && vc != va)
 }
 
 struct Slot {
@@ -649,9 +740,6 @@ impl TaskToken {
                 visit.call(&call.args)?;
                 if let Some(kw) = &call.kwargs {
                     visit.call(kw)?;
-                }
-                if let Some(ctx) = &call.ctx {
-                    visit.call(ctx)?;
                 }
             }
             for l in &slot.listeners {

@@ -47,6 +47,7 @@ def _default_name() -> str:
         _names_made += 1
         return "default" if _names_made == 1 else f"coordinator-{_names_made}"
 
+
 _SAMPLE_EVERY = 0.5
 #: How long leaving a `with` block on Ctrl-C (or interpreter exit) waits for running tokens.
 _INTERRUPT_GRACE = 1.0
@@ -57,6 +58,8 @@ _MAX_POOL_CAPACITY = 2**40
 _MIN_STACK = 64 * 1024
 _MAX_STACK = 1024 * 1024 * 1024
 _FALLBACK_STACK = 8 * 1024 * 1024
+#: How long stop() waits for the event feed to deliver what is left.
+_EVENTS_GRACE = 5.0
 #: The longest stop() waits in one go, so that a concurrent stop(wait=False) is seen promptly.
 _STOP_SLICE = 0.05
 
@@ -585,7 +588,8 @@ class OperationsCoordinator:
                 stop.control.stop()
         finally:
             try:
-                self.events._detach()
+                # Bounded: a subscriber that never returns must not keep stop() waiting.
+                self.events._detach(timeout=_EVENTS_GRACE)
             except Exception:  # pragma: no cover - never keeps a stop from finishing
                 log.exception("stopping the event feed of %r failed", self)
             with self._lock:

@@ -432,6 +432,8 @@ def run_demo(
         wpc = int(coord.stats()["workers_per_core"])
         bound = max_in_flight or max(16, 4 * n_cores * wpc)
         tracker = _Tracker(max_in_flight=bound)
+        if logging.getLogger("tokengate.events").isEnabledFor(logging.DEBUG):
+            coord.events.log_events()  # `tokengate -vv demo`: one line per lifecycle event
         logger.info(
             "demo: %d cores (cpus %s) x %d workers, up to %d tokens in flight, seed %d, %.1fs",
             n_cores,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextvars
 import math
 import os
 import threading
@@ -61,7 +62,11 @@ _PRIORITIES = ("high", "normal", "low")
 _BROKEN = "A thread initializer failed, the thread pool is not usable anymore"
 
 #: One call held back by the bound: (future, fn, args, kwargs).
-_Held = tuple["_TokenFuture", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+#: A call held back by ``max_workers``: its future, the call, and its submitter's context
+#: (the token is made later, on another thread, and must still run in that context).
+_Held = tuple[
+    "_TokenFuture", Callable[..., Any], tuple[Any, ...], dict[str, Any], contextvars.Context
+]
 
 
 def _cpu_count() -> int:
@@ -333,7 +338,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if len(self._inflight) >= self._max_workers:
-                self._held.append((f, fn, args, kwargs))
+                self._held.append((f, fn, args, kwargs, contextvars.copy_context()))
                 return f
             self._inflight.add(f)
         rt = self._coord._rt
@@ -395,7 +400,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
             self._broken = _BROKEN
             held = list(self._held)
             self._held.clear()
-        for f, _fn, _args, _kwargs in held:
+        for f, *_call in held:
             try:
                 f.set_exception(BrokenThreadPool(_BROKEN))
             except _InvalidStateError:  # cancelled meanwhile
@@ -427,7 +432,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
     def _hand_over(self, item: _Held) -> bool:
         """Submit a held call's token and link it. False if it no longer holds the slot
         (cancelled while held, failed to submit, or its token finished already)."""
-        f, fn, args, kwargs = item
+        f, fn, args, kwargs, ctx = item
         error: BaseException | None = None
         with f._condition:  # against a concurrent cancel(), which reads f.token under it
             if f._state is not _PENDING:
@@ -437,11 +442,8 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
                 error = BrokenThreadPool(self._broken)
             else:
                 try:
-                    rt = self._coord._rt
-                    if self._plain and rt is not None:
-                        token = f.token = rt.submit(fn, args, kwargs or None)
-                    else:
-                        token = f.token = self._submit_token(fn, args, kwargs)
+                    # Submitted in the submitter's context: the token copies it from here.
+                    token = f.token = ctx.run(self._submit_now, fn, args, kwargs)
                 except BaseException as exc:  # stopped coordinator, PoolFull, ...
                     token = None
                     error = exc
@@ -460,6 +462,14 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
             return False
         token.add_done_callback(f._tg_done)
         return True
+
+    def _submit_now(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskToken:
+        rt = self._coord._rt
+        if self._plain and rt is not None:
+            return rt.submit(fn, args, kwargs or None)
+        return self._submit_token(fn, args, kwargs)
 
     def _maybe_idle(self) -> None:
         """After shutdown(wait=False): once nothing is in flight, stop the private
@@ -505,7 +515,7 @@ class Executor(concurrent.futures.ThreadPoolExecutor):
                 inflight = list(self._inflight)
             if not wait:
                 self._stop_when_idle = True
-        for f, _fn, _args, _kwargs in held:
+        for f, *_call in held:
             f._tg_cancel_now()
         for f in inflight:
             f.cancel()  # kills the token if it has not started
