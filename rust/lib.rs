@@ -46,7 +46,7 @@ mod tokengate_core {
     #[pymodule_export]
     use super::monotonic;
     #[pymodule_export]
-    use super::observe::LifecycleEvent;
+    use super::observe::{EventBatch, EventBatchIter, LifecycleEvent};
     #[pymodule_export]
     use super::runtime::{
         _after_fork_in_child, _on_worker_thread, checkpoint, current_token, Runtime,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyBaseException;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
 use crate::events::{EventRing, KINDS};
@@ -143,24 +144,163 @@ pub(crate) fn take(
     ring: &Ring,
     max: usize,
     timeout: std::time::Duration,
-) -> Vec<LifecycleEvent> {
-    let batch = py.detach(|| ring.take(max, timeout, LINGER));
-    let off = wall_offset();
-    batch
-        .into_iter()
-        .map(|ev| LifecycleEvent {
-            time: ev.t_ns as f64 / 1e9 + off,
-            ev,
-        })
-        .collect()
+) -> EventBatch {
+    let events = py.detach(|| ring.take(max, timeout, LINGER));
+    EventBatch {
+        events,
+        wall_offset: wall_offset(),
+    }
 }
+
+impl Event {
+    fn clone_ref(&self, py: Python<'_>) -> Event {
+        Event {
+            kind: self.kind,
+            weight: self.weight,
+            priority: self.priority,
+            core: self.core,
+            worker: self.worker,
+            attempt: self.attempt,
+            token_id: self.token_id,
+            t_ns: self.t_ns,
+            span_ns: self.span_ns,
+            delay_ns: self.delay_ns,
+            op: self.op.clone(),
+            obj: self.obj.as_ref().map(|o| o.clone_ref(py)),
+        }
+    }
+}
+
+/// Events taken from the core in one go, oldest first: a read-only sequence of
+/// `LifecycleEvent`s, each made only when it is read (a subscriber that takes batches and
+/// looks at a few events, or only counts them, pays nothing for the rest).
+#[pyclass(frozen, sequence, module = "tokengate._core", name = "EventBatch")]
+pub struct EventBatch {
+    events: Vec<Event>,
+    wall_offset: f64,
+}
+
+impl EventBatch {
+    fn event(&self, py: Python<'_>, i: usize) -> LifecycleEvent {
+        let ev = self.events[i].clone_ref(py);
+        LifecycleEvent {
+            time: ev.t_ns as f64 / 1e9 + self.wall_offset,
+            ev,
+        }
+    }
+}
+
+#[pymethods]
+impl EventBatch {
+    fn __len__(&self) -> usize {
+        self.events.len()
+    }
+
+    fn __bool__(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<LifecycleEvent> {
+        let n = self.events.len() as isize;
+        let i = if index < 0 { index + n } else { index };
+        if !(0..n).contains(&i) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                "event index {index} out of range for a batch of {n}"
+            )));
+        }
+        Ok(self.event(py, i as usize))
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> EventBatchIter {
+        EventBatchIter {
+            batch: slf.unbind(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The events whose kind is in `mask` (bits of `EVENT_KINDS`), as a batch of their own.
+    fn select(&self, py: Python<'_>, mask: u32) -> EventBatch {
+        EventBatch {
+            events: self
+                .events
+                .iter()
+                .filter(|e| mask & (1 << e.kind) != 0)
+                .map(|e| e.clone_ref(py))
+                .collect(),
+            wall_offset: self.wall_offset,
+        }
+    }
+
+    /// How many events of each kind the batch holds (kinds it holds none of are left out).
+    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut n = [0usize; KINDS.len()];
+        for e in &self.events {
+            n[e.kind as usize] += 1;
+        }
+        let d = PyDict::new(py);
+        for (i, &c) in n.iter().enumerate() {
+            if c > 0 {
+                d.set_item(interned(py, &KIND_NAMES, &KINDS, i), c)?;
+            }
+        }
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<EventBatch of {} events>", self.events.len())
+    }
+}
+
+/// Iterates an `EventBatch`.
+#[pyclass(frozen, module = "tokengate._core", name = "EventBatchIterator")]
+pub struct EventBatchIter {
+    batch: Py<EventBatch>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+#[pymethods]
+impl EventBatchIter {
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> Option<LifecycleEvent> {
+        let b = self.batch.get();
+        let i = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (i < b.events.len()).then(|| b.event(py, i))
+    }
+}
+
+/// `names[i]` as an interned str, made once (the getters of a busy feed return the same
+/// objects instead of a new string per event).
+fn interned<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Vec<Py<PyString>>>,
+    names: &[&'static str],
+    i: usize,
+) -> Bound<'py, PyString> {
+    cell.get_or_init(py, || {
+        names
+            .iter()
+            .map(|n| PyString::intern(py, n).unbind())
+            .collect()
+    })[i]
+        .bind(py)
+        .clone()
+}
+
+static KIND_NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+static WEIGHT_NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+static PRIORITY_NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
 
 /// How long the delivery thread gathers events after the first one.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// One lifecycle event of a token (or of a refused call), as delivered to subscribers of
 /// `coordinator.events`.
-#[pyclass(frozen, module = "tokengate._core", name = "LifecycleEvent")]
+#[pyclass(frozen, freelist = 8192, module = "tokengate._core", name = "LifecycleEvent")]
 pub struct LifecycleEvent {
     ev: Event,
     time: f64,
@@ -171,8 +311,8 @@ impl LifecycleEvent {
     /// One of `EVENT_KINDS`: "created", "admitted", "started", "completed", "failed",
     /// "killed", "timed_out", "retried", "quarantined", "blocked", "refused".
     #[getter]
-    fn kind(&self) -> &'static str {
-        KINDS[self.ev.kind as usize]
+    fn kind<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        interned(py, &KIND_NAMES, &KINDS, self.ev.kind as usize)
     }
 
     /// The token's id (None for "blocked": the call was refused before a token existed).
@@ -194,14 +334,16 @@ impl LifecycleEvent {
 
     /// "heavy", "medium" or "light" (the token's weight at the time).
     #[getter]
-    fn weight(&self) -> &'static str {
-        self.ev.weight.name()
+    fn weight<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        let names = Weight::ALL.map(Weight::name);
+        interned(py, &WEIGHT_NAMES, &names, self.ev.weight as usize)
     }
 
     /// "high", "normal" or "low".
     #[getter]
-    fn priority(&self) -> &'static str {
-        crate::runtime::priority_name(self.ev.priority)
+    fn priority<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        let names = Priority::ALL.map(crate::runtime::priority_name);
+        interned(py, &PRIORITY_NAMES, &names, self.ev.priority as usize)
     }
 
     /// The 1-based core the token was routed to (None before it was admitted).
@@ -269,12 +411,12 @@ impl LifecycleEvent {
     /// The event as a JSON-safe dict (the error as `{"type": qualname, "message": str}`).
     fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("kind", self.kind())?;
+        d.set_item("kind", self.kind(py))?;
         d.set_item("token_id", self.token_id())?;
         d.set_item("operation", self.operation(py))?;
         d.set_item("time", self.time)?;
-        d.set_item("weight", self.weight())?;
-        d.set_item("priority", self.priority())?;
+        d.set_item("weight", self.weight(py))?;
+        d.set_item("priority", self.priority(py))?;
         d.set_item("core", self.core())?;
         d.set_item("worker", self.worker())?;
         d.set_item("attempt", self.attempt())?;
@@ -309,8 +451,8 @@ impl LifecycleEvent {
     fn __repr__(&self, py: Python<'_>) -> String {
         let op = self.ev.op.operation_type.bind(py).to_string();
         match self.token_id() {
-            Some(id) => format!("<LifecycleEvent {} token={} op={:?}>", self.kind(), id, op),
-            None => format!("<LifecycleEvent {} op={:?}>", self.kind(), op),
+            Some(id) => format!("<LifecycleEvent {} token={} op={:?}>", self.kind(py), id, op),
+            None => format!("<LifecycleEvent {} op={:?}>", self.kind(py), op),
         }
     }
 }

@@ -1673,7 +1673,7 @@ impl Runtime {
         py: Python<'_>,
         max: usize,
         timeout: f64,
-    ) -> PyResult<Vec<crate::observe::LifecycleEvent>> {
+    ) -> PyResult<crate::observe::EventBatch> {
         if timeout.is_nan() || timeout < 0.0 {
             return Err(CoreError::Config(format!(
                 "timeout must be a number of seconds >= 0, got {timeout}"

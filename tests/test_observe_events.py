@@ -686,7 +686,7 @@ def test_detach_delivers_what_the_stopped_runtime_still_buffers(collector):
         gate.set()
     assert collector.wait_for(lambda evs: len(evs) == 4 * 20)  # finished in the background
     assert wait_until(lambda: feed.stats()["subscribers"] == 1 and feed.flush(0) is True)
-    assert rt.take_events(10, 0) == []
+    assert len(rt.take_events(10, 0)) == 0
 
 
 def test_a_subscription_made_before_start_gets_the_runs_events(collector):
@@ -865,3 +865,96 @@ def test_stats_and_the_coordinators_stats(coord, collector):
         "mask": ["created", "completed"],
     }
     assert coord.stats()["events"]["subscribers"] == 1
+
+
+# --------------------------------------------------------------------------- batch subscribers
+
+
+def test_a_batch_subscriber_gets_every_event_once_in_order_and_in_batches(make_coord, collector):
+    coord = make_coord(cores=2, workers_per_core=2)
+    batches: list = []
+    got = threading.Condition()
+
+    def on_batch(batch) -> None:
+        assert isinstance(batch, _core.EventBatch) and len(batch) > 0
+        with got:
+            batches.append([(e.kind, e.token_id) for e in batch])
+            got.notify_all()
+
+    coord.events.subscribe(on_batch, batch=True)
+    coord.events.subscribe(collector)  # a per-event subscriber alongside it
+
+    @task_token_guard(operation_type="batched")
+    def f(x):
+        return x
+
+    tokens = [f(i) for i in range(300)]
+    for t in tokens:
+        t.get(timeout=SAFETY)
+    assert coord.events.flush(SAFETY)
+    flat = [item for b in batches for item in b]
+    assert flat == [(e.kind, e.token_id) for e in collector.snapshot()]
+    per_token = defaultdict(list)
+    for kind, tid in flat:
+        per_token[tid].append(kind)
+    assert set(per_token) == {t.token_id for t in tokens}
+    assert all(kinds == SIMPLE for kinds in per_token.values())
+    assert len(batches) < len(flat)  # delivered in batches, not one call per event
+
+
+def test_a_batch_subscriber_to_some_kinds_gets_only_those(make_coord, collector):
+    coord = make_coord(cores=1, workers_per_core=1)
+    batches: list = []
+    coord.events.subscribe(collector)  # every kind: the core records them all
+    coord.events.subscribe(lambda b: batches.append(b), kinds={"completed", "failed"}, batch=True)
+
+    @task_token_guard(operation_type="some")
+    def f(fail):
+        if fail:
+            raise ValueError("no")
+        return 1
+
+    tokens = [f(i % 3 == 0) for i in range(30)]
+    for t in tokens:
+        t.wait(SAFETY)
+    assert coord.events.flush(SAFETY)
+    kinds = Counter(e.kind for b in batches for e in b)
+    assert kinds == {"completed": 20, "failed": 10}
+    merged = Counter()
+    for b in batches:
+        merged.update(b.counts())
+    assert merged == kinds
+
+
+def test_an_event_batch_is_a_read_only_sequence(make_coord):
+    coord = make_coord(cores=1, workers_per_core=1)
+    rt = coord._rt
+    # "created" is recorded by the submitting thread before the call returns: after three
+    # calls the core holds exactly three events.
+    rt.set_event_mask(_bits("created"))
+
+    @task_token_guard(operation_type="seq")
+    def f():
+        return None
+
+    tokens = [f() for _ in range(3)]
+    batch = rt.take_events(100, SAFETY)
+    ids = [t.token_id for t in tokens]
+    assert len(batch) == 3 and bool(batch)
+    assert [e.token_id for e in batch] == ids
+    assert batch[-1].token_id == ids[-1] and batch[0].token_id == ids[0]
+    with pytest.raises(IndexError):
+        batch[3]
+    with pytest.raises(IndexError):
+        batch[-4]
+    assert batch.counts() == {"created": 3}
+    assert len(batch.select(_bits("completed"))) == 0
+    assert [e.token_id for e in batch.select(_bits("created"))] == ids
+    assert repr(batch) == "<EventBatch of 3 events>"
+    assert len(rt.take_events(10, 0)) == 0
+
+
+def test_batch_must_be_a_bool(make_coord):
+    coord = make_coord(cores=1, workers_per_core=1)
+    with pytest.raises(ConfigurationError, match="batch must be True or False"):
+        coord.events.subscribe(lambda b: None, batch=1)

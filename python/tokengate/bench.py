@@ -75,12 +75,27 @@ SYSTEMS: tuple[str, ...] = (
 )
 BASELINE = "threadpool"
 TOKENGATE_SYSTEMS = ("tokengate", "tokengate/submit")
-#: Rows of ``tokengate bench`` that show the Guard House's cost next to the default
-#: ``tokengate`` rows (health and history on, breakers passive).
-GUARD_VARIANTS: dict[str, dict[str, Any]] = {
+#: Rows of ``tokengate bench`` that show what the Guard House and observability cost next to
+#: the default ``tokengate`` rows (health, history and metrics on, breakers passive, the
+#: submitter's context copied, no event subscriber).
+VARIANTS: dict[str, dict[str, Any]] = {
     "tokengate/guard-off": {"guard_house": False},
     "tokengate/breakers": {"auto_block": True},
+    # Observability (docs/observability.md): the default copies the submitter's contextvars
+    # context and records metrics; these turn the context copy off, add a scraper and one event
+    # subscriber (every kind in batches, or a call per token for its final outcome), or trace
+    # every attempt.
+    "tokengate/no-context": {"op_options": {"copy_context": False}},
+    "tokengate/metrics+events": {"observe": ("metrics", "events")},
+    "tokengate/metrics+outcomes": {"observe": ("metrics", "outcomes")},
+    "tokengate/traced": {"observe": ("tracing",)},
 }
+
+#: The event kinds the "outcomes" subscriber of the bench takes (one event per token).
+OUTCOME_KINDS = ("completed", "failed", "killed", "timed_out", "quarantined", "refused")
+#: How often the bench's metrics scraper reads the coordinator (a busy Prometheus scrapes
+#: every 5 to 15 s; this is far more often).
+SCRAPE_EVERY = 0.2
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,28 +372,73 @@ class ThreadPoolSystem(System):
 
 
 class TokenGateSystem(System):
-    """TokenGate through decorated functions (``via="decorator"``) or ``coordinator.submit``."""
+    """TokenGate through decorated functions (``via="decorator"``) or ``coordinator.submit``.
+
+    ``op_options`` go to the decorator of every task function (e.g. ``copy_context=False``);
+    ``observe`` names what watches the coordinator while it runs: ``"metrics"`` (a thread
+    scraping its Prometheus text every ``SCRAPE_EVERY`` seconds), ``"events"`` (one subscriber
+    taking every event kind in batches), ``"outcomes"`` (one subscriber called with each final
+    outcome), ``"tracing"`` (an OpenTelemetry SDK tracer provider whose spans go nowhere)."""
 
     def __init__(
-        self, cores: int, workers_per_core: int, via: str = "decorator", **coord_kwargs: Any
+        self,
+        cores: int,
+        workers_per_core: int,
+        via: str = "decorator",
+        op_options: dict[str, Any] | None = None,
+        observe: tuple[str, ...] = (),
+        **coord_kwargs: Any,
     ) -> None:
         super().__init__(cores, workers_per_core)
         if via not in ("decorator", "submit"):
             raise ValueError(f"via must be 'decorator' or 'submit', not {via!r}")
+        unknown = set(observe) - {"metrics", "events", "outcomes", "tracing"}
+        if unknown:
+            raise ValueError(f"unknown observer(s) {sorted(unknown)}")
         self.via = via
         self.name = "tokengate" if via == "decorator" else "tokengate/submit"
         self.coord_kwargs = coord_kwargs
+        self.op_options = tuple(sorted((op_options or {}).items()))
+        self.observe = observe
+        self.slow = "tracing" in observe  # a span per token: tens of microseconds
         self.coord: Any = None
+        self._scraping: threading.Event | None = None
+        self._scraper: threading.Thread | None = None
 
     def start(self) -> None:
         from tokengate import OperationsCoordinator
 
+        kwargs = dict(self.coord_kwargs)
+        if "tracing" in self.observe:
+            from opentelemetry.sdk.trace import TracerProvider
+
+            kwargs["tracing"] = TracerProvider()
         self.coord = OperationsCoordinator(
-            cores=self.cores, workers_per_core=self.workers_per_core, **self.coord_kwargs
+            cores=self.cores, workers_per_core=self.workers_per_core, **kwargs
         )
         self.coord.start()
+        if "events" in self.observe:
+            self.coord.events.subscribe(_count_event, batch=True)
+        if "outcomes" in self.observe:
+            self.coord.events.subscribe(_count_event, kinds=OUTCOME_KINDS)
+        if "metrics" in self.observe:
+            from tokengate.observe.metrics import generate_latest
+
+            stop = self._scraping = threading.Event()
+            coord = self.coord
+
+            def scrape() -> None:
+                while not stop.wait(SCRAPE_EVERY):
+                    generate_latest(coord)
+
+            self._scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+            self._scraper.start()
 
     def stop(self) -> None:
+        if self._scraping is not None and self._scraper is not None:
+            self._scraping.set()
+            self._scraper.join()
+            self._scraping = self._scraper = None
         if self.coord is not None:
             self.coord.stop()
             self.coord = None
@@ -386,7 +446,7 @@ class TokenGateSystem(System):
     def submit(self, fn: Callable[..., Any], *args: Any, weight: str = "medium") -> Handle:
         if self.via == "submit" and weight == "medium":
             return self.coord.submit(fn, *args)
-        return guarded(fn, weight)(*args)
+        return guarded(fn, weight, self.op_options)(*args)
 
     def getter(self) -> Callable[[Handle], Any]:
         from tokengate import TaskToken
@@ -396,16 +456,35 @@ class TokenGateSystem(System):
     def call_factory(self, fn: Callable[[], Any], weight: str = "medium") -> Callable[[], Handle]:
         if self.via == "submit" and weight == "medium":
             return partial(self.coord.submit, fn)
-        return guarded(fn, weight)
+        return guarded(fn, weight, self.op_options)
+
+
+def _have(module: str) -> bool:
+    """Whether ``module`` can be imported here."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _count_event(event: Any) -> None:
+    """The bench's event subscriber: takes the event (or batch) and does nothing with it."""
 
 
 @lru_cache(maxsize=64)
-def guarded(fn: Callable[..., Any], weight: str) -> Callable[..., Any]:
-    """``fn`` decorated with ``task_token_guard`` at ``weight`` (cached: decorate once)."""
+def guarded(
+    fn: Callable[..., Any], weight: str, options: tuple[tuple[str, Any], ...] = ()
+) -> Callable[..., Any]:
+    """``fn`` decorated with ``task_token_guard`` at ``weight`` (cached: decorate once), with
+    the decorator ``options`` given as sorted (name, value) pairs."""
     from tokengate import task_token_guard
 
     name = getattr(fn, "__name__", "task")
-    return task_token_guard(operation_type=f"bench.{name}.{weight}", tags={"weight": weight})(fn)
+    return task_token_guard(
+        operation_type=f"bench.{name}.{weight}", tags={"weight": weight}, **dict(options)
+    )(fn)
 
 
 class ToThreadSystem(System):
@@ -1164,9 +1243,12 @@ def run_quick(
                     )
                 )
         if name == "tokengate":
-            # What the Guard House costs: off, and with every operation's breaker tripping by
-            # itself (the "tokengate" rows above are the default: health and history on).
-            for variant, kw in GUARD_VARIANTS.items():
+            # What the Guard House and observability cost: the "tokengate" rows above are the
+            # defaults (health, history and metrics recorded, context copied, no subscriber).
+            for variant, kw in VARIANTS.items():
+                if "tracing" in kw.get("observe", ()) and not _have("opentelemetry.sdk"):
+                    say(f"{variant}: skipped (pip install opentelemetry-sdk)")
+                    continue
                 say(f"{variant}: no-op throughput, round trip")
                 with open_system(name, default_layout(), **kw) as s:
                     noop_throughput(s, 10_000)
@@ -1266,7 +1348,7 @@ def run_quick(
         )
 
     order = {w: i for i, w in enumerate(dict.fromkeys(r["workload"] for r in rows))}
-    shown = [*SYSTEMS[: SYSTEMS.index("tokengate") + 1], *GUARD_VARIANTS]
+    shown = [*SYSTEMS[: SYSTEMS.index("tokengate") + 1], *VARIANTS]
     shown += [s for s in SYSTEMS if s not in shown]
     sysorder = {s: i for i, s in enumerate(shown)}
     rows.sort(key=lambda r: (order[r["workload"]], sysorder.get(r["system"], 99)))

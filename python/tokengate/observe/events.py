@@ -50,7 +50,7 @@ from tokengate.errors import ConfigurationError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from tokengate._core import LifecycleEvent, Runtime
+    from tokengate._core import EventBatch, LifecycleEvent, Runtime
 
 __all__ = ["EVENT_KINDS", "EventFeed", "EventStream", "Subscription"]
 
@@ -62,7 +62,7 @@ _BIT: Final[dict[str, int]] = {kind: 1 << i for i, kind in enumerate(EVENT_KINDS
 _ALL: Final[int] = (1 << len(EVENT_KINDS)) - 1
 
 #: Events taken from the core per delivery round.
-_BATCH: Final = 4096
+_BATCH: Final = 65_536
 #: How long the delivery thread waits for the first event of a round (``wake_events`` cuts it
 #: short when a flush or a detach needs the thread).
 _WAIT: Final = 0.25
@@ -113,6 +113,7 @@ class Subscription:
 
     __slots__ = (
         "_active",
+        "_batch",
         "_callback",
         "_feed",
         "_last_log",
@@ -129,9 +130,11 @@ class Subscription:
         callback: Callable[[LifecycleEvent], object],
         kinds: frozenset[str],
         mask: int,
+        batch: bool = False,
     ) -> None:
         self._feed = feed
         self._callback = callback
+        self._batch = batch
         self.kinds: frozenset[str] = kinds
         self._mask = mask
         self._active = True
@@ -249,8 +252,10 @@ class EventFeed:
 
     def subscribe(
         self,
-        callback: Callable[[LifecycleEvent], object],
+        callback: Callable[[Any], object],
         kinds: Iterable[str] | str | None = None,
+        *,
+        batch: bool = False,
     ) -> Subscription:
         """Calls ``callback(event)`` with each event of ``kinds`` (None: every kind).
 
@@ -259,6 +264,14 @@ class EventFeed:
                 :class:`~tokengate._core.LifecycleEvent`; what it returns is ignored; what it
                 raises is logged and counted, and it stays subscribed.
             kinds: names from ``EVENT_KINDS`` (a single name is accepted too).
+            batch: call ``callback(events)`` once per batch the delivery thread takes, with
+                its events of ``kinds`` as an :class:`~tokengate._core.EventBatch` (a
+                read-only sequence, oldest first, never empty, whose event objects are made
+                only when read; ``events.counts()`` counts them by kind without making any),
+                instead of once per event. A Python call and an object per event is what
+                delivery costs most: a subscriber that must keep up with every event of a busy
+                coordinator takes batches (docs/observability.md has the figures). The batch
+                is valid after the callback returns.
 
         Returns:
             A :class:`Subscription` (a context manager that unsubscribes at exit).
@@ -271,8 +284,10 @@ class EventFeed:
             raise ConfigurationError(
                 f"an event subscriber must be callable, got {type(callback).__name__}"
             )
+        if not isinstance(batch, bool):
+            raise ConfigurationError(f"batch must be True or False, got {batch!r}")
         names, mask = _mask_of(kinds)
-        sub = Subscription(self, callback, names, mask)
+        sub = Subscription(self, callback, names, mask, batch)
         with self._lock:
             self._subs = (*self._subs, sub)
             self._sync_mask()
@@ -458,11 +473,25 @@ class EventFeed:
             with pump.cond:
                 pump.cond.notify_all()
 
-    def _deliver(self, batch: list[LifecycleEvent]) -> None:
+    def _deliver(self, batch: EventBatch) -> None:
         subs = self._subs  # a snapshot: (un)subscribing replaces the tuple
-        for event in batch:
+        each = tuple(s for s in subs if not s._batch)
+        for sub in subs:
+            if sub._batch and sub._active:
+                # The core records only the union of the kinds: a subscriber to all of them
+                # takes the batch as it is.
+                events = batch if sub._mask == self._mask else batch.select(sub._mask)
+                if events:
+                    try:
+                        sub._callback(events)
+                    except BaseException as exc:  # a subscriber cannot kill the delivery thread
+                        self._errors += 1
+                        sub._failed(events[0], exc)
+                    else:
+                        sub.delivered += len(events)
+        for event in batch if each else ():
             bit = _BIT.get(event.kind, 0)
-            for sub in subs:
+            for sub in each:
                 if not sub._mask & bit or not sub._active:
                     continue
                 try:
