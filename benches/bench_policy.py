@@ -8,9 +8,12 @@ Then the Guard House (issue #8), with the option-less function: off (``guard_hou
 gate, no health, no history); breakers on for every operation (``auto_block=True``); spike
 detection on (``quarantine=True``: each call featurized and predicted, each attempt teaches the
 cost model). "no options" is the Guard House's default (health and history on, breakers
-passive). Each figure is microseconds per call; the session table shows its ratio to
-ThreadPoolExecutor's. The option-less row is the promise: policy costs nothing to a token that
-uses none of it; the Guard House rows stay within 15 % of the off row.
+passive). Then observability (issue #9): no context copy (``copy_context=False``); a metrics
+scraper plus one subscriber taking every event kind in batches; a scraper plus one subscriber
+called with each token's final outcome. Each figure is microseconds per call; the session table
+shows its ratio to ThreadPoolExecutor's. The option-less row is the promise: policy costs
+nothing to a token that uses none of it; the Guard House rows stay within 15 % of the off row;
+metrics + events (batches) within 10 % of "no options".
 
 Run: ``pytest benches/bench_policy.py --benchmark-only``.
 """
@@ -18,7 +21,9 @@ Run: ``pytest benches/bench_policy.py --benchmark-only``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "guard house off": {"coordinator": {"guard_house": False}},
     "breakers on": {"coordinator": {"auto_block": True}},
     "quarantine on": {"coordinator": {"quarantine": True}},
+    # Observability (issue #9): "no options" copies the caller's context and records metrics
+    "no context copy": {"copy_context": False},
+    "metrics + events": {"observe": ("metrics", "events")},
+    "metrics + outcomes": {"observe": ("metrics", "outcomes")},
 }
 
 
@@ -64,13 +73,47 @@ def submit(system_name: str, variant: str, tmp_path: Any) -> Iterator[Callable[[
     opts = dict(VARIANTS[variant])
     tags = opts.pop("tags", {})
     coord_opts = opts.pop("coordinator", {})
+    observe = opts.pop("observe", ())
     fn = tokengate.task_token_guard(operation_type=f"noop {variant}", tags=tags, **opts)(noop)
     with tokengate.OperationsCoordinator(
         pool_capacity=1_000_000, quarantine_dir=tmp_path, **coord_opts
-    ):
-        for t in [fn() for _ in range(2_000)]:
-            t.wait()
-        yield fn
+    ) as coord:
+        with _observed(coord, observe):
+            for t in [fn() for _ in range(2_000)]:
+                t.wait()
+            yield fn
+
+
+@contextlib.contextmanager
+def _observed(coord: Any, observe: tuple[str, ...]) -> Iterator[None]:
+    """What watches ``coord`` in an observability variant: a metrics scraper (every 0.2 s) and
+    one event subscriber (every kind in batches, or a call per token for its final outcome)."""
+    from tokengate.bench import OUTCOME_KINDS, SCRAPE_EVERY
+
+    subs = []
+    if "events" in observe:
+        subs.append(coord.events.subscribe(lambda batch: None, batch=True))
+    if "outcomes" in observe:
+        subs.append(coord.events.subscribe(lambda event: None, kinds=OUTCOME_KINDS))
+    stop = threading.Event()
+    scraper = None
+    if "metrics" in observe:
+        from tokengate.observe.metrics import generate_latest
+
+        def scrape() -> None:
+            while not stop.wait(SCRAPE_EVERY):
+                generate_latest(coord)
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if scraper is not None:
+            scraper.join()
+        for s in subs:
+            s.unsubscribe()
 
 
 @pytest.mark.timeout(900)

@@ -77,12 +77,25 @@ fn push(
         worker,
         attempt: h.attempt(),
         token_id: h.id,
-        t_ns: crate::clock::now_ns(),
+        t_ns: stamp_of(kind, h).unwrap_or_else(crate::clock::now_ns),
         span_ns: span_ns.unwrap_or(NONE),
         delay_ns,
         op: t.op.clone(),
         obj,
     });
+}
+
+/// When an event of `kind` happened, from the token's own timestamps where it has one (the
+/// scheduler stamped it a moment before: no second clock read per event).
+#[inline]
+fn stamp_of(kind: u8, h: &Header) -> Option<u64> {
+    match kind {
+        CREATED => Some(h.created_ns()),
+        ADMITTED => h.admitted_ns(),
+        STARTED => h.started_ns(),
+        COMPLETED | FAILED => h.finished_ns(),
+        _ => None,
+    }
 }
 
 /// Records an event of a call of `op` that has no token (a breaker refused it).
@@ -266,9 +279,7 @@ impl EventBatchIter {
 
     fn __next__(&self, py: Python<'_>) -> Option<LifecycleEvent> {
         let b = self.batch.get();
-        let i = self
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (i < b.events.len()).then(|| b.event(py, i))
     }
 }
@@ -300,7 +311,12 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// One lifecycle event of a token (or of a refused call), as delivered to subscribers of
 /// `coordinator.events`.
-#[pyclass(frozen, freelist = 8192, module = "tokengate._core", name = "LifecycleEvent")]
+#[pyclass(
+    frozen,
+    freelist = 8192,
+    module = "tokengate._core",
+    name = "LifecycleEvent"
+)]
 pub struct LifecycleEvent {
     ev: Event,
     time: f64,
@@ -451,7 +467,12 @@ impl LifecycleEvent {
     fn __repr__(&self, py: Python<'_>) -> String {
         let op = self.ev.op.operation_type.bind(py).to_string();
         match self.token_id() {
-            Some(id) => format!("<LifecycleEvent {} token={} op={:?}>", self.kind(py), id, op),
+            Some(id) => format!(
+                "<LifecycleEvent {} token={} op={:?}>",
+                self.kind(py),
+                id,
+                op
+            ),
             None => format!("<LifecycleEvent {} op={:?}>", self.kind(py), op),
         }
     }
