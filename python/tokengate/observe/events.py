@@ -127,7 +127,7 @@ class Subscription:
     def __init__(
         self,
         feed: EventFeed,
-        callback: Callable[[LifecycleEvent], object],
+        callback: Callable[[Any], object],
         kinds: frozenset[str],
         mask: int,
         batch: bool = False,
