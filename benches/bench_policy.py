@@ -92,7 +92,7 @@ def _observed(coord: Any, observe: tuple[str, ...]) -> Iterator[None]:
 
     subs = []
     if "events" in observe:
-        subs.append(coord.events.subscribe(lambda batch: None, batch=True))
+        subs.append(coord.events.subscribe(lambda batch: batch.counts(), batch=True))
     if "outcomes" in observe:
         subs.append(coord.events.subscribe(lambda event: None, kinds=OUTCOME_KINDS))
     stop = threading.Event()

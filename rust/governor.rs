@@ -1299,7 +1299,13 @@ pub fn run_inline(
                 format!("token {} has no call to run", h.id),
             )),
             Some(call) => crate::runtime::with_inline_current(tok, || {
-                crate::observe::started(t, h.created_ns());
+                // A retry runs at once in its caller after its delay: it never queued.
+                let queued = if h.attempt() > 1 {
+                    started_at
+                } else {
+                    h.created_ns()
+                };
+                crate::observe::started(t, queued);
                 crate::observe::call_attempt(py, tok, &call)
                     .map(Bound::unbind)
                     .map_err(|e| e.into_value(py))
@@ -1315,6 +1321,9 @@ pub fn run_inline(
         let (Err(e), Some(pol)) = (&outcome, t.op.policy.as_ref()) else {
             break outcome;
         };
+        if h.state.load().is_settled() {
+            break outcome; // killed while it ran: no further attempt
+        }
         match retry_delay(py, t, pol, e.bind(py), h.attempt()) {
             Some(delay) => {
                 let Err(e) = outcome else { unreachable!() };
@@ -1337,15 +1346,25 @@ pub fn run_inline(
         }
     };
     drop(t.take_call());
-    if late && shared.sched.time_out(h).is_ok() {
+    let settled_here = if late && shared.sched.time_out(h).is_ok() {
         shared.sched.finish_outside(h, false);
+        true
     } else {
         let ok = outcome.is_ok();
         t.set_outcome(outcome);
-        shared.sched.finish_outside(h, ok);
+        let finished = shared.sched.finish_outside(h, ok);
         if !ok {
             after_failure(py, tok);
         }
+        finished
+    };
+    if settled_here {
+        let _ = TaskToken::notify_listeners(tok);
+    } else {
+        // Killed while it ran: whoever killed it settled it and told its listeners; anything
+        // that joined them since is told here.
+        let (threads, callbacks) = t.take_listeners();
+        wake_threads(threads);
+        let _ = TaskToken::call_callbacks(tok, callbacks);
     }
-    let _ = TaskToken::notify_listeners(tok);
 }

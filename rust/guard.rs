@@ -572,7 +572,7 @@ impl GuardHouse {
     ) -> PyResult<Gate> {
         let g = self.op_for(py, spec);
         let mut gate = Gate {
-            probe: admit(py, g, now)?,
+            probe: admit(py, g, now, true)?,
             ..Gate::default()
         };
         if g.predict.load(Ordering::Relaxed) {
@@ -593,7 +593,7 @@ impl GuardHouse {
     /// The breaker gate of a chain step coming up: its probe ticket if it is one, or
     /// `MethodBlocked`.
     pub fn gate_step(&self, py: Python<'_>, spec: &OpSpec) -> PyResult<Option<Ticket>> {
-        admit(py, self.op_for(py, spec), now_ns())
+        admit(py, self.op_for(py, spec), now_ns(), false)
     }
 
     /// Gives back the probe of a call that will not run.
@@ -1186,11 +1186,16 @@ fn breaker_dict<'py>(py: Python<'py>, g: &OpGuard, now: u64) -> PyResult<Bound<'
 
 /// The breaker gate of operation `g`: the probe ticket of a call admitted as a half-open
 /// probe, None for any other admitted call, or `MethodBlocked` (counted as blocked).
-fn admit(py: Python<'_>, g: &OpGuard, now: u64) -> PyResult<Option<Ticket>> {
+/// The breaker's gate for a call of `g`; a refused call counts as blocked when `count` (a
+/// new call: no token exists). A chain step refused when it comes up is a token that fails
+/// with `MethodBlocked` and counts as failed instead.
+fn admit(py: Python<'_>, g: &OpGuard, now: u64, count: bool) -> PyResult<Option<Ticket>> {
     match g.breaker.admit(now) {
         Ok(t) => Ok(t.probe.then_some(t)),
         Err(refusal) => {
-            g.health.note_blocked();
+            if count {
+                g.health.note_blocked();
+            }
             Err(blocked_error(py, g, &refusal))
         }
     }

@@ -123,14 +123,18 @@ impl GuardedFunction {
                     limit,
                 })
             });
+        let py = func.py();
+        let operation_type = operation_type.unbind();
+        let tags = tags.map(Bound::unbind);
+        let labels = crate::token::OpLabels::new(py, &operation_type, tags.as_ref());
         Ok(GuardedFunction {
             op: Arc::new(OpSpec {
                 func: func.unbind(),
-                operation_type: operation_type.unbind(),
+                operation_type,
                 weight,
                 priority,
                 storage_speed,
-                tags: tags.map(Bound::unbind),
+                tags,
                 policy,
                 complexity: complexity.map(|c| c as f32),
                 guard: guard
@@ -139,6 +143,7 @@ impl GuardedFunction {
                     .transpose()?,
                 spike_check,
                 copy_context,
+                labels,
             }),
         })
     }

@@ -410,11 +410,11 @@ pub struct HealthSnapshot {
     pub blocked: u64,
     /// Times the operation was quarantined.
     pub quarantined: u64,
-    /// Sum of the attempts' execution times, in ns.
     /// Submissions refused after their token was made.
     pub refused: u64,
     /// Tokens by how they ended, and retries ([`TokenOutcome`] order).
     pub tokens: [u64; 5],
+    /// Sum of the attempts' execution times, in ns.
     pub exec_ns_sum: u64,
     /// Sum of the attempts' submit-to-start waits, in ns.
     pub queue_ns_sum: u64,

@@ -9,11 +9,12 @@ use pyo3::exceptions::PyBaseException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::events::{EventRing, KINDS};
 use crate::router::{Priority, Weight};
 use crate::state::Header;
-use crate::token::{OpSpec, TaskToken};
+use crate::token::{OpLabels, OpSpec, TaskToken};
 
 pub(crate) use crate::events::{
     ADMITTED, BLOCKED, COMPLETED, CREATED, FAILED, KILLED, QUARANTINED, REFUSED, RETRIED, STARTED,
@@ -39,7 +40,9 @@ pub(crate) struct Event {
     span_ns: u64,
     /// A retry's delay, in ns (`NONE` for other kinds).
     delay_ns: u64,
-    op: Arc<OpSpec>,
+    /// The operation's name and tags (not its function: an event kept by a subscriber must
+    /// not keep the task's closure, and what it refers to, alive).
+    labels: Arc<OpLabels>,
     obj: Option<Py<PyAny>>,
 }
 
@@ -80,7 +83,7 @@ fn push(
         t_ns: stamp_of(kind, h).unwrap_or_else(crate::clock::now_ns),
         span_ns: span_ns.unwrap_or(NONE),
         delay_ns,
-        op: t.op.clone(),
+        labels: t.op.labels.clone(),
         obj,
     });
 }
@@ -111,7 +114,7 @@ pub(crate) fn emit_call(ring: &Ring, kind: u8, op: &Arc<OpSpec>, detail: Option<
         t_ns: crate::clock::now_ns(),
         span_ns: NONE,
         delay_ns: NONE,
-        op: op.clone(),
+        labels: op.labels.clone(),
         obj: detail,
     });
 }
@@ -178,7 +181,7 @@ impl Event {
             t_ns: self.t_ns,
             span_ns: self.span_ns,
             delay_ns: self.delay_ns,
-            op: self.op.clone(),
+            labels: self.labels.clone(),
             obj: self.obj.as_ref().map(|o| o.clone_ref(py)),
         }
     }
@@ -194,17 +197,39 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
-    fn event(&self, py: Python<'_>, i: usize) -> LifecycleEvent {
+    fn event<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, LifecycleEvent>> {
         let ev = self.events[i].clone_ref(py);
-        LifecycleEvent {
-            time: ev.t_ns as f64 / 1e9 + self.wall_offset,
-            ev,
+        let obj = Bound::new(
+            py,
+            LifecycleEvent {
+                time: ev.t_ns as f64 / 1e9 + self.wall_offset,
+                ev,
+            },
+        )?;
+        // An object from the class's free list is initialised but not tracked by the garbage
+        // collector again (PyO3 0.30): track it, or a cycle through its error would never be
+        // collected.
+        // SAFETY: attached; a live object of a GC type, untracked only if it came from the list.
+        unsafe {
+            if pyo3::ffi::PyObject_GC_IsTracked(obj.as_ptr()) == 0 {
+                pyo3::ffi::PyObject_GC_Track(obj.as_ptr().cast());
+            }
         }
+        Ok(obj)
     }
 }
 
 #[pymethods]
 impl EventBatch {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for e in &self.events {
+            if let Some(o) = &e.obj {
+                visit.call(o)?;
+            }
+        }
+        Ok(())
+    }
+
     fn __len__(&self) -> usize {
         self.events.len()
     }
@@ -213,7 +238,11 @@ impl EventBatch {
         !self.events.is_empty()
     }
 
-    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<LifecycleEvent> {
+    fn __getitem__<'py>(
+        &self,
+        py: Python<'py>,
+        index: isize,
+    ) -> PyResult<Bound<'py, LifecycleEvent>> {
         let n = self.events.len() as isize;
         let i = if index < 0 { index + n } else { index };
         if !(0..n).contains(&i) {
@@ -221,7 +250,7 @@ impl EventBatch {
                 "event index {index} out of range for a batch of {n}"
             )));
         }
-        Ok(self.event(py, i as usize))
+        self.event(py, i as usize)
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> EventBatchIter {
@@ -242,6 +271,11 @@ impl EventBatch {
                 .collect(),
             wall_offset: self.wall_offset,
         }
+    }
+
+    /// The kinds the batch holds, as a mask (bits of `EVENT_KINDS`).
+    fn mask(&self) -> u32 {
+        self.events.iter().fold(0, |m, e| m | 1 << e.kind)
     }
 
     /// How many events of each kind the batch holds (kinds it holds none of are left out).
@@ -273,14 +307,22 @@ pub struct EventBatchIter {
 
 #[pymethods]
 impl EventBatchIter {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.batch)
+    }
+
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
 
-    fn __next__(&self, py: Python<'_>) -> Option<LifecycleEvent> {
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, LifecycleEvent>>> {
         let b = self.batch.get();
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (i < b.events.len()).then(|| b.event(py, i))
+        if i < b.events.len() {
+            b.event(py, i).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -324,6 +366,15 @@ pub struct LifecycleEvent {
 
 #[pymethods]
 impl LifecycleEvent {
+    /// The object it holds (an error or a detail), for the garbage collector: a subscriber
+    /// that keeps events in a list the error's traceback refers to makes a cycle.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(o) = &self.ev.obj {
+            visit.call(o)?;
+        }
+        Ok(())
+    }
+
     /// One of `EVENT_KINDS`: "created", "admitted", "started", "completed", "failed",
     /// "killed", "timed_out", "retried", "quarantined", "blocked", "refused".
     #[getter]
@@ -339,7 +390,7 @@ impl LifecycleEvent {
 
     #[getter]
     fn operation(&self, py: Python<'_>) -> Py<PyString> {
-        self.ev.op.operation_type.clone_ref(py)
+        self.ev.labels.operation_type.clone_ref(py)
     }
 
     /// When it happened, in seconds since the epoch (as `time.time()`).
@@ -383,7 +434,7 @@ impl LifecycleEvent {
     /// The operation's tags (None if it has none).
     #[getter]
     fn tags(&self, py: Python<'_>) -> Option<Py<PyDict>> {
-        self.ev.op.tags.as_ref().map(|t| t.clone_ref(py))
+        self.ev.labels.tags.as_ref().map(|t| t.clone_ref(py))
     }
 
     /// "started": seconds the attempt waited since it was submitted (or since its retry was
@@ -465,7 +516,7 @@ impl LifecycleEvent {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let op = self.ev.op.operation_type.bind(py).to_string();
+        let op = self.ev.labels.operation_type.bind(py).to_string();
         match self.token_id() {
             Some(id) => format!(
                 "<LifecycleEvent {} token={} op={:?}>",
@@ -487,6 +538,8 @@ pub(crate) fn settled(py: Python<'_>, t: &TaskToken) {
         gh.note_settled(py, t);
     }
     emit_final(py, t);
+    // A chain step keeps the step before it only for the tracing hook of its attempts.
+    drop(t.with_gov_if(|g| g.previous.take()).flatten());
 }
 
 /// The submission of `tok` raised `e` before the token was accepted (pool full, admission

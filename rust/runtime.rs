@@ -1361,9 +1361,11 @@ impl Runtime {
                 .and_then(|n| Ok(n.cast_into::<PyString>()?))
                 .unwrap_or_else(|_| PyString::new(py, "callable")),
         };
+        let operation_type = operation_type.unbind();
+        let labels = crate::token::OpLabels::new(py, &operation_type, None);
         let op = Arc::new(OpSpec {
             func: func.unbind(),
-            operation_type: operation_type.unbind(),
+            operation_type,
             weight: parse_weight(weight)?,
             priority: parse_priority(priority)?,
             storage_speed: None,
@@ -1373,6 +1375,7 @@ impl Runtime {
             guard: None,
             spike_check: false,
             copy_context: true,
+            labels,
         });
         no_panic(py, || {
             submit_token(
@@ -1933,7 +1936,6 @@ impl Runtime {
     }
 }
 
-/// "high", "normal" or "low".
 /// The upper bounds of the execution-time histogram buckets a metrics scrape exports, in ns
 /// (10 µs to 60 s, then +Inf).
 const EXECUTION_BOUNDS_NS: [u64; 22] = [
@@ -1961,6 +1963,7 @@ const EXECUTION_BOUNDS_NS: [u64; 22] = [
     u64::MAX,
 ];
 
+/// "high", "normal" or "low".
 pub(crate) fn priority_name(p: Priority) -> &'static str {
     match p {
         Priority::High => "high",

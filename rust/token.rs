@@ -21,6 +21,12 @@ use crate::sched::Job;
 use crate::state::{Header, TokenState, FLAG_PANIC};
 use crate::sync::lock;
 
+/// What events of an operation's tokens carry of it: its name and tags.
+pub struct OpLabels {
+    pub operation_type: Py<PyString>,
+    pub tags: Option<Py<PyDict>>,
+}
+
 /// What every call of one decorated function shares.
 pub struct OpSpec {
     /// The function every call runs (for `submit(fn)`, an `OpSpec` of its own token alone).
@@ -40,6 +46,17 @@ pub struct OpSpec {
     pub spike_check: bool,
     /// Whether calls run in a copy of the submitter's `contextvars` context.
     pub copy_context: bool,
+    /// The name and tags again, shared with the lifecycle events of its tokens.
+    pub labels: Arc<OpLabels>,
+}
+
+impl OpLabels {
+    pub fn new(py: Python<'_>, name: &Py<PyString>, tags: Option<&Py<PyDict>>) -> Arc<OpLabels> {
+        Arc::new(OpLabels {
+            operation_type: name.clone_ref(py),
+            tags: tags.map(|t| t.clone_ref(py)),
+        })
+    }
 }
 
 impl OpSpec {

@@ -743,7 +743,7 @@ def test_breaking_out_of_async_for_unsubscribes(coord):
     assert coord._rt.event_mask == 0
 
 
-def test_aclose_and_cancellation_unsubscribe(coord):
+def test_aclose_unsubscribes_and_a_cancelled_wait_does_not(coord):
     feed = coord.events
 
     async def main():
@@ -767,6 +767,15 @@ def test_aclose_and_cancellation_unsubscribe(coord):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # a cancelled wait (a timeout, a heartbeat) leaves the stream open for the next one
+        assert not stream.closed and feed.stats()["subscribers"] == 1
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(stream), 0.01)
+        token = coord.submit(lambda: 7)
+        event = await asyncio.wait_for(anext(stream), SAFETY)
+        assert event.token_id == token.token_id
+        async with stream:
+            pass
         return stream
 
     stream = asyncio.run(asyncio.wait_for(main(), SAFETY))

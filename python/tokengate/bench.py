@@ -277,6 +277,10 @@ class System:
         return True
 
     # composite operations (overridden by asyncio.to_thread) ---------------------------------
+    def events_dropped(self) -> int:
+        """Lifecycle events lost so far (TokenGate with a subscriber; 0 for the others)."""
+        return 0
+
     def run_many(self, fn: Callable[[], Any], n: int, weight: str = "medium") -> list[Any]:
         make = self.call_factory(fn, weight)
         handles = [make() for _ in range(n)]
@@ -418,7 +422,7 @@ class TokenGateSystem(System):
         )
         self.coord.start()
         if "events" in self.observe:
-            self.coord.events.subscribe(_count_event, batch=True)
+            self.coord.events.subscribe(_count_batch, batch=True)
         if "outcomes" in self.observe:
             self.coord.events.subscribe(_count_event, kinds=OUTCOME_KINDS)
         if "metrics" in self.observe:
@@ -448,6 +452,17 @@ class TokenGateSystem(System):
             return self.coord.submit(fn, *args)
         return guarded(fn, weight, self.op_options)(*args)
 
+    def run_many(self, fn: Callable[[], Any], n: int, weight: str = "medium") -> list[Any]:
+        out = super().run_many(fn, n, weight)
+        if self.coord is not None and self.coord.events.stats()["subscribers"]:
+            # Delivery is part of the cost: the burst ends when its events were delivered.
+            self.coord.events.flush(60)
+        return out
+
+    def events_dropped(self) -> int:
+        """Lifecycle events the core dropped so far (0 without a subscriber)."""
+        return 0 if self.coord is None else int(self.coord.events.stats()["dropped"])
+
     def getter(self) -> Callable[[Handle], Any]:
         from tokengate import TaskToken
 
@@ -469,8 +484,19 @@ def _have(module: str) -> bool:
         return False
 
 
+_EVENT_COUNTS: dict[str, int] = {}
+
+
 def _count_event(event: Any) -> None:
-    """The bench's event subscriber: takes the event (or batch) and does nothing with it."""
+    """The bench's per-event subscriber: counts the event's kind."""
+    _EVENT_COUNTS[event.kind] = _EVENT_COUNTS.get(event.kind, 0) + 1
+
+
+def _count_batch(batch: Any) -> None:
+    """The bench's batch subscriber: counts the batch's events by kind (as a dashboard's
+    counters would), without making an object per event."""
+    for kind, n in batch.counts().items():
+        _EVENT_COUNTS[kind] = _EVENT_COUNTS.get(kind, 0) + n
 
 
 @lru_cache(maxsize=64)
@@ -1123,8 +1149,10 @@ def evaluate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         bound = VARIANT_TARGETS.get((r["workload"], r["system"]))
         d = default.get(r["workload"])
         if bound is not None and d and r["figure"] is not None:
-            r["target"] = f"<= {bound:.2f}x tokengate"
-            r["meets_target"] = r["figure"] <= bound * d
+            # Events dropped would make delivery look cheaper than it is: a miss.
+            kept = not r.get("context", {}).get("events_dropped")
+            r["target"] = f"<= {bound:.2f}x tokengate, no event dropped"
+            r["meets_target"] = kept and r["figure"] <= bound * d
         b = base.get(r["workload"])
         if b is not None and b != 0 and r["figure"] is not None:
             r["ratio_vs_tpe"] = r["figure"] / b
@@ -1266,8 +1294,19 @@ def run_quick(
                 say(f"{variant}: no-op throughput, round trip")
                 with open_system(name, default_layout(), **kw) as s:
                     noop_throughput(s, 10_000)
+                    dropped = s.events_dropped()
                     r = _median_rounds(partial(noop_throughput, s, n), 3, 0)
-                    rows.append(row("no-op throughput", variant, r["us_per_task"], "us/task", n=n))
+                    dropped = s.events_dropped() - dropped
+                    rows.append(
+                        row(
+                            "no-op throughput",
+                            variant,
+                            r["us_per_task"],
+                            "us/task",
+                            n=int(r["n"]),
+                            events_dropped=dropped,
+                        )
+                    )
                     r = round_trip(s, 5_000 if full else 2_000)
                     rows.append(
                         row("round trip median", variant, r["median_us"], "us", p95_us=r["p95_us"])

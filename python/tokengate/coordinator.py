@@ -36,16 +36,23 @@ log = logging.getLogger("tokengate")
 T = TypeVar("T")
 
 _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
-#: Names given to coordinators made without one ("default", then "coordinator-2", ...).
+#: The names of the coordinators alive in this process (so a default name is never taken).
+_names: weakref.WeakValueDictionary[str, OperationsCoordinator] = weakref.WeakValueDictionary()
 _names_made = 0
 _names_lock = threading.Lock()
 
 
-def _default_name() -> str:
+def _take_name(coord: OperationsCoordinator, name: str | None) -> str:
+    """``name``, or the first free one of "default", "coordinator-2", "coordinator-3", ..."""
     global _names_made
     with _names_lock:
-        _names_made += 1
-        return "default" if _names_made == 1 else f"coordinator-{_names_made}"
+        while name is None:
+            _names_made += 1
+            candidate = "default" if _names_made == 1 else f"coordinator-{_names_made}"
+            if candidate not in _names:
+                name = candidate
+        _names[name] = coord
+        return name
 
 
 _SAMPLE_EVERY = 0.5
@@ -289,7 +296,8 @@ class OperationsCoordinator:
         history_size: execution records kept (the newest, in a ring; 0 keeps none).
         name: what the coordinator is called in metrics (the ``coordinator`` label) and
             logs. Default: ``"default"`` for the first coordinator made without a name in
-            this process, then ``"coordinator-2"``, ``"coordinator-3"``, ...
+            this process, then ``"coordinator-2"``, ``"coordinator-3"``, ... (skipping names
+            of coordinators alive).
         event_capacity: lifecycle events the core buffers for :attr:`events` subscribers
             (1 to 2**24; beyond it events are dropped and counted, never waited for).
         tracing: one OpenTelemetry span per attempt (docs/observability.md): True uses the
@@ -401,7 +409,7 @@ class OperationsCoordinator:
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ConfigurationError(f"name must be a non-empty str or None, got {name!r}")
         #: The coordinator's name (the ``coordinator`` label of its metrics).
-        self.name: str = name if name is not None else _default_name()
+        self.name: str = _take_name(self, name)
         self._event_capacity = _check_int("event_capacity", event_capacity, 1, 2**24)
         self._attempt_hook: Callable[..., Any] | None = None
         if tracing is not False and tracing is not None:
@@ -589,7 +597,7 @@ class OperationsCoordinator:
         finally:
             try:
                 # Bounded: a subscriber that never returns must not keep stop() waiting.
-                self.events._detach(timeout=_EVENTS_GRACE)
+                self.events._detach(timeout=_EVENTS_GRACE, rt=stop.rt)
             except Exception:  # pragma: no cover - never keeps a stop from finishing
                 log.exception("stopping the event feed of %r failed", self)
             with self._lock:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -207,8 +208,13 @@ class Subscription:
 class _Pump:
     """The delivery thread of one attachment (one runtime)."""
 
-    def __init__(self, feed: EventFeed, rt: Runtime) -> None:
+    def __init__(self, feed: EventFeed, rt: Runtime, before: _Pump | None = None) -> None:
         self.rt = rt
+        #: The delivery thread of the feed's previous runtime, still delivering that run's
+        #: last events: this one starts delivering once it is done (one thread at a time).
+        self.before = before
+        self.dropped_seen = 0
+        self.dropped_reported = 0
         self.stopping = threading.Event()
         self.cond = threading.Condition(threading.Lock())
         self.round_started = 0  # id of the last round that began taking
@@ -245,6 +251,7 @@ class EventFeed:
         self._delivered = 0
         self._stream_dropped = 0
         self._errors = 0
+        self._drops_logged_at: float | None = None
         self._mask_set_on: Runtime | None = None  # runtime that got self._mask last
         self._mask_sent = 0
 
@@ -277,12 +284,20 @@ class EventFeed:
             A :class:`Subscription` (a context manager that unsubscribes at exit).
 
         Raises:
-            ConfigurationError: ``callback`` is not callable, or a kind is unknown (the
-                message names the valid kinds).
+            ConfigurationError: ``callback`` is not callable or is a coroutine function, or a
+                kind is unknown (the message names the valid kinds).
         """
         if not callable(callback):
             raise ConfigurationError(
                 f"an event subscriber must be callable, got {type(callback).__name__}"
+            )
+        if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            getattr(callback, "__call__", None)  # noqa: B004 (an async __call__)
+        ):
+            raise ConfigurationError(
+                f"event subscriber {callback!r} is a coroutine function: callbacks run on the "
+                "feed's delivery thread, where nothing awaits them; consume events from "
+                "asyncio with `async for event in coordinator.events` (or events.stream())"
             )
         if not isinstance(batch, bool):
             raise ConfigurationError(f"batch must be True or False, got {batch!r}")
@@ -388,21 +403,23 @@ class EventFeed:
         with self._lock:
             if self._rt is rt:
                 return
-            attached = self._rt is not None
-        if attached:  # attached to an older runtime: finish with that one first
-            self._detach()
-        with self._lock:
+            old = self._pump
+            if old is not None and old.rt is not rt:
+                # The previous run's thread (its runtime stopped, or is stopping) delivers that
+                # run's last events, then ends; the new one waits for it, so callbacks still run
+                # one at a time and in order. It is never waited for here, under the
+                # coordinator's lock.
+                old.stopping.set()
+                old.rt.wake_events()
+                self._pump = None
             self._rt = rt
             self._last_rt = rt
             self._mask_set_on = None
             self._sync_mask()
-            if self._pump is not None and self._pump.rt is not rt:
-                # the previous thread, asked to stop by a subscriber, is still finishing
-                self._pump = None
             if self._subs and self._pump is None:
-                self._start_pump(rt)
+                self._start_pump(rt, before=old if old is not None and old.alive() else None)
 
-    def _detach(self, timeout: float | None = None) -> bool:
+    def _detach(self, timeout: float | None = None, rt: Runtime | None = None) -> bool:
         """Called by the coordinator after its runtime shut down: delivers what is still
         buffered, then stops the delivery thread (subscriptions are kept for the next
         :meth:`_attach`).
@@ -415,8 +432,13 @@ class EventFeed:
         """
         with self._lock:
             pump = self._pump
-            self._rt = None
-            self._mask_set_on = None
+            if rt is not None and self._rt is not rt:
+                # A start() after this stop attached the feed to the next runtime already: this
+                # run's thread was handed over then and finishes by itself.
+                pump = None
+            else:
+                self._rt = None
+                self._mask_set_on = None
         if pump is None:
             return True
         pump.stopping.set()
@@ -428,8 +450,9 @@ class EventFeed:
             wait = _NUDGE if deadline is None else min(_NUDGE, deadline - time.monotonic())
             if wait <= 0:
                 logger.warning(
-                    "event feed %r: a subscriber is still busy after %.1fs; the rest of the "
-                    "events is delivered in the background",
+                    "event feed %r: still delivering after %.1fs (a subscriber is slow, or "
+                    "tokens of the stopped run still execute); the rest of the events is "
+                    "delivered in the background",
                     self.name,
                     timeout,
                 )
@@ -440,8 +463,8 @@ class EventFeed:
                 self._pump = None
         return True
 
-    def _start_pump(self, rt: Runtime) -> None:
-        pump = _Pump(self, rt)
+    def _start_pump(self, rt: Runtime, before: _Pump | None = None) -> None:
+        pump = _Pump(self, rt, before)
         self._pump = pump
         pump.thread.start()
 
@@ -449,19 +472,30 @@ class EventFeed:
         """The delivery thread: takes batches and hands each event to its subscribers."""
         rt = pump.rt
         try:
+            if pump.before is not None:
+                pump.before.thread.join()
+                pump.before = None
             while True:
-                final = pump.stopping.is_set()  # the runtime is shut down: take until empty
+                # Stopping: the runtime is shut down (or was replaced). Take until its ring is
+                # empty and no token of it can still record an event (one still running when
+                # stop() gave up ends later, and its final event is delivered then).
+                final = pump.stopping.is_set() and rt.in_flight() == 0
                 with pump.cond:
                     pump.round_started += 1
                     round_id = pump.round_started
                 batch = rt.take_events(_BATCH, _WAIT)
-                if batch:
+                taken = len(batch)
+                if taken:
                     self._deliver(batch)
+                # Not kept while waiting for the next round: its events (and their errors)
+                # are the subscribers' to keep or let go.
+                del batch
+                self._note_drops(pump)
                 with pump.cond:
-                    if len(batch) < _BATCH:
+                    if taken < _BATCH:
                         pump.round_drained = round_id
                     pump.cond.notify_all()
-                if final and not batch:
+                if final and not taken:
                     pump.clean_exit = True
                     return
         except BaseException:
@@ -473,6 +507,25 @@ class EventFeed:
             with pump.cond:
                 pump.cond.notify_all()
 
+    def _note_drops(self, pump: _Pump) -> None:
+        """Warns (at most once a minute) when the core dropped events since the last look."""
+        dropped = pump.rt.events_dropped
+        if dropped <= pump.dropped_seen:
+            return
+        now = time.monotonic()
+        if self._drops_logged_at is None or now - self._drops_logged_at >= _ERROR_LOG_INTERVAL:
+            logger.warning(
+                "event feed %r: %d lifecycle events were dropped (%d in all this run): the "
+                "subscribers fall behind the core; take events in batches "
+                "(subscribe(..., batch=True)) or raise OperationsCoordinator(event_capacity=...)",
+                self.name,
+                dropped - pump.dropped_reported,
+                dropped,
+            )
+            self._drops_logged_at = now
+            pump.dropped_reported = dropped
+        pump.dropped_seen = dropped
+
     def _deliver(self, batch: EventBatch) -> None:
         subs = self._subs  # a snapshot: (un)subscribing replaces the tuple
         each = tuple(s for s in subs if not s._batch)
@@ -480,7 +533,9 @@ class EventFeed:
             if sub._batch and sub._active:
                 # The core records only the union of the kinds: a subscriber to all of them
                 # takes the batch as it is.
-                events = batch if sub._mask == self._mask else batch.select(sub._mask)
+                # The batch was recorded under the kinds wanted then (a wider union if a
+                # subscription left since): only a batch of its own kinds goes as it is.
+                events = batch if batch.mask() & ~sub._mask == 0 else batch.select(sub._mask)
                 if events:
                     try:
                         sub._callback(events)
@@ -658,9 +713,11 @@ class EventStream:
     It subscribes on the running event loop it is created on (or, created outside one, at the
     first ``__anext__``). The delivery thread buffers events for it (``maxsize`` at most; the
     excess is dropped and counted in :attr:`dropped`) and wakes the consumer through
-    ``loop.call_soon_threadsafe``. Leaving the ``async for`` loop, :meth:`aclose` /
-    :meth:`close`, or cancelling the task waiting in ``__anext__`` unsubscribes; iteration then
-    ends. If the consumer's loop is closed, the stream unsubscribes quietly.
+    ``loop.call_soon_threadsafe``. :meth:`aclose` / :meth:`close`, leaving an ``async with
+    stream:`` block, or the stream being garbage collected unsubscribes; iteration then ends.
+    A cancelled ``__anext__`` (``asyncio.wait_for(anext(stream), 1)`` as a heartbeat) leaves the
+    stream open, as ``asyncio.Queue.get`` does. If the consumer's loop is closed, the stream
+    unsubscribes quietly.
     """
 
     def __init__(
@@ -719,10 +776,7 @@ class EventStream:
                 waiter: asyncio.Future[None] = buf.loop.create_future()
                 buf.waiter = waiter
             try:
-                await waiter
-            except asyncio.CancelledError:
-                self.close()
-                raise
+                await waiter  # cancelled (a timeout, a heartbeat): the stream stays open
             finally:
                 with buf.lock:
                     if buf.waiter is waiter:
@@ -736,6 +790,12 @@ class EventStream:
 
     async def aclose(self) -> None:
         """Same as :meth:`close` (for ``contextlib.aclosing`` and async-generator habits)."""
+        self.close()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
