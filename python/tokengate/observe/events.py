@@ -51,9 +51,20 @@ from tokengate.errors import ConfigurationError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from tokengate._core import EventBatch, LifecycleEvent, Runtime
+    from tokengate._core import Runtime
 
-__all__ = ["EVENT_KINDS", "EventFeed", "EventStream", "Subscription"]
+#: One lifecycle event, and a batch of them (made by the core; importable from here).
+LifecycleEvent = _core.LifecycleEvent
+EventBatch = _core.EventBatch
+
+__all__ = [
+    "EVENT_KINDS",
+    "EventBatch",
+    "EventFeed",
+    "EventStream",
+    "LifecycleEvent",
+    "Subscription",
+]
 
 logger = logging.getLogger("tokengate.events")
 
@@ -372,6 +383,12 @@ class EventFeed:
             from a subscriber (on the delivery thread, which cannot wait for itself) it returns
             False at once.
         """
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout
+        ):
+            raise ConfigurationError(
+                f"timeout must be a number of seconds or None, got {timeout!r}"
+            )
         with self._lock:
             pump = self._pump
         if pump is None:
