@@ -1,7 +1,7 @@
 //! Lifecycle events: what the core records (through the pure ring of `events.rs`) and the
-//! `LifecycleEvent` Python objects the delivery thread takes. Emission sites call
-//! [`wants`] first, so with nobody listening an event costs one relaxed load and is never
-//! built.
+//! `LifecycleEvent` Python objects the delivery thread takes. Emission sites check
+//! `ring.wants(kind)` first, so with nobody listening an event costs one relaxed load and is
+//! never built.
 
 use std::sync::Arc;
 
@@ -123,17 +123,22 @@ pub(crate) fn emit_call(ring: &Ring, kind: u8, op: &Arc<OpSpec>, detail: Option<
 pub(crate) fn emit_final(py: Python<'_>, t: &TaskToken) {
     use crate::state::TokenState as S;
     let ring = &t.rt.events;
-    let (kind, obj) = match t.header.state.load() {
-        S::Completed => (COMPLETED, None),
-        S::Failed => (FAILED, t.error(py).map(|e| e.into_any())),
-        S::Killed | S::Cancelling => (KILLED, None),
-        S::TimedOut => (TIMED_OUT, None),
-        S::Quarantined => (QUARANTINED, None),
+    let kind = match t.header.state.load() {
+        S::Completed => COMPLETED,
+        S::Failed => FAILED,
+        S::Killed | S::Cancelling => KILLED,
+        S::TimedOut => TIMED_OUT,
+        S::Quarantined => QUARANTINED,
         _ => return,
     };
     if !ring.wants(kind) {
         return;
     }
+    let obj = if kind == FAILED {
+        t.error(py).map(|e| e.into_any())
+    } else {
+        None
+    };
     let span = match (kind, t.header.started_ns()) {
         (KILLED | TIMED_OUT | COMPLETED | FAILED, Some(s)) => {
             let end = t.header.finished_ns().unwrap_or_else(crate::clock::now_ns);
