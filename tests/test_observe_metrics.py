@@ -36,8 +36,8 @@ from tokengate.observe.metrics import (
 FAMILIES = {
     ("tokengate_tokens", "counter"),  # tokengate_tokens_total
     ("tokengate_attempts", "counter"),
-    ("tokengate_tokens_created", "counter"),
-    ("tokengate_tokens", "gauge"),
+    ("tokengate_tokens_accepted", "counter"),
+    ("tokengate_tokens_inflight", "gauge"),
     ("tokengate_pool_depth", "gauge"),
     ("tokengate_queue_depth", "gauge"),
     ("tokengate_workers_active", "gauge"),
@@ -163,7 +163,7 @@ def assert_workload(sc: Scrape, prefix: str, coordinator: str) -> None:
         for outcome in ATTEMPT_OUTCOMES:
             got = sc.value("tokengate_attempts_total", operation=op, outcome=outcome, **c)
             assert got == want.get(outcome, 0), (op, outcome, got)
-    assert sc.value("tokengate_tokens_created_total", **c) == 11
+    assert sc.value("tokengate_tokens_accepted_total", **c) == 11
     # each attempt is routed: the 11 tokens, and the 2 retries of {prefix}_r again
     assert sc.total("tokengate_routed_total", **c) == 13
     for op, n in executions.items():
@@ -177,7 +177,7 @@ def assert_workload(sc: Scrape, prefix: str, coordinator: str) -> None:
     # one queue wait per attempt that started: 7 + 3 + 3
     assert_histogram(sc, "tokengate_queue_wait_seconds", 13, **c)
     for state in ("waiting", "admitted", "executing", "held"):
-        assert sc.value("tokengate_tokens", state=state, **c) == 0
+        assert sc.value("tokengate_tokens_inflight", state=state, **c) == 0
     assert sc.value("tokengate_pool_depth", **c) == 0
     assert sc.value("tokengate_events_dropped_total", **c) == 0
 
@@ -237,12 +237,12 @@ def test_counters_grow_between_scrapes_and_text_matches_registry(make_coord):
     assert op(1).get(timeout=SAFETY) == 1
     assert wait_until(lambda: at_rest(coord))
     first = Scrape(metrics.generate_latest(coord).decode())
-    assert first.value("tokengate_tokens_created_total") == 1
+    assert first.value("tokengate_tokens_accepted_total") == 1
     assert [op(i).get(timeout=SAFETY) for i in range(4)] == [0, 1, 2, 3]
     assert wait_until(lambda: at_rest(coord))
     with coord.serve_metrics(0) as server:
         second = scrape(server.url)
-    assert second.value("tokengate_tokens_created_total") == 5
+    assert second.value("tokengate_tokens_accepted_total") == 5
     assert second.value("tokengate_tokens_total", operation="og_a", outcome="completed") == 5
     assert metrics.generate_latest(coord) == prom_generate_latest(registry_for(coord))
 
@@ -284,7 +284,7 @@ def test_blocked_operation(make_coord):
     assert states == {s: (1.0 if s == "blocked" else 0.0) for s in BREAKER_STATES}
     assert sc.value("tokengate_tokens_total", operation="ob_a", outcome="blocked") == 2
     assert sc.value("tokengate_tokens_total", operation="ob_a", outcome="completed") == 1
-    assert sc.value("tokengate_tokens_created_total") == 1  # a blocked call makes no token
+    assert sc.value("tokengate_tokens_accepted_total") == 1  # a blocked call makes no token
 
     # every other state, one at a time (force_open stays open for its 30 s open_duration)
     for button, state in (("unblock", "closed"), ("force_open", "open"), ("disable", "disabled")):
@@ -314,7 +314,7 @@ def test_refused_and_killed_tokens(make_coord):
     try:
         sc = scrape(server.url)
         assert sc.value("tokengate_pool_depth") == 2
-        assert sc.value("tokengate_tokens", state="waiting") == 2
+        assert sc.value("tokengate_tokens_inflight", state="waiting") == 2
         coord.stop(wait=False)  # kills what has not started
         for t in queued:
             with pytest.raises(TokenKilled):
@@ -326,18 +326,30 @@ def test_refused_and_killed_tokens(make_coord):
         s.labels["outcome"]: s.value for s in sc.select("tokengate_tokens_total", operation="or_a")
     }
     assert counts == {o: {"killed": 2, "refused": 1}.get(o, 0) for o in TOKEN_OUTCOMES}
-    assert sc.value("tokengate_tokens_created_total") == 2  # the refused call is not in it
+    assert sc.value("tokengate_tokens_accepted_total") == 2  # the refused call is not in it
     assert sc.total("tokengate_attempts_total", operation="or_a") == 0  # nothing ran
     assert_histogram(sc, "tokengate_execution_seconds", 0, operation="or_a")
     assert sc.value("tokengate_pool_depth") == 0
 
 
-def test_openmetrics_request_gets_the_text_format(make_coord):
+def test_an_openmetrics_scrape_parses_as_openmetrics(make_coord):
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as openmetrics_families,
+    )
+
     coord = make_coord(cores=1, workers_per_core=1, name="obs-om")
+    coord.submit(lambda: None).get(timeout=SAFETY)
+    accept = "application/openmetrics-text; version=1.0.0"
     with coord.serve_metrics(0) as server:
-        sc = scrape(server.url, accept="application/openmetrics-text; version=1.0.0")
-    assert sc.kinds() == FAMILIES
-    assert sc.value("tokengate_tokens_created_total") == 0
+        req = urllib.request.Request(server.url, headers={"Accept": accept})
+        with urllib.request.urlopen(req, timeout=SAFETY) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = r.read().decode()
+    # the OpenMetrics parser refuses two families of one name, as the names once were
+    families = {(f.name, f.type) for f in openmetrics_families(text)}
+    assert ("tokengate_tokens", "counter") in families
+    assert ("tokengate_tokens_inflight", "gauge") in families
+    assert ("tokengate_tokens_accepted", "counter") in families
 
 
 # ------------------------------------------------------------------- lifecycle of the figures
@@ -355,7 +367,7 @@ def test_stopped_coordinator_keeps_last_figures_and_restart_resets(make_coord):
 
         coord.start()  # a new runtime: counters start from zero again
         sc = scrape(server.url)
-        assert sc.value("tokengate_tokens_created_total") == 0
+        assert sc.value("tokengate_tokens_accepted_total") == 0
         assert all(s.value == 0 for s in sc.select("tokengate_tokens_total"))
         assert all(s.value == 0 for s in sc.select("tokengate_attempts_total"))
         assert sc.value("tokengate_queue_wait_seconds_count") == 0
@@ -388,10 +400,10 @@ def test_guard_house_off_has_no_per_operation_series(make_coord):
     for name in PER_OPERATION:
         assert sc.select(name) == [], name
     assert not any("operation" in s.labels for s in sc.samples)
-    assert sc.value("tokengate_tokens_created_total") == 3
+    assert sc.value("tokengate_tokens_accepted_total") == 3
     assert sc.total("tokengate_routed_total") == 3
     assert_histogram(sc, "tokengate_queue_wait_seconds", 3)
-    assert sc.value("tokengate_tokens", state="executing") == 0
+    assert sc.value("tokengate_tokens_inflight", state="executing") == 0
     assert sc.select("tokengate_storage_limit")
 
 
@@ -414,8 +426,8 @@ def test_two_coordinators_two_endpoints(make_coord):
         one, two = scrape(s1.url), scrape(s2.url)
     assert {s.labels["coordinator"] for s in one.samples} == {"obs-one"}
     assert {s.labels["coordinator"] for s in two.samples} == {"obs-two"}
-    assert one.value("tokengate_tokens_created_total") == 2
-    assert two.value("tokengate_tokens_created_total") == 3
+    assert one.value("tokengate_tokens_accepted_total") == 2
+    assert two.value("tokengate_tokens_accepted_total") == 3
     assert one.value("tokengate_tokens_total", operation="o2_a", outcome="completed") == 2
     assert two.value("tokengate_tokens_total", operation="o2_a", outcome="completed") == 3
     assert registry_for(c1) is not registry_for(c2)
@@ -446,8 +458,8 @@ def test_one_collector_for_several_coordinators(make_coord):
                 "obs-left",
                 "obs-right",
             }, family.name
-    assert sc.value("tokengate_tokens_created_total", coordinator="obs-left") == 1
-    assert sc.value("tokengate_tokens_created_total", coordinator="obs-right") == 2
+    assert sc.value("tokengate_tokens_accepted_total", coordinator="obs-left") == 1
+    assert sc.value("tokengate_tokens_accepted_total", coordinator="obs-right") == 2
     assert sc.value("tokengate_events_dropped_total", coordinator="obs-left") == 0
     assert sc.value("tokengate_events_dropped_total", coordinator="obs-right") == 0
 
@@ -535,7 +547,7 @@ def test_server_close_and_context_manager(make_coord):
     with metrics.serve(coord, 0) as server:
         assert not server.closed
         assert "serving" in repr(server)
-        assert scrape(server.url).value("tokengate_tokens_created_total") == 0
+        assert scrape(server.url).value("tokengate_tokens_accepted_total") == 0
     assert server.closed
     server.close()  # idempotent
     with pytest.raises(urllib.error.URLError):

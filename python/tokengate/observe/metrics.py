@@ -18,13 +18,13 @@ Metrics (counters end in ``_total``; durations are in seconds):
     ``timed_out``, ``quarantined``, ``refused`` (the submission raised, e.g. ``PoolFull``);
     also ``blocked`` (calls refused by the operation's breaker before a token existed) and
     ``retried`` (attempts that failed and were tried again; not a final outcome). Refused and
-    blocked calls were never accepted: they are not in ``tokengate_tokens_created_total``.
+    blocked calls were never accepted: they are not in ``tokengate_tokens_accepted_total``.
 ``tokengate_attempts_total{operation, outcome}`` (counter)
     Attempts that ran, by outcome: ``completed``, ``failed``, ``timed_out``, ``killed``. A token
     with retries runs several attempts.
-``tokengate_tokens_created_total`` (counter)
+``tokengate_tokens_accepted_total`` (counter)
     Tokens accepted by the coordinator.
-``tokengate_tokens{state}`` (gauge)
+``tokengate_tokens_inflight{state}`` (gauge)
     Tokens now ``waiting``, ``admitted``, ``executing`` or ``held`` (by a limit or a storage tier).
 ``tokengate_pool_depth`` (gauge)
     Tokens in the shared pool, not yet routed to a core.
@@ -35,7 +35,7 @@ Metrics (counters end in ``_total``; durations are in seconds):
 ``tokengate_routed_total{core, weight}`` (counter)
     Admissions of tokens into a core's mailboxes, by weight (``heavy``, ``medium``, ``light``):
     each attempt of a retried token is routed again, and a ``reroute()`` to another core counts
-    there too, so the sum may exceed ``tokengate_tokens_created_total``.
+    there too, so the sum may exceed ``tokengate_tokens_accepted_total``.
 ``tokengate_queue_wait_seconds`` (histogram)
     Time from a token's submission to the start of each of its attempts, all cores together
     (one observation per attempt; a retry's includes the earlier attempts and the backoff).
@@ -66,9 +66,6 @@ Things to know when reading them:
 * The buckets of ``tokengate_execution_seconds`` come from the core's log-linear histogram,
   whose cells are about 12.5 % wide: an observation within about 12.5 % of a bucket bound may
   be counted on either side of it. ``_sum`` and ``_count`` are exact.
-* The endpoint always answers in the Prometheus text format 0.0.4, also to a scraper that
-  asks for OpenMetrics: there the counter ``tokengate_tokens_total`` and the gauge
-  ``tokengate_tokens`` would be two families of the same name, which OpenMetrics forbids.
 
 Several coordinators on one endpoint: give one collector all of them (one collector per
 coordinator in the same registry would repeat every family)::
@@ -79,9 +76,6 @@ coordinator in the same registry would repeat every family)::
     REGISTRY.register(TokenGateCollector([coord1, coord2]))
     start_http_server(9464, addr="127.0.0.1")
 
-``prometheus_client``'s own server answers OpenMetrics to a scraper that asks for it, as
-Prometheus does by default; for the reason above, have Prometheus ask for the text format
-there (``scrape_protocols: [PrometheusText0.0.4]`` in its scrape config).
 """
 
 from __future__ import annotations
@@ -92,7 +86,7 @@ import math
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -133,7 +127,7 @@ TOKEN_OUTCOMES: Final = (
 )
 #: Outcomes of ``tokengate_attempts_total``.
 ATTEMPT_OUTCOMES: Final = ("completed", "failed", "timed_out", "killed")
-#: States of ``tokengate_tokens``.
+#: States of ``tokengate_tokens_inflight``.
 TOKEN_STATES: Final = ("waiting", "admitted", "executing", "held")
 #: States of ``tokengate_breaker_state``.
 BREAKER_STATES: Final = ("closed", "open", "half_open", "blocked", "disabled")
@@ -171,13 +165,13 @@ _FAMILIES: Final[dict[str, tuple[str, str, str, tuple[str, ...]]]] = {
     ),
     "created_total": (
         "counter",
-        "tokengate_tokens_created",
+        "tokengate_tokens_accepted",
         "Tokens accepted by the coordinator",
         (),
     ),
     "tokens": (
         "gauge",
-        "tokengate_tokens",
+        "tokengate_tokens_inflight",
         "Tokens now waiting, admitted, executing or held",
         ("state",),
     ),
@@ -486,17 +480,6 @@ def generate_latest(coordinator: _Coordinator) -> bytes:
     return _prom_generate_latest(registry_for(coordinator))
 
 
-def _text_format_only(app: Callable[..., Any]) -> Callable[..., Any]:
-    """Answers every scrape in the text format 0.0.4: in OpenMetrics two of our families
-    (``tokengate_tokens_total`` and ``tokengate_tokens``) would share a name."""
-
-    def text_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        environ = {k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}
-        return app(environ, start_response)
-
-    return text_app
-
-
 class _SilentHandler(WSGIRequestHandler):
     """Logs no line per request on stderr."""
 
@@ -592,7 +575,7 @@ def serve(coordinator: _Coordinator, port: int = 0, addr: str = "127.0.0.1") -> 
     class _Server(ThreadingWSGIServer):
         address_family = family
 
-    app = _text_format_only(make_wsgi_app(registry))
+    app = make_wsgi_app(registry)
     httpd = make_server(host, port, app, _Server, handler_class=_SilentHandler)
     thread = threading.Thread(
         target=httpd.serve_forever,
