@@ -1189,7 +1189,7 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
             if c.header.state.load().is_settled() {
                 return false; // killed while it waited for its parent
             }
-            if shared.attempt_hook(py).is_some() {
+            if shared.has_attempt_hook() {
                 c.with_gov(|g| g.previous = Some(parent.clone().unbind()));
             }
             if let Some(gh) = shared.guard.as_ref() {

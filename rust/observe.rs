@@ -543,8 +543,11 @@ pub(crate) fn settled(py: Python<'_>, t: &TaskToken) {
         gh.note_settled(py, t);
     }
     emit_final(py, t);
-    // A chain step keeps the step before it only for the tracing hook of its attempts.
-    drop(t.with_gov_if(|g| g.previous.take()).flatten());
+    // A chain step keeps the step before it only for the tracing hook of its attempts (kept
+    // only while a hook is set: no lock here otherwise).
+    if t.rt.has_attempt_hook() {
+        drop(t.with_gov_if(|g| g.previous.take()).flatten());
+    }
 }
 
 /// The submission of `tok` raised `e` before the token was accepted (pool full, admission

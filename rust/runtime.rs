@@ -60,6 +60,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether an attempt hook is set (one relaxed load).
+    #[inline]
+    pub(crate) fn has_attempt_hook(&self) -> bool {
+        self.has_attempt_hook.load(Ordering::Relaxed)
+    }
+
     /// The attempt hook, if one is set (one relaxed load when none is).
     #[inline]
     pub(crate) fn attempt_hook(&self, py: Python<'_>) -> Option<Py<PyAny>> {
