@@ -263,6 +263,9 @@ class EventFeed:
         self._stream_dropped = 0
         self._errors = 0
         self._drops_logged_at: float | None = None
+        #: The previous run's delivery thread, handed over at the last _attach and maybe still
+        #: delivering that run's last events.
+        self._finishing: _Pump | None = None
         self._mask_set_on: Runtime | None = None  # runtime that got self._mask last
         self._mask_sent = 0
 
@@ -429,6 +432,7 @@ class EventFeed:
                 old.stopping.set()
                 old.rt.wake_events()
                 self._pump = None
+                self._finishing = old
             self._rt = rt
             self._last_rt = rt
             self._mask_set_on = None
@@ -481,6 +485,8 @@ class EventFeed:
         return True
 
     def _start_pump(self, rt: Runtime, before: _Pump | None = None) -> None:
+        if before is None and self._finishing is not None and self._finishing.alive():
+            before = self._finishing  # (a subscription made while it still finishes)
         pump = _Pump(self, rt, before)
         self._pump = pump
         pump.thread.start()
