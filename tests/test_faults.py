@@ -621,8 +621,10 @@ def test_raising_callback_is_logged_on_every_path(make_coord, caplog, exc):
 @pytest.mark.timeout(60)
 def test_hanging_callback_does_not_stop_the_other_workers(make_coord, make_latch):
     """A done callback blocks its worker; tokens queued in that worker's mailbox and new ones
-    run on the other worker meanwhile, and the first token is final (get() returns) at once."""
-    coord = make_coord(cores=1, workers_per_core=2, mailbox_capacity=50)
+    run on the other worker meanwhile, and the first token is final (get() returns) at once.
+    (No growth on demand: on a loaded machine the monitor may see the core busy and start a
+    third worker, which would take tokens too.)"""
+    coord = make_coord(cores=1, workers_per_core=2, mailbox_capacity=50, grow_on_demand=False)
     latch = make_latch()
     unblock = threading.Event()
     in_callback = threading.Event()
