@@ -246,8 +246,19 @@ impl EventBatch {
     fn __getitem__<'py>(
         &self,
         py: Python<'py>,
-        index: isize,
-    ) -> PyResult<Bound<'py, LifecycleEvent>> {
+        index: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Ok(slice) = index.cast::<pyo3::types::PySlice>() {
+            let ix = slice.indices(self.events.len() as isize)?;
+            let mut out = Vec::with_capacity(ix.slicelength);
+            let mut i = ix.start;
+            for _ in 0..ix.slicelength {
+                out.push(self.event(py, i as usize)?);
+                i += ix.step;
+            }
+            return Ok(pyo3::types::PyList::new(py, out)?.into_any());
+        }
+        let index: isize = index.extract()?;
         let n = self.events.len() as isize;
         let i = if index < 0 { index + n } else { index };
         if !(0..n).contains(&i) {
@@ -255,7 +266,7 @@ impl EventBatch {
                 "event index {index} out of range for a batch of {n}"
             )));
         }
-        self.event(py, i as usize)
+        self.event(py, i as usize).map(Bound::into_any)
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> EventBatchIter {
@@ -265,9 +276,11 @@ impl EventBatch {
         }
     }
 
-    /// The events whose kind is in `mask` (bits of `EVENT_KINDS`), as a batch of their own.
-    fn select(&self, py: Python<'_>, mask: u32) -> EventBatch {
-        EventBatch {
+    /// The events of `kinds` (names of `EVENT_KINDS`, or a mask of their bits), as a batch of
+    /// their own.
+    fn select(&self, py: Python<'_>, kinds: &Bound<'_, PyAny>) -> PyResult<EventBatch> {
+        let mask = kind_mask(kinds)?;
+        Ok(EventBatch {
             events: self
                 .events
                 .iter()
@@ -275,7 +288,7 @@ impl EventBatch {
                 .map(|e| e.clone_ref(py))
                 .collect(),
             wall_offset: self.wall_offset,
-        }
+        })
     }
 
     /// The kinds the batch holds, as a mask (bits of `EVENT_KINDS`).
@@ -301,6 +314,34 @@ impl EventBatch {
     fn __repr__(&self) -> String {
         format!("<EventBatch of {} events>", self.events.len())
     }
+}
+
+/// A mask of event kinds from an int (the bits themselves), one kind's name, or names.
+fn kind_mask(kinds: &Bound<'_, PyAny>) -> PyResult<u32> {
+    if let Ok(m) = kinds.extract::<u32>() {
+        return Ok(m);
+    }
+    let one = |name: &str| -> PyResult<u32> {
+        KINDS
+            .iter()
+            .position(|k| *k == name)
+            .map(|i| 1u32 << i)
+            .ok_or_else(|| {
+                crate::errors::CoreError::Config(format!(
+                    "unknown event kind '{name}'; valid: {}",
+                    KINDS.join(", ")
+                ))
+                .into()
+            })
+    };
+    if let Ok(name) = kinds.extract::<String>() {
+        return one(&name);
+    }
+    let mut mask = 0;
+    for k in kinds.try_iter()? {
+        mask |= one(&k?.extract::<String>()?)?;
+    }
+    Ok(mask)
 }
 
 /// Iterates an `EventBatch`.

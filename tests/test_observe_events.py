@@ -967,3 +967,20 @@ def test_batch_must_be_a_bool(make_coord):
     coord = make_coord(cores=1, workers_per_core=1)
     with pytest.raises(ConfigurationError, match="batch must be True or False"):
         coord.events.subscribe(lambda b: None, batch=1)
+
+
+def test_an_event_batch_slices_and_selects_by_kind_name(make_coord):
+    coord = make_coord(cores=1, workers_per_core=1)
+    rt = coord._rt
+    rt.set_event_mask(_bits("created"))
+    tokens = [coord.submit(lambda: None) for _ in range(4)]
+    batch = rt.take_events(100, SAFETY)
+    ids = [t.token_id for t in tokens]
+    assert [e.token_id for e in batch[1:3]] == ids[1:3]
+    assert [e.token_id for e in batch[::-1]] == ids[::-1]
+    assert batch[10:] == []
+    assert len(batch.select("created")) == 4
+    assert len(batch.select({"created", "completed"})) == 4
+    assert len(batch.select(["completed"])) == 0
+    with pytest.raises(ConfigurationError, match="unknown event kind 'craeted'"):
+        batch.select("craeted")

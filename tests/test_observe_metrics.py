@@ -30,6 +30,7 @@ from tokengate.observe.metrics import (
     MetricsServer,
     TokenGateCollector,
     registry_for,
+    serve,
 )
 
 #: Every family the collector yields, as the text-format parser names them, with its type.
@@ -595,3 +596,15 @@ def test_import_tokengate_does_not_import_prometheus_client(tmp_path):
     )
     assert rc == 0, err
     assert out.strip() == "OK"
+
+
+def test_serve_takes_several_coordinators_on_one_endpoint(make_coord):
+    a = make_coord(cores=1, workers_per_core=1, name="obs-one")
+    b = make_coord(cores=1, workers_per_core=1, name="obs-two")
+    a.submit(lambda: None).get(timeout=SAFETY)
+    for _ in range(2):
+        b.submit(lambda: None).get(timeout=SAFETY)
+    with serve([a, b], 0) as server:
+        sc = scrape(server.url)
+    assert sc.value("tokengate_tokens_accepted_total", coordinator="obs-one") == 1
+    assert sc.value("tokengate_tokens_accepted_total", coordinator="obs-two") == 2

@@ -88,7 +88,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry
@@ -546,9 +546,13 @@ class MetricsServer:
         return f"<MetricsServer {self.url} {state}>"
 
 
-def serve(coordinator: _Coordinator, port: int = 0, addr: str = "127.0.0.1") -> MetricsServer:
+def serve(
+    coordinator: _Coordinator | Iterable[_Coordinator], port: int = 0, addr: str = "127.0.0.1"
+) -> MetricsServer:
     """Serves ``coordinator``'s metrics over HTTP on ``addr:port`` (``port=0``: a free port,
-    see ``.port``) from a daemon thread, and returns the :class:`MetricsServer`.
+    see ``.port``) from a daemon thread, and returns the :class:`MetricsServer`. Given several
+    coordinators (a list), one endpoint serves them all (one :class:`TokenGateCollector`;
+    their samples differ by their ``coordinator`` label).
 
     The endpoint has no authentication and no TLS: it binds to the loopback address by
     default, and binding elsewhere (e.g. ``"0.0.0.0"``) logs a warning on
@@ -564,7 +568,15 @@ def serve(coordinator: _Coordinator, port: int = 0, addr: str = "127.0.0.1") -> 
         raise ConfigurationError(
             f"addr must be a host name or IP address (a non-empty str), got {addr!r}"
         )
-    registry = registry_for(coordinator)
+    if isinstance(coordinator, (list, tuple, set, frozenset)):
+        several = list(coordinator)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(TokenGateCollector(several))
+        label = "+".join(c.name for c in several)
+    else:
+        one = cast("_Coordinator", coordinator)
+        registry = registry_for(one)
+        label = one.name
     try:
         infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -579,7 +591,7 @@ def serve(coordinator: _Coordinator, port: int = 0, addr: str = "127.0.0.1") -> 
     httpd = make_server(host, port, app, _Server, handler_class=_SilentHandler)
     thread = threading.Thread(
         target=httpd.serve_forever,
-        name=f"tokengate-metrics-{coordinator.name}",
+        name=f"tokengate-metrics-{label}",
         daemon=True,
     )
     thread.start()
@@ -588,9 +600,9 @@ def serve(coordinator: _Coordinator, port: int = 0, addr: str = "127.0.0.1") -> 
         log.warning(
             "serving the metrics of coordinator %r on %s, which is not a loopback address: "
             "the endpoint has no authentication",
-            coordinator.name,
+            label,
             server.url,
         )
     else:
-        log.info("serving the metrics of coordinator %r on %s", coordinator.name, server.url)
+        log.info("serving the metrics of coordinator %r on %s", label, server.url)
     return server
