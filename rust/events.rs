@@ -55,6 +55,8 @@ pub const ALL_KINDS: u32 = (1 << KINDS.len()) - 1;
 /// How often a lingering consumer looks whether the ring is half full (then it stops
 /// lingering at once).
 const LINGER_STEP: Duration = Duration::from_millis(1);
+/// The longest a parked consumer sleeps in one go (a wake or a push cuts it short).
+const PARK_STEP: Duration = Duration::from_secs(3600);
 
 /// A bounded multi-producer, single-consumer event buffer with a kind mask.
 pub struct EventRing<T> {
@@ -183,71 +185,53 @@ impl<T> EventRing<T> {
 
     /// Parks until an event is buffered (true), or `timeout` passed or `wake` (false).
     fn wait_first(&self, q: &ArrayQueue<T>, timeout: Duration) -> bool {
-        let deadline = Instant::now().checked_add(timeout);
-        let mut g = lock(&self.lock);
-        loop {
+        let mut got = false;
+        self.wait_until(Instant::now().checked_add(timeout), PARK_STEP, || {
             self.waiting.store(true, Ordering::SeqCst);
-            if !q.is_empty() {
-                self.waiting.store(false, Ordering::SeqCst);
-                return true;
-            }
-            if self.kicked.swap(false, Ordering::SeqCst) {
-                self.waiting.store(false, Ordering::SeqCst);
-                return false;
-            }
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => Duration::from_secs(3600),
-            };
-            if left.is_zero() {
-                self.waiting.store(false, Ordering::SeqCst);
-                return false;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+            got = !q.is_empty();
+            got || self.kicked.swap(false, Ordering::SeqCst)
+        });
+        self.waiting.store(false, Ordering::SeqCst);
+        got
     }
 
     fn linger(&self, q: &ArrayQueue<T>, max: usize, linger: Duration) {
-        let until = Instant::now() + linger;
         let enough = max.min(self.capacity / 2).max(1);
-        let mut g = lock(&self.lock);
-        loop {
-            if self.kicked.swap(false, Ordering::SeqCst) || q.len() >= enough {
-                return;
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, left.min(LINGER_STEP))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_until(Instant::now().checked_add(linger), LINGER_STEP, || {
+            self.kicked.swap(false, Ordering::SeqCst) || q.len() >= enough
+        });
     }
 
     /// Waits `timeout` (or until `wake`) with nothing to take: no ring was ever allocated.
     fn park_for(&self, timeout: Duration) {
-        let deadline = Instant::now().checked_add(timeout);
+        self.wait_until(
+            Instant::now().checked_add(timeout),
+            Duration::from_millis(50),
+            || self.kicked.swap(false, Ordering::SeqCst) || self.queue.get().is_some(),
+        );
+    }
+
+    /// Waits on the ring's condition variable until `done()` (checked under its lock, first
+    /// at once) or `until` passed (None: no end), waking at least every `step`; returns
+    /// whether `done()` said so.
+    fn wait_until(
+        &self,
+        until: Option<Instant>,
+        step: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
         let mut g = lock(&self.lock);
         loop {
-            if self.kicked.swap(false, Ordering::SeqCst) || self.queue.get().is_some() {
-                return;
+            if done() {
+                return true;
             }
-            let left = deadline.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(Instant::now())
-            });
+            let left = until.map_or(step, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
-                return;
+                return false;
             }
             g = self
                 .cv
-                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .wait_timeout(g, left.min(step))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }

@@ -1275,7 +1275,7 @@ pub(crate) fn queued_since(h: &crate::state::Header, attempt: u32) -> u64 {
     }
 }
 
-fn wall_now() -> f64 {
+pub(crate) fn wall_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

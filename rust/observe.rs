@@ -152,10 +152,7 @@ pub(crate) fn emit_final(py: Python<'_>, t: &TaskToken) {
 /// The wall clock minus the monotonic clock, in seconds (what turns event times into
 /// `time.time()` values).
 fn wall_offset() -> f64 {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    wall - crate::clock::now_ns() as f64 / 1e9
+    crate::guard::wall_now() - crate::clock::now_ns() as f64 / 1e9
 }
 
 /// Takes up to `max` events of `ring` as Python objects (see `EventRing::take`); the GIL is
@@ -603,17 +600,22 @@ pub(crate) fn refused(py: Python<'_>, tok: &Bound<'_, TaskToken>, e: &PyErr) {
         gh.note_refused(py, &t.op);
     }
     if t.rt.events.wants(REFUSED) {
-        let why = e
-            .value(py)
-            .str()
-            .map_or_else(|_| "refused".to_string(), |s| s.to_string());
         emit(
             &t.rt.events,
             REFUSED,
             t,
             None,
-            Some(PyString::new(py, &why).into_any().unbind()),
+            Some(message(py, e, "refused")),
         );
+    }
+}
+
+/// `e`'s message as a str object (`fallback` if it cannot be made), an event's detail.
+fn message(py: Python<'_>, e: &PyErr, fallback: &str) -> Py<PyAny> {
+    let text = e.value(py).str();
+    match text {
+        Ok(s) => s.into_any().unbind(),
+        Err(_) => PyString::new(py, fallback).into_any().unbind(),
     }
 }
 

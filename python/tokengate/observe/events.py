@@ -6,7 +6,7 @@ quarantined or refused), and when a breaker refuses a call (blocked). An :class:
 hands those events to Python callbacks::
 
     def on_failure(event):
-        print(event.token_id, event.operation, event.error)
+        log.warning("token %s of %s failed: %r", event.token_id, event.operation, event.error)
 
     with coordinator.events.subscribe(on_failure, kinds={"failed", "timed_out"}):
         ...
