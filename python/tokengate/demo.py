@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 from tokengate import (
+    AdmissionClosed,
+    ConfigurationError,
+    CoordinatorNotRunning,
+    MethodBlocked,
     OperationsCoordinator,
     PoolFull,
     TaskToken,
@@ -56,6 +60,7 @@ __all__ = [
     "json_roundtrip",
     "prime_sieve",
     "run_demo",
+    "run_workload",
     "sleep_io",
     "sort_list",
     "string_ops",
@@ -391,6 +396,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the mixed workload for about ``seconds`` and return the report data.
 
+    Starts an :class:`OperationsCoordinator` of its own, runs the workload on it (as
+    :func:`run_workload` does) and stops it.
+
     Args:
         seconds: how long to keep submitting; in-flight tokens are then waited for.
         workers_per_core: workers per virtual core (default: the coordinator's default).
@@ -408,11 +416,6 @@ def run_demo(
     """
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
-    if seed is None:
-        seed = random.SystemRandom().randrange(1 << 32)
-    rng = random.Random(seed)
-    jobs = list(_MIX)
-    shares = [job.share for job in _MIX]
     show = _Progress((stream or sys.stderr) if progress else None, seconds)
 
     coord_kwargs: dict[str, Any] = {}
@@ -421,35 +424,140 @@ def run_demo(
     if cores is not None:
         coord_kwargs["cores"] = cores
 
+    with OperationsCoordinator(**coord_kwargs) as coord:
+        if logging.getLogger("tokengate.events").isEnabledFor(logging.DEBUG):
+            coord.events.log_events()  # `tokengate -vv demo`: one line per lifecycle event
+        return _run_workload(
+            coord,
+            seconds,
+            stop=None,
+            seed=seed,
+            max_in_flight=max_in_flight,
+            show=show,
+            own_coordinator=True,
+            history_path=history_path,
+        )
+
+
+def run_workload(
+    coordinator: OperationsCoordinator,
+    seconds: float | None = None,
+    *,
+    stop: threading.Event | None = None,
+    seed: int | None = None,
+    max_in_flight: int | None = None,
+) -> dict[str, Any]:
+    """Run the demo's mixed workload on a running ``coordinator`` until told to stop.
+
+    Submits the same random mix as :func:`run_demo` (heavy, medium and light tokens, about one
+    call in 200 failing on purpose) until ``seconds`` have passed or ``stop`` is set, whichever
+    comes first, then waits for the tokens still in flight and returns a report of the same
+    kind as :func:`run_demo` (:func:`format_report` renders it). With neither ``seconds`` nor
+    ``stop`` it runs until ``KeyboardInterrupt`` (then ``report["interrupted"]`` is true).
+    The coordinator is left running.
+
+    It is meant to give a live coordinator something to do (``tokengate dashboard --demo``
+    runs it on a background thread), so it carries on where :func:`run_demo` would fail:
+    a call refused because an operator closed admission (``drain()``), blocked an operation
+    or stopped the coordinator is not submitted and is counted in ``report["refused"]``
+    (error class name -> count); while admission is closed it retries about ten times a second.
+    Tokens an operator kills count in ``report["killed"]`` (and so in ``report["problems"]``,
+    which checks the core's contract for an undisturbed run).
+
+    The demo's tasks are ``@task_token_guard`` functions: their calls go to the coordinator
+    started last among those that take decorated calls, which must be ``coordinator`` for the
+    report's per-coordinator figures to match.
+
+    Args:
+        coordinator: a running :class:`OperationsCoordinator`.
+        seconds: how long to keep submitting (default: no limit).
+        stop: set it (from any thread) to stop submitting.
+        seed: seed of the random mix (default: random; the seed used is in the report).
+        max_in_flight: bound on tokens submitted but not yet finished
+            (default: 4 times the total number of workers, at least 16).
+
+    Raises:
+        ConfigurationError: ``seconds`` or ``max_in_flight`` is not positive.
+        CoordinatorNotRunning: ``coordinator`` is not running.
+    """
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0
+    ):
+        raise ConfigurationError(f"seconds must be a positive number or None, got {seconds!r}")
+    if max_in_flight is not None and (
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+    ):
+        raise ConfigurationError(
+            f"max_in_flight must be an integer >= 1 or None, got {max_in_flight!r}"
+        )
+    if not coordinator.running:
+        raise CoordinatorNotRunning(
+            f"run_workload needs a running coordinator; {coordinator.name!r} is not running"
+        )
+    return _run_workload(
+        coordinator,
+        seconds,
+        stop=stop,
+        seed=seed,
+        max_in_flight=max_in_flight,
+        show=_Progress(None, seconds or 0.0),
+        own_coordinator=False,
+        history_path=None,
+    )
+
+
+#: What a call of a live coordinator's workload may meet while an operator is at work.
+_REFUSALS: Final = (AdmissionClosed, MethodBlocked, CoordinatorNotRunning)
+
+
+def _run_workload(
+    coord: OperationsCoordinator,
+    seconds: float | None,
+    *,
+    stop: threading.Event | None,
+    seed: int | None,
+    max_in_flight: int | None,
+    show: _Progress,
+    own_coordinator: bool,
+    history_path: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """The workload and its report, shared by :func:`run_demo` (``own_coordinator=True``:
+    refusals propagate, a drain that times out stops the coordinator) and
+    :func:`run_workload` (refusals are counted, the coordinator is left alone)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 32)
+    rng = random.Random(seed)
+    jobs = list(_MIX)
+    shares = [job.share for job in _MIX]
+    refused: Counter[str] = Counter()
+    # Polls the stop event between submissions (a bounded wait for a slot, or a pause while
+    # admission is closed) so that setting it ends the loop within about 0.1 s.
+    idle = stop if stop is not None else threading.Event()
+
     interrupted = False
     timed_out = False
-    with (
-        tempfile.TemporaryDirectory(prefix="tokengate-demo-") as blob_dir,
-        OperationsCoordinator(**coord_kwargs) as coord,
-    ):
+    with tempfile.TemporaryDirectory(prefix="tokengate-demo-") as blob_dir:
         n_cores = coord.cores
         cpu_map = list(coord.cpu_map)
         wpc = int(coord.stats()["workers_per_core"])
         bound = max_in_flight or max(16, 4 * n_cores * wpc)
         tracker = _Tracker(max_in_flight=bound)
-        if logging.getLogger("tokengate.events").isEnabledFor(logging.DEBUG):
-            coord.events.log_events()  # `tokengate -vv demo`: one line per lifecycle event
         logger.info(
-            "demo: %d cores (cpus %s) x %d workers, up to %d tokens in flight, seed %d, %.1fs",
+            "demo: %d cores (cpus %s) x %d workers, up to %d tokens in flight, seed %d, %s",
             n_cores,
             cpu_map,
             wpc,
             bound,
             seed,
-            seconds,
+            f"{seconds:.1f}s" if seconds is not None else "until stopped",
         )
 
         start = time.monotonic()
         cpu_start = time.process_time()
-        deadline = start + seconds
+        deadline = start + seconds if seconds is not None else math.inf
         index = 0
         try:
-            while (now := time.monotonic()) < deadline:
+            while (now := time.monotonic()) < deadline and not idle.is_set():
                 show.update(now - start, "running", tracker.progress_line)
                 if not tracker.acquire_slot(timeout=min(0.1, max(deadline - now, 0.0))):
                     continue
@@ -462,6 +570,17 @@ def run_demo(
                 except PoolFull:
                     tracker.release_slot(rejected=True)
                     continue
+                except _REFUSALS as exc:
+                    tracker.release_slot()
+                    if own_coordinator:
+                        raise
+                    refused[type(exc).__name__] += 1
+                    if isinstance(exc, CoordinatorNotRunning):
+                        logger.info("demo: the coordinator stopped; the workload ends")
+                        break
+                    if isinstance(exc, AdmissionClosed):
+                        idle.wait(0.1)  # until an operator resumes (or stop is set)
+                    continue
                 except BaseException:
                     tracker.release_slot()
                     raise
@@ -472,7 +591,8 @@ def run_demo(
             logger.warning("demo: interrupted; waiting for tokens in flight")
 
         # Let what is in flight finish, keeping the indicator alive.
-        grace = max(30.0, 2 * seconds)
+        asked = seconds if seconds is not None else time.monotonic() - start
+        grace = max(30.0, 2 * asked)
         drain_deadline = time.monotonic() + grace
         while not tracker.wait_idle(timeout=0.25):
             now = time.monotonic()
@@ -487,12 +607,14 @@ def run_demo(
 
         if timed_out:
             logger.error(
-                "demo: %d tokens still unresolved after %.0fs; stopping without waiting",
+                "demo: %d tokens still unresolved after %.0fs; %s",
                 tracker.in_flight,
                 grace,
+                "stopping without waiting" if own_coordinator else "reporting them unresolved",
             )
-            coord.stop(wait=False, timeout=5.0)
-            tracker.wait_idle(timeout=5.0)
+            if own_coordinator:
+                coord.stop(wait=False, timeout=5.0)
+                tracker.wait_idle(timeout=5.0)
         stats = coord.stats()
         guard = coord.guard_house.report()
         if history_path is not None:
@@ -511,6 +633,8 @@ def run_demo(
         max_in_flight=bound,
         interrupted=interrupted,
     )
+    if not own_coordinator:
+        report["refused"] = dict(refused)
     report["guard_house"] = guard.as_dict()["operations"]
     report["guard_house_text"] = guard.render()
     return report
@@ -530,7 +654,7 @@ def _build_report(
     stats: Mapping[str, Any],
     wall: float,
     cpu_seconds: float,
-    seconds: float,
+    seconds: float | None,
     seed: int,
     cores: int,
     workers_per_core: int,
@@ -669,7 +793,7 @@ def format_report(report: Mapping[str, Any], *, unicode: bool = True) -> str:
     title = f" {report['title']} "
     lines = [
         rule * 3 + title + rule * (width - 3 - len(title)),
-        f"  run          {report['wall_seconds']:.2f} s wall {dot} asked {cfg['seconds']:g} s "
+        f"  run          {report['wall_seconds']:.2f} s wall {dot} {_asked(cfg['seconds'])} "
         f"{dot} seed {cfg['seed']}" + ("  (interrupted)" if report["interrupted"] else ""),
         f"  coordinator  {cores} (cpus {_cpus(cfg['cpu_map'])}) {times} "
         f"{cfg['workers_per_core']} workers {dot} {le} {cfg['max_in_flight']} tokens in flight",
@@ -730,6 +854,10 @@ def format_report(report: Mapping[str, Any], *, unicode: bool = True) -> str:
         lines += [f"    - {p}" for p in report["problems"]]
     lines.append(rule * width)
     return "\n".join(lines)
+
+
+def _asked(seconds: float | None) -> str:
+    return "run until stopped" if seconds is None else f"asked {seconds:g} s"
 
 
 def _cpus(cpu_map: list[int]) -> str:
