@@ -374,6 +374,29 @@ impl Governor {
         found
     }
 
+    /// Calls `f` on each job waiting here (held by a storage tier or a limit, or waiting for
+    /// its retry) until it returns false; returns false if `f` stopped it.
+    pub fn visit_waiting(&self, mut f: impl FnMut(&Job) -> bool) -> bool {
+        let mut go = |j: &Job| j.get().header.state.load() != TokenState::Waiting || f(j);
+        let map = self.limits.read().unwrap_or_else(|e| e.into_inner());
+        let limiters = self.tiers.iter().chain(map.values().map(|e| &e.limiter));
+        for l in limiters {
+            if !l.visit(&mut go) {
+                return false;
+            }
+        }
+        drop(map);
+        let mut more = true;
+        self.timers.for_each(|item| {
+            if let TimerItem::Retry(j) = item {
+                if more {
+                    more = go(j);
+                }
+            }
+        });
+        more
+    }
+
     /// Sets the permits of storage tier `tier`.
     pub fn set_tier_limit(
         &self,

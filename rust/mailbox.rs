@@ -121,6 +121,16 @@ impl<T> Mailbox<T> {
         item
     }
 
+    /// Calls `f` on each queued item, highest lane first, oldest first within a lane, until it
+    /// returns false; returns false if it stopped early.
+    pub fn visit(&self, mut f: impl FnMut(&T) -> bool) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let lanes = lock(&self.lanes);
+        lanes.iter().flat_map(|lane| lane.iter()).all(&mut f)
+    }
+
     /// Removes the first queued item (any lane) for which `pred` holds; its place is freed.
     pub fn take_where(&self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
         if self.is_empty() {
@@ -180,6 +190,32 @@ mod tests {
         m.try_push("h2", Priority::High).unwrap();
         let order: Vec<_> = std::iter::from_fn(|| m.pop()).collect();
         assert_eq!(order, vec!["h1", "h2", "n1", "n2", "l1"]);
+    }
+
+    #[test]
+    fn visit_goes_in_pop_order_and_stops_early() {
+        let m = Mailbox::new(10);
+        assert!(m.visit(|_: &&str| panic!("an empty mailbox visits nothing")));
+        for (item, p) in [
+            ("n1", Priority::Normal),
+            ("l1", Priority::Low),
+            ("h1", Priority::High),
+        ] {
+            m.try_push(item, p).unwrap();
+        }
+        let mut seen = Vec::new();
+        assert!(m.visit(|i| {
+            seen.push(*i);
+            true
+        }));
+        assert_eq!(seen, vec!["h1", "n1", "l1"]);
+        let mut n = 0;
+        assert!(!m.visit(|_| {
+            n += 1;
+            n < 2
+        }));
+        assert_eq!(n, 2);
+        assert_eq!(m.len(), 3, "visiting takes nothing");
     }
 
     #[test]

@@ -850,6 +850,15 @@ impl<J> Limiter<J> {
         false
     }
 
+    /// Calls `f` on each held job (key by key, in priority order within a key) until it
+    /// returns false; returns false if it stopped early.
+    pub fn visit(&self, mut f: impl FnMut(&J) -> bool) -> bool {
+        let g = lock(&self.inner);
+        g.live_keys()
+            .into_iter()
+            .all(|idx| g.slots[idx].held.iter().all(|h| f(&h.job)))
+    }
+
     /// A snapshot of the gauges and counters.
     pub fn stats(&self) -> LimiterStats {
         let g = lock(&self.inner);
@@ -961,6 +970,34 @@ mod tests {
         fn check<T: Send + Sync>() {}
         check::<Limiter<Box<u8>>>();
         check::<Granted<Box<u8>>>();
+    }
+
+    #[test]
+    fn visit_sees_every_held_job_and_stops_when_told() {
+        let l = Limiter::new(conf(Some(1), None, None)).unwrap();
+        assert_eq!(now(l.acquire("a", 1, 0)), 1);
+        for job in [2, 3] {
+            assert_eq!(l.acquire("a", job, 0), Admit::Held);
+        }
+        assert_eq!(now(l.acquire("b", 10, 0)), 10);
+        assert_eq!(l.acquire("b", 11, 0), Admit::Held);
+        let mut seen = Vec::new();
+        assert!(l.visit(|j| {
+            seen.push(*j);
+            true
+        }));
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            vec![2, 3, 11],
+            "holders are not listed, held jobs all are"
+        );
+        let mut first = Vec::new();
+        assert!(!l.visit(|j| {
+            first.push(*j);
+            false
+        }));
+        assert_eq!(first.len(), 1);
     }
 
     #[test]

@@ -1894,6 +1894,34 @@ impl Runtime {
         is_worker_of(&self.shared)
     }
 
+    /// Up to `limit` queued tokens (not started: in the pool, a mailbox, a limiter's queue or
+    /// waiting for a retry), the pool first, highest lane first.
+    #[pyo3(signature = (limit=50))]
+    fn queued(&self, py: Python<'_>, limit: usize) -> Vec<Py<TaskToken>> {
+        let mut out = Vec::new();
+        let mut take = |j: &Py<TaskToken>| {
+            if out.len() < limit {
+                out.push(j.clone_ref(py));
+            }
+            out.len() < limit
+        };
+        let _ = self.shared.sched.visit_queued(&mut take) && self.shared.gov.visit_waiting(take);
+        out
+    }
+
+    /// The queued token `token_id` (see `queued`), or None if no queued token has that id.
+    fn find_queued(&self, py: Python<'_>, token_id: u64) -> Option<Py<TaskToken>> {
+        let mut hit = None;
+        let mut find = |j: &Py<TaskToken>| {
+            if j.get().header.id == token_id {
+                hit = Some(j.clone_ref(py));
+            }
+            hit.is_none()
+        };
+        let _ = self.shared.sched.visit_queued(&mut find) && self.shared.gov.visit_waiting(find);
+        hit
+    }
+
     /// Moves the queued token `token_id` to lane `priority`; False if it is not queued.
     fn reprioritize(&self, token_id: u64, priority: &str) -> PyResult<bool> {
         let p = parse_priority(priority)?;

@@ -1683,6 +1683,34 @@ impl<J: Job> Scheduler<J> {
         }
     }
 
+    // ---- listing queued tokens --------------------------------------------------------
+
+    /// Calls `f` on each queued job until it returns false: the pool first (high lane first,
+    /// then normal, then low; heavy, medium, light within a lane), then the mailboxes core by
+    /// core. Only jobs still queued (WAITING in the pool, ADMITTED in a mailbox) are shown;
+    /// entries a kill left behind are skipped. Returns false if `f` stopped it.
+    pub fn visit_queued(&self, mut f: impl FnMut(&J) -> bool) -> bool {
+        {
+            let pool = lock(&self.pool);
+            for p in 0..3 {
+                for lanes in pool.lanes.iter() {
+                    for j in lanes[p].iter() {
+                        if j.header().state.load() == TokenState::Waiting && !f(j) {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        self.cores
+            .iter()
+            .flat_map(|cs| cs.workers.iter())
+            .all(|slot| {
+                slot.mailbox
+                    .visit(|j| j.header().state.load() != TokenState::Admitted || f(j))
+            })
+    }
+
     // ---- re-prioritize and re-route --------------------------------------------------
 
     /// Moves the queued token `id` (in the pool or a mailbox) to lane `prio`, or re-routes it

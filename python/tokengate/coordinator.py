@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import inspect
 import logging
 import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import _core
 from ._core import TaskToken
@@ -26,6 +27,7 @@ from .observe.events import EventFeed
 from .policy import options as _options
 
 if TYPE_CHECKING:
+    from .dashboard import DashboardServer
     from .observe.metrics import MetricsServer
     from .policy.convergence import Convergence
 
@@ -34,6 +36,7 @@ __all__ = ["OperationsCoordinator"]
 log = logging.getLogger("tokengate")
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 _running: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
 #: The names of the coordinators alive in this process (so a default name is never taken).
@@ -430,6 +433,7 @@ class OperationsCoordinator:
         self._rate = 0.0
         self._forked = False
         self._convergence: Convergence | None = None
+        self._launchables: dict[str, Callable[..., Any]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -737,6 +741,18 @@ class OperationsCoordinator:
 
     # -- observability ---------------------------------------------------------------
 
+    def serve_dashboard(
+        self, host: str = "127.0.0.1", port: int = 0, **options: Any
+    ) -> DashboardServer:
+        """Serve the live dashboard (docs/dashboard.md) from a background thread at
+        ``http://host:port/`` (port 0: a free port, see the result's ``.url``); close it with
+        the result's ``close()``. Binds to loopback unless told otherwise and always needs a
+        login; ``options`` are those of :func:`tokengate.dashboard.serve` (users, audit_log,
+        TLS, ...). Needs ``pip install 'tokengate[dashboard]'``."""
+        from .dashboard import serve
+
+        return serve(self, host, port, **options)
+
     def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> MetricsServer:
         """Serve this coordinator's Prometheus metrics at ``http://addr:port/metrics`` from
         a background thread (port 0: a free port, see the result's ``.port``); close it with
@@ -758,6 +774,101 @@ class OperationsCoordinator:
         """Writes the execution history to ``path`` as JSON; returns the records written
         (same as ``guard_house.dump_history``)."""
         return self.guard_house.dump_history(path)
+
+    # -- tokens by id ------------------------------------------------------------------
+
+    def queued(self, limit: int = 50) -> list[TaskToken]:
+        """Up to ``limit`` tokens that have not started: in the pool (high lane first), in a
+        mailbox, held by a limit or a storage tier, or waiting for a retry."""
+        return self._runtime().queued(_check_int("limit", limit, 0, 1_000_000))
+
+    def kill(self, token_id: int) -> bool:
+        """Kill the queued token ``token_id`` (see :meth:`queued`): it ends KILLED and its
+        waiters get :class:`TokenKilled`. False (nothing changes) if no queued token has
+        that id here: it started (kill a running token through its ``TaskToken.kill()``),
+        finished, or is unknown."""
+        token = self._runtime().find_queued(_check_id(token_id))
+        return token is not None and token.cancel_queued()
+
+    # -- launchable operations -----------------------------------------------------------
+
+    @overload
+    def register_launchable(self, fn: F, /, *, name: str | None = None) -> F: ...
+
+    @overload
+    def register_launchable(self, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def register_launchable(self, fn: Any = None, /, *, name: str | None = None) -> Any:
+        """Let the dashboard's admins launch ``fn`` (a ``@task_token_guard`` function or any
+        callable) by ``name`` (default: its ``__name__``) with JSON arguments; see
+        :meth:`launch`. Returns ``fn``, so it also works as a decorator, with or without
+        ``name=``. Registering another function under a name in use raises
+        :class:`ConfigurationError`."""
+        if fn is None:
+            return lambda f: self.register_launchable(f, name=name)
+        if not callable(fn):
+            raise ConfigurationError(f"register_launchable() needs a callable, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"{fn!r} is a coroutine function: tokens run plain callables; launch a "
+                "function that calls asyncio.run() instead"
+            )
+        key = getattr(fn, "__name__", None) if name is None else name
+        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+            raise ConfigurationError(
+                f"a launchable's name must be a non-empty str of at most 200 characters, "
+                f"got {key!r}" + (" (pass name=...)" if name is None else "")
+            )
+        try:
+            inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"{key!r} cannot be launched: its signature cannot be read ({exc})"
+            ) from None
+        with self._lock:
+            known = self._launchables.get(key)
+            if known is not None and known is not fn:
+                raise ConfigurationError(f"a launchable named {key!r} is already registered")
+            self._launchables[key] = fn
+        return fn
+
+    def launchables(self) -> dict[str, Callable[..., Any]]:
+        """The functions :meth:`register_launchable` registered, by name."""
+        with self._lock:
+            return dict(self._launchables)
+
+    def launch(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> TaskToken:
+        """Submit the launchable ``name`` with ``args`` and ``kwargs`` to this coordinator and
+        return its token. The arguments are bound against the function's signature first:
+        an unknown name or arguments that do not fit raise :class:`InvalidOption` before
+        anything is submitted."""
+        with self._lock:
+            fn = self._launchables.get(name) if isinstance(name, str) else None
+            known = sorted(self._launchables)
+        if fn is None:
+            raise InvalidOption(
+                f"no launchable named {name!r}; registered: {', '.join(map(repr, known)) or 'none'}"
+            )
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise InvalidOption(f"args of {name!r} must be a list, got {type(args).__name__}")
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidOption(f"kwargs of {name!r} must be a dict with str keys, got {kwargs!r}")
+        signature = inspect.signature(fn)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidOption(f"the arguments do not fit {name}{signature}: {exc}") from None
+        rt = self._runtime()
+        if isinstance(fn, _core.GuardedFunction):
+            return rt.call_guarded(fn, tuple(args), dict(kwargs))
+        return rt.submit(fn, tuple(args), dict(kwargs) or None)
 
     # -- policy ------------------------------------------------------------------------
 
