@@ -578,6 +578,7 @@
 
   function updateQueuedRow(row, token) {
     setField(row, "operation", token.operation);
+    setAttr(field(row, "operation"), "title", token.operation);
     setField(row, "state", token.state);
     const [priority, weight] = $all("select", row);
     // Do not fight the user: leave a select alone while it has the focus.
@@ -593,6 +594,14 @@
     const max = cores.reduce((m, c) => Math.max(m, total(c)), 0);
     syncRows($("#affinity-table tbody"), cores, (c) => c.core, createAffinityRow,
       (row, c) => updateAffinityRow(row, c, total(c), max));
+    const foot = $("#affinity-table tfoot");
+    let all = 0;
+    for (const weight of ["heavy", "medium", "light"]) {
+      const sum = cores.reduce((s, c) => s + ((c.routed || {})[weight] || 0), 0);
+      all += sum;
+      setField(foot, weight + "-total", fmtInt(sum), sum);
+    }
+    setField(foot, "all-total", fmtInt(all), all);
   }
 
   function createAffinityRow(core) {
@@ -650,14 +659,15 @@
   function createGuardRow(op) {
     const name = op.operation;
     const limitButton = gate(el("button", {
-      type: "button", className: "btn small ghost", "data-action": "set_limit", text: "Limit…",
+      type: "button", className: "btn small ghost", "data-action": "set_limit", text: "Limit",
+      title: "set a limit on " + name,
     }));
     limitButton.addEventListener("click", () => {
       $("#limit-operation").value = name;
       $("#limit-max").focus();
     });
     return el("tr", { "data-operation": name }, [
-      el("td", { className: "op", "data-field": "operation", text: name }),
+      el("td", { className: "op", "data-field": "operation", text: name, title: name }),
       el("td", { className: "num", "data-field": "rate" }),
       el("td", { className: "num", "data-field": "attempts" }),
       el("td", { className: "num", "data-field": "success" }),
@@ -665,7 +675,7 @@
       el("td", { className: "num", "data-field": "p95" }),
       el("td", null, [el("span", { className: "badge", "data-field": "health" })]),
       el("td", null, [el("span", { className: "badge", "data-field": "breaker" })]),
-      el("td", { className: "small", "data-field": "limit" }),
+      el("td", { className: "small nowrap", "data-field": "limit" }),
       el("td", { className: "num", "data-field": "blocked" }),
       el("td", { className: "error-cell", "data-field": "last-error" }),
       el("td", { className: "actions" }, [
@@ -717,6 +727,7 @@
 
   function updateRecentRow(row, rec) {
     setField(row, "operation", rec.operation);
+    setAttr(field(row, "operation"), "title", rec.operation);
     setField(row, "time", fmtClock(rec.time), rec.time);
     setField(row, "core", isNum(rec.core) ? rec.core : "—", rec.core);
     setField(row, "worker", isNum(rec.worker) ? rec.worker : "—", rec.worker);
@@ -769,6 +780,7 @@
   function updateQuarantineRow(row, rec) {
     setField(row, "token", fmtInt(rec.token_id), rec.token_id);
     setField(row, "operation", rec.operation);
+    setAttr(field(row, "operation"), "title", rec.operation);
     setField(row, "time", fmtDateTime(rec.quarantined_at), rec.quarantined_at);
     setField(row, "reason", rec.reason || "");
     setAttr(field(row, "reason"), "title", rec.reason || "");
@@ -844,10 +856,14 @@
     return 10 * magnitude;
   }
 
-  function fmtTick(value, unit) {
-    if (unit === "ms") return fmtMs(value).replace(" ms", "").replace(" s", "s");
-    if (value >= 10000) return (value / 1000).toFixed(0) + "k";
-    return Number.isInteger(value) ? String(value) : value.toFixed(1);
+  /** An axis label with as many decimals as the tick step needs. */
+  function fmtTick(value, step) {
+    if (value >= 10000 && step >= 1000) return (value / 1000).toLocaleString("en-US") + "k";
+    let decimals = 0;
+    while (decimals < 4 && Math.abs(step * 10 ** decimals - Math.round(step * 10 ** decimals)) > 1e-9) {
+      decimals += 1;
+    }
+    return value.toLocaleString("en-US", { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
   }
 
   /** Resize the canvas' backing store to its CSS size × devicePixelRatio; returns a 2D context. */
@@ -906,7 +922,7 @@
       ctx.moveTo(pad.left, yy);
       ctx.lineTo(pad.left + plotW, yy);
       ctx.stroke();
-      ctx.fillText(fmtTick(v, spec.unit), pad.left - 6, yy);
+      ctx.fillText(fmtTick(v, step), pad.left - 6, yy);
     }
     // x axis: seconds before the newest point
     const xStep = span > 180 ? 60 : span > 90 ? 30 : 15;
