@@ -56,7 +56,7 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 
 _hasher = PasswordHasher()  # argon2id, argon2-cffi's (RFC 9106 low-memory) defaults
 _dummy_lock = threading.Lock()
-_dummy_hash: str | None = None
+_dummy_hashes: dict[str, str] = {}
 
 
 def role_at_least(role: str, needed: str) -> bool:
@@ -87,14 +87,22 @@ def verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-def _burn_time(password: str) -> None:
+def _burn_time(password: str, like: str | None) -> None:
     """Spends the time of a verification, for an unknown user name (so the response time
-    does not tell which names exist)."""
-    global _dummy_hash
+    does not tell which names exist): against a hash made with the parameters of ``like``
+    (a configured user's hash), or argon2-cffi's defaults."""
+    try:
+        params = extract_parameters(like) if like else None
+    except InvalidHashError:
+        params = None
+    key = repr(params)
     with _dummy_lock:
-        if _dummy_hash is None:
-            _dummy_hash = _hasher.hash(secrets.token_urlsafe(16))
-        dummy = _dummy_hash
+        dummy = _dummy_hashes.get(key)
+        if dummy is None:
+            hasher = _hasher if params is None else PasswordHasher.from_parameters(params)
+            dummy = _dummy_hashes[key] = hasher.hash(secrets.token_urlsafe(16))
+            while len(_dummy_hashes) > 8:
+                del _dummy_hashes[next(iter(_dummy_hashes))]
     verify_password(dummy, password[:MAX_PASSWORD])
 
 
@@ -264,7 +272,8 @@ def authenticate(users: Mapping[str, User], name: str, password: str) -> User | 
     unknown name as for a wrong password."""
     user = users.get(name) if isinstance(name, str) else None
     if user is None:
-        _burn_time(password if isinstance(password, str) else "")
+        like = next(iter(users.values())).password_hash if users else None
+        _burn_time(password if isinstance(password, str) else "", like)
         return None
     return user if user.check(password) else None
 

@@ -17,7 +17,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ..errors import ConfigurationError, CoordinatorNotRunning, TokenGateError
+from ..errors import (
+    ConfigurationError,
+    CoordinatorNotRunning,
+    InvalidOption,
+    InvalidTag,
+    TokenGateError,
+)
 from .auth import ROLES, role_at_least
 
 if TYPE_CHECKING:
@@ -329,7 +335,7 @@ class Controls:
             outcome = getattr(self, f"_do_{action}")(**clean)
         except _Invalid as exc:
             return Outcome("invalid", str(exc), target=target)
-        except ConfigurationError as exc:  # includes InvalidOption: the coordinator said no
+        except (ConfigurationError, InvalidOption, InvalidTag) as exc:  # the coordinator said no
             return Outcome("invalid", str(exc), target=target)
         except CoordinatorNotRunning as exc:
             return Outcome("failed", f"the coordinator is not running: {exc}", target=target)
