@@ -12,7 +12,7 @@
   "use strict";
 
   const CONTROL_TIMEOUT_MS = 15000;
-  const CHART_MIN_SPAN_S = 60;
+  const CHART_MIN_SPAN_S = 30;
   const CHART_MAX_SPAN_S = 300;
   const PREVIEW_LIST_MAX = 100;
 
@@ -182,6 +182,18 @@
       parts.push(rate);
     }
     return parts.length ? parts.join(" · ") : "none";
+  }
+
+  /** A record id's distinctive tail (its head is a timestamp shared by neighbours). */
+  function shortId(id) {
+    const text = String(id || "");
+    const parts = text.split("-");
+    if (parts.length >= 4) return "…" + parts.slice(-2).join("-"); // token id and random tail
+    return text.length > 16 ? "…" + text.slice(-14) : text;
+  }
+
+  function plainId(v) {
+    return isNum(v) ? String(v) : "—";
   }
 
   function lower(v) {
@@ -404,10 +416,10 @@
 
   function previewItem(record) {
     return el("li", null, [
-      el("span", { className: "mono", text: String(record.record_id || "").slice(0, 12) }),
+      el("span", { className: "mono", text: shortId(record.record_id) }),
       " · ",
       el("strong", { text: record.operation }),
-      " · token " + fmtInt(record.token_id) + " · " + fmtDateTime(record.quarantined_at),
+       " · token " + plainId(record.token_id) + " · " + fmtDateTime(record.quarantined_at),
       record.reason ? " · " + record.reason : "",
     ]);
   }
@@ -755,7 +767,7 @@
     }));
     release.addEventListener("click", () => runControl("quarantine_release",
       { record_ids: [id], operation: null, since: null, until: null, dry_run: false },
-      "release " + id.slice(0, 12), release));
+      "release " + shortId(id), release));
     const discard = gate(el("button", {
       type: "button", className: "btn small danger", "data-action": "quarantine_discard", text: "Discard",
     }));
@@ -763,10 +775,10 @@
       if (!armed(discard, "Confirm")) return;
       runControl("quarantine_discard",
         { record_ids: [id], operation: null, since: null, until: null, dry_run: false },
-        "discard " + id.slice(0, 12), discard);
+        "discard " + shortId(id), discard);
     });
     return el("tr", { "data-record-id": id }, [
-      el("td", { className: "mono small", title: id, text: id.slice(0, 12) }),
+      el("td", { className: "mono small", title: id, text: shortId(id) }),
       el("td", { className: "num mono", "data-field": "token" }),
       el("td", { className: "op", "data-field": "operation" }),
       el("td", { className: "mono small", "data-field": "time" }),
@@ -778,7 +790,7 @@
   }
 
   function updateQuarantineRow(row, rec) {
-    setField(row, "token", fmtInt(rec.token_id), rec.token_id);
+    setField(row, "token", plainId(rec.token_id), rec.token_id);
     setField(row, "operation", rec.operation);
     setAttr(field(row, "operation"), "title", rec.operation);
     setField(row, "time", fmtDateTime(rec.quarantined_at), rec.quarantined_at);
@@ -925,7 +937,7 @@
       ctx.fillText(fmtTick(v, step), pad.left - 6, yy);
     }
     // x axis: seconds before the newest point
-    const xStep = span > 180 ? 60 : span > 90 ? 30 : 15;
+    const xStep = span > 180 ? 60 : span > 90 ? 30 : span > 45 ? 15 : 5;
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
     for (let ago = 0; ago <= span; ago += xStep) {
