@@ -275,13 +275,23 @@ def launchables_of(coordinator: OperationsCoordinator) -> list[dict[str, str]]:
     out = []
     for name, fn in sorted(coordinator.launchables().items()):
         target = getattr(fn, "__wrapped__", fn)
-        try:
-            signature = str(inspect.signature(target))
-        except (TypeError, ValueError):
-            signature = "(...)"
+        signature = _signature(target)
         doc = inspect.getdoc(target) or ""
         out.append({"name": name, "signature": signature, "doc": doc.strip().split("\n")[0]})
     return out
+
+
+def _signature(fn: Callable[..., Any]) -> str:
+    """How to call ``fn``, e.g. ``(n: int, label: str = 'x')`` (string annotations evaluated
+    when they can be; no return annotation)."""
+    try:
+        try:
+            sig = inspect.signature(fn, eval_str=True)
+        except Exception:  # an annotation that does not evaluate: keep it as written
+            sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return "(...)"
+    return str(sig.replace(return_annotation=inspect.Signature.empty))
 
 
 def _record_summary(record: Any) -> dict[str, Any]:
