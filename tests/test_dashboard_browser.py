@@ -276,6 +276,11 @@ def test_a_viewer_sees_no_controls_and_a_forced_drain_is_refused_by_the_server(
     expect(page.locator("#system [data-field=admission]")).to_have_text("admission open")
     # The refusal is in the audit log, and so in the page's audit panel.
     expect(page.locator("#audit tbody tr").first).to_contain_text("refused", timeout=TIMEOUT_MS)
+    # Logging out ends the session: the page is the login form again.
+    page.click("#logout-btn")
+    expect(page.locator("#login-form")).to_be_visible(timeout=TIMEOUT_MS)
+    page.goto(server.url + "/")
+    expect(page.locator("#login-form")).to_be_visible()
 
 
 def test_an_operation_name_with_markup_is_shown_as_text(page: Page, server: Any) -> None:
@@ -356,6 +361,11 @@ def test_screenshot_of_the_live_dashboard(
             page.locator('#guard tr[data-operation="hash_blob"] [data-field=limit]')
         ).to_have_text("max 1", timeout=TIMEOUT_MS)
         expect(page.locator("#queued tbody tr").first).to_be_visible(timeout=TIMEOUT_MS)
+        # The admin's launch box: a registered function with JSON arguments.
+        page.fill("#launch-args", '[1000, "demo"]')
+        page.click("#launch-btn")
+        expect(page.locator("#message")).to_have_attribute("data-outcome", "ok")
+        assert int(page.input_value("#token-id")) > 0  # the launched token's id
         # Enough one-second points for the charts to show lines, and every panel filled.
         page.wait_for_function(
             "() => { const s = window.tokengate.snapshot();"
@@ -365,7 +375,6 @@ def test_screenshot_of_the_live_dashboard(
         expect(page.locator("#affinity tbody tr")).to_have_count(coordinator.cores)
         expect(page.locator("#launch-name")).to_have_value("crunch")
         expect(page.locator("#throughput-summary")).to_contain_text("completed")
-        page.locator("#launch-args").fill('[1000, "demo"]')
         page.mouse.click(1, 1)  # no focus ring in the picture
         shot = output_dir / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
