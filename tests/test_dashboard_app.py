@@ -934,3 +934,17 @@ def test_a_real_server(coord, tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("tokengate-dashboard")]
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url + "/healthz", timeout=2)
+
+
+def test_without_users_an_admin_password_is_generated(coord, tmp_path, clock, caplog):
+    with caplog.at_level("WARNING", "tokengate.dashboard"):
+        cfg = DashboardConfig.build(audit_log=tmp_path / "a.jsonl", clock=clock, environ={})
+    password = cfg.generated_password
+    assert password and list(cfg.users) == ["admin"]
+    assert sum("no dashboard users are configured" in r.message for r in caplog.records) == 1
+    d = create_app(coord, cfg).extensions["tokengate_dashboard"]
+    try:
+        client = d.app.test_client()
+        assert login(client, "admin", password).status_code == 303
+    finally:
+        d.close()
