@@ -396,7 +396,9 @@ def test_a_socket_from_another_origin_is_refused_and_audited(dash):
         "refused",
         "http://evil.example",
     )
-    assert not connect(dash, client, csrf, origin=None).is_connected()  # no Origin at all
+    # No Origin at all (a same-origin polling handshake): the session and CSRF token decide.
+    assert connect(dash, client, csrf, origin=None).is_connected()
+    assert not connect(dash, client, "not-the-token", origin=None).is_connected()
     assert not connect(dash, client, csrf, origin="http://localhost:1").is_connected()
 
 

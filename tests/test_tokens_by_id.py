@@ -5,6 +5,7 @@ admins start."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -204,3 +205,20 @@ def test_register_launchable_refuses_what_cannot_be_launched() -> None:
         return 1
 
     assert set(c.launchables()) == {"to_int", "named"}
+
+
+def test_wait_idle_waits_for_the_tokens_without_closing_admission() -> None:
+    gate = threading.Event()
+    c = _coord()
+    assert c.started_at is None
+    with c:
+        assert c.started_at is not None and c.started_at <= time.time()
+        token = c.submit(gate.wait, 10)
+        assert c.wait_idle(timeout=0) is False
+        gate.set()
+        assert c.wait_idle(timeout=10) is True
+        assert token.done() and c.admission_open
+        assert c.submit(int, 5).get(timeout=5) == 5
+        with pytest.raises(ConfigurationError, match="timeout"):
+            c.wait_idle(timeout=-1)
+    assert c.started_at is not None, "it stays set after stop()"

@@ -434,6 +434,7 @@ class OperationsCoordinator:
         self._forked = False
         self._convergence: Convergence | None = None
         self._launchables: dict[str, Callable[..., Any]] = {}
+        self._started_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -479,6 +480,7 @@ class OperationsCoordinator:
                     rt.guard_defaults(self._guard_defaults)
                 self.guard_house._restore(rt)
             rt.start()
+            self._started_at = time.time()
             self._rt = rt
             self._last_rt = rt
             self.events._attach(rt)
@@ -696,6 +698,13 @@ class OperationsCoordinator:
             "timed_out": not finished,
         }
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted token is settled, without closing admission (new calls
+        keep coming in and are waited for too); True if that happened within ``timeout``.
+        :meth:`drain` is this after closing admission."""
+        timeout = _check_timeout("timeout", timeout)
+        return self._runtime().wait_quiet(timeout)
+
     def pause(self) -> None:
         """New tokens wait in the pool (WAITING) until :meth:`resume`; admitted ones run."""
         self._runtime().pause()
@@ -796,7 +805,7 @@ class OperationsCoordinator:
     def register_launchable(self, fn: F, /, *, name: str | None = None) -> F: ...
 
     @overload
-    def register_launchable(self, *, name: str | None = None) -> Callable[[F], F]: ...
+    def register_launchable(self, /, *, name: str | None = None) -> Callable[[F], F]: ...
 
     def register_launchable(self, fn: Any = None, /, *, name: str | None = None) -> Any:
         """Let the dashboard's admins launch ``fn`` (a ``@task_token_guard`` function or any
@@ -939,6 +948,12 @@ class OperationsCoordinator:
     def running(self) -> bool:
         """Whether this coordinator's workers are running (in this process)."""
         return self._rt is not None and not self._forked
+
+    @property
+    def started_at(self) -> float | None:
+        """When the coordinator last started (UNIX time), None if it never did; it stays set
+        after :meth:`stop`."""
+        return self._started_at
 
     @property
     def paused(self) -> bool:

@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -391,18 +392,16 @@ class Controls:
         )
 
     def _finish_drain(self) -> None:
+        # Only waits: drain() again would close admission again, undoing a resume that came
+        # meanwhile.
+        started = time.monotonic()
         try:
-            result = self._coord.drain()
+            idle = self._coord.wait_idle()
         except TokenGateError as exc:
             log.info("dashboard drain ended early: %s", exc)
             return
-        log.info(
-            "dashboard drain finished: %d completed, %d failed, %d killed in %.1f s",
-            result["completed"],
-            result["failed"],
-            result["killed"],
-            result["seconds"],
-        )
+        if idle:
+            log.info("dashboard drain finished in %.1f s", time.monotonic() - started)
 
     def _do_pause(self) -> Outcome:
         self._coord.pause()

@@ -162,7 +162,11 @@ class LiveHub:
     def _on_connect(self, auth: object = None) -> None:
         environ = request.environ
         sid: str = request.sid  # type: ignore[attr-defined]
-        if not self.origin_allowed(request.headers.get("Origin"), environ):
+        # A browser always sends Origin on a WebSocket handshake and on a cross-site request;
+        # only a same-origin polling GET (or a client that is no browser) comes without one,
+        # and the session cookie and CSRF token checked below are still needed then.
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin, environ):
             raise ConnectionRefusedError("connection refused: origin not allowed")
         session = self._sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is None:

@@ -145,7 +145,6 @@ class StateBuilder:
         self._quarantine_read_at: float | None = None
         self._quarantine_stale = True
         self._attempts: dict[str, collections.deque[tuple[float, int]]] = {}
-        self._started: float | None = None
         self._panel_errors: set[str] = set()
         self._physical = _physical_cores()
         self._first_second = int(clock())
@@ -280,10 +279,7 @@ class StateBuilder:
     def _system(self, stats: dict[str, Any] | None) -> dict[str, Any]:
         coord = self._coord
         running = coord.running
-        if running and self._started is None:
-            self._started = time.monotonic()
-        elif not running:
-            self._started = None
+        started = coord.started_at if running else None
         s = stats or {}
         per_core: list[dict[str, Any]] = []
         for c in s.get("per_core") or []:
@@ -308,7 +304,7 @@ class StateBuilder:
             "running": bool(running),
             "paused": bool(coord.paused),
             "admission_open": bool(coord.admission_open),
-            "uptime_s": (None if self._started is None else int(time.monotonic() - self._started)),
+            "uptime_s": None if started is None else max(0, int(time.time() - started)),
             "workers": sum(int(c["active_workers"] or 0) for c in per_core),
             "physical_cores": self._physical,
             "logical_cpus": self._logical,
