@@ -289,6 +289,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -320,7 +323,7 @@ def start_dashboard(tmp_path) -> Iterator:
             env=env,
             # A test run started in the background (a script's `pytest &`) ignores SIGINT, and
             # children inherit that; Ctrl-C is what this test sends, so restore the default.
-            preexec_fn=_default_sigint,
+            preexec_fn=_default_sigint if SIGINT_IGNORED else None,
         )
         procs.append(proc)
         return proc, _Lines(proc.stdout)
