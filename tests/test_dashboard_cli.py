@@ -30,8 +30,9 @@ pytest.importorskip("flask")
 pytest.importorskip("argon2")
 
 from _support import SAFETY, wait_until
-from tokengate import cli
+from tokengate import ConfigurationError, CoordinatorNotRunning, OperationsCoordinator, cli
 from tokengate.dashboard import AuditLog, hash_password, verify_password
+from tokengate.demo import format_report, run_workload
 
 URL = re.compile(r"https?://[^\s/]+")
 PASSWORD = re.compile(r"log in as 'admin' with password (\S+)")
@@ -77,6 +78,12 @@ def test_hash_password_refuses_an_empty_password_from_stdin():
         rc, out, err = _run("dashboard", "hash-password", "--password-stdin", stdin=stdin)
         assert rc == 2 and out == "", (out, err)
         assert "empty password" in err, err
+
+
+def test_hash_password_refuses_a_password_too_long_to_verify():
+    rc, out, err = _run("dashboard", "hash-password", "--password-stdin", stdin="x" * 5000 + "\n")
+    assert rc == 2 and out == "", (out, err)
+    assert "at most" in err, err
 
 
 def _prompted(monkeypatch, answers: list[str]) -> list[str]:
@@ -239,6 +246,71 @@ def test_audit_escapes_control_characters_and_skips_garbage(tmp_path):
     assert rc == 0, err
     assert "\x1b" not in out and "\\x1b[31mevil" in out
     assert "skipped 2 line(s)" in err
+
+
+# --------------------------------------------------------------------------------------------
+# tokengate.demo.run_workload, what --demo runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_workload_on_a_running_coordinator():
+    with OperationsCoordinator(cores=1, workers_per_core=2) as coord:
+        report = run_workload(coord, 0.3, seed=11)
+        assert report["ok"], report["problems"]
+        assert report["submitted"] > 0 and report["unresolved"] == 0
+        assert report["refused"] == {}
+        assert report["config"]["seed"] == 11 and report["config"]["seconds"] == 0.3
+        assert coord.running  # left running
+        assert coord.stats()["completed"] + coord.stats()["failed"] == report["resolved"]
+        format_report(report)
+
+
+def test_run_workload_stops_when_the_event_is_set():
+    stop = threading.Event()
+    with OperationsCoordinator(cores=1, workers_per_core=2) as coord:
+        stop.set()
+        report = run_workload(coord, stop=stop)
+        assert report["submitted"] == 0 and report["ok"], report
+        assert report["config"]["seconds"] is None
+        assert "run until stopped" in format_report(report)
+
+        stop = threading.Event()
+        done = threading.Event()
+        result: dict = {}
+
+        def run() -> None:
+            result.update(run_workload(coord, stop=stop, max_in_flight=4))
+            done.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert wait_until(lambda: coord.stats()["completed"] > 0)
+        assert not done.is_set()
+        stop.set()
+        assert done.wait(SAFETY)
+        thread.join(SAFETY)
+        assert result["submitted"] > 0 and result["unresolved"] == 0, result
+
+
+def test_run_workload_counts_refusals_while_admission_is_closed():
+    with OperationsCoordinator(cores=1, workers_per_core=2) as coord:
+        coord.drain()
+        report = run_workload(coord, 0.25)
+        assert report["submitted"] == 0
+        assert report["refused"].get("AdmissionClosed", 0) > 0, report["refused"]
+        coord.resume()
+
+
+def test_run_workload_checks_its_arguments():
+    coord = OperationsCoordinator(cores=1)
+    with pytest.raises(CoordinatorNotRunning, match="not running"):
+        run_workload(coord, 1)
+    with coord:
+        for bad in (0, -1, True, "1"):
+            with pytest.raises(ConfigurationError, match="seconds"):
+                run_workload(coord, bad)
+        with pytest.raises(ConfigurationError, match="max_in_flight"):
+            run_workload(coord, 1, max_in_flight=0)
 
 
 # --------------------------------------------------------------------------------------------

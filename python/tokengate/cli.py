@@ -276,7 +276,14 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
         from tokengate.dashboard import hash_password
     except ImportError as exc:
         return _dashboard_import_error(exc)
-    print(hash_password(password))
+    from tokengate import ConfigurationError
+
+    try:
+        digest = hash_password(password)
+    except ConfigurationError as exc:  # e.g. longer than the dashboard verifies
+        print(f"tokengate: error: {exc}", file=sys.stderr)
+        return 2
+    print(digest)
     return 0
 
 
