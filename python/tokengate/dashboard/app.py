@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -586,7 +587,7 @@ class DashboardServer:
         self.dashboard: Dashboard = app.extensions[EXTENSION]
         self._httpd = httpd
         self.host: str = str(httpd.server_address[0])
-        self.port: int = int(httpd.server_port)
+        self.port: int = int(httpd.server_address[1])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"{scheme}://{host}:{self.port}"
         self.audit: AuditLog = self.dashboard.audit
@@ -689,19 +690,32 @@ def serve(
             "the network in clear; pass certfile= (or behind_proxy=True behind a TLS proxy)",
             host,
         )
-    app = create_app(coordinator, config)
+    # Bound here, not by werkzeug: on a failed bind werkzeug prints to stderr and exits.
     try:
-        httpd = make_server(
-            host,
-            port,
-            app,
-            threaded=True,
-            request_handler=_QuietHandler,
-            ssl_context=ssl_context,
+        listener = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
         )
-    except BaseException:
-        app.extensions[EXTENSION].close()
-        raise
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    try:
+        app = create_app(coordinator, config)
+        try:
+            httpd = make_server(
+                host,
+                port,
+                app,
+                threaded=True,
+                request_handler=_QuietHandler,
+                ssl_context=ssl_context,
+                fd=listener.fileno(),
+            )
+        except BaseException:
+            app.extensions[EXTENSION].close()
+            raise
+    finally:
+        listener.close()  # werkzeug works on a duplicate of it
     server = DashboardServer(app, httpd, "https" if ssl_context else "http")
     log.info("dashboard of %s serving at %s", coordinator.name, server.url)
     return server
