@@ -90,6 +90,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tokengate/metrics+outcomes": {"observe": ("metrics", "outcomes")},
     "tokengate/metrics+outcomes/each": {"observe": ("metrics", "outcomes/each")},
     "tokengate/traced": {"observe": ("tracing",)},
+    # The dashboard (docs/dashboard.md) served, with one logged-in client taking every update.
+    "tokengate/dashboard": {"observe": ("dashboard",)},
 }
 
 #: The event kinds the "outcomes" subscriber of the bench takes (one event per token).
@@ -398,7 +400,14 @@ class TokenGateSystem(System):
         super().__init__(cores, workers_per_core)
         if via not in ("decorator", "submit"):
             raise ValueError(f"via must be 'decorator' or 'submit', not {via!r}")
-        unknown = set(observe) - {"metrics", "events", "outcomes", "outcomes/each", "tracing"}
+        unknown = set(observe) - {
+            "metrics",
+            "events",
+            "outcomes",
+            "outcomes/each",
+            "tracing",
+            "dashboard",
+        }
         if unknown:
             raise ValueError(f"unknown observer(s) {sorted(unknown)}")
         self.via = via
@@ -410,6 +419,7 @@ class TokenGateSystem(System):
         self.coord: Any = None
         self._scraping: threading.Event | None = None
         self._scraper: threading.Thread | None = None
+        self._dashboard: Any = None
 
     def start(self) -> None:
         from tokengate import OperationsCoordinator
@@ -441,8 +451,13 @@ class TokenGateSystem(System):
 
             self._scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
             self._scraper.start()
+        if "dashboard" in self.observe:
+            self._dashboard = _DashboardWatcher(self.coord)
 
     def stop(self) -> None:
+        if self._dashboard is not None:
+            self._dashboard.close()
+            self._dashboard = None
         if self._scraping is not None and self._scraper is not None:
             self._scraping.set()
             self._scraper.join()
@@ -476,6 +491,61 @@ class TokenGateSystem(System):
         if self.via == "submit" and weight == "medium":
             return partial(self.coord.submit, fn)
         return guarded(fn, weight, self.op_options)
+
+
+class _DashboardWatcher:
+    """The dashboard of a coordinator, served on loopback, with one logged-in Socket.IO client
+    (a viewer) that takes and acknowledges every state update, as a browser does."""
+
+    def __init__(self, coord: Any) -> None:
+        import re
+        import tempfile
+
+        import requests
+        import socketio
+
+        from tokengate.dashboard import hash_password
+
+        self._dir = tempfile.TemporaryDirectory(prefix="tokengate-bench-")
+        password = "bench-password"
+        self.server = coord.serve_dashboard(
+            users={"bench": ("viewer", hash_password(password))},
+            audit_log=os.path.join(self._dir.name, "audit.jsonl"),
+        )
+        url = self.server.url
+        http = requests.Session()
+        page = http.get(f"{url}/login", timeout=10).text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        if csrf is None:
+            raise RuntimeError("the dashboard's login form has no CSRF token")
+        http.post(
+            f"{url}/login",
+            data={"username": "bench", "password": password, "csrf_token": csrf.group(1)},
+            timeout=10,
+        ).raise_for_status()
+        meta = re.search(r'name="csrf-token" content="([^"]+)"', http.get(url, timeout=10).text)
+        if meta is None:
+            raise RuntimeError("the dashboard page has no CSRF token: the login failed")
+        self.states = 0
+        self.client = socketio.Client(reconnection=False)
+
+        def on_state(_snapshot: Any) -> None:
+            self.states += 1  # returning acknowledges it: the server may send the next one
+
+        self.client.on("state", on_state)
+        cookies = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+        self.client.connect(
+            url,
+            headers={"Cookie": cookies},  # websocket-client sends the Origin itself
+            auth={"csrf": meta.group(1)},
+            transports=["websocket"],
+            wait_timeout=10,
+        )
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.server.close()
+        self._dir.cleanup()
 
 
 def _have(module: str) -> bool:
@@ -1295,6 +1365,11 @@ def run_quick(
             for variant, kw in VARIANTS.items():
                 if "tracing" in kw.get("observe", ()) and not _have("opentelemetry.sdk"):
                     say(f"{variant}: skipped (pip install opentelemetry-sdk)")
+                    continue
+                if "dashboard" in kw.get("observe", ()) and not (
+                    _have("flask_socketio") and _have("websocket")
+                ):
+                    say(f"{variant}: skipped (pip install 'tokengate[dashboard]' websocket-client)")
                     continue
                 say(f"{variant}: no-op throughput, round trip")
                 with open_system(name, default_layout(), **kw) as s:
