@@ -941,6 +941,7 @@ impl GuardHouse {
         action: &str,
     ) -> PyResult<&'static str> {
         let g = self.op(py, name, None);
+        let before = g.breaker.view(now_ns()).state;
         let st = match action {
             "block" => g.breaker.block(now_ns()),
             "unblock" => g.breaker.unblock(now_ns()),
@@ -954,7 +955,7 @@ impl GuardHouse {
                 .into())
             }
         };
-        log_transition(py, &g.name, st, st, &format!("{action}() by an operator"));
+        log_transition(py, &g.name, before, st, &format!("{action}() by an operator"));
         Ok(st.name())
     }
 

@@ -1168,6 +1168,14 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Calls `f` on every queued token (the pool, the mailboxes, then limiters, storage tiers
+    /// and retry timers) until it returns false.
+    fn visit_queued(&self, mut f: impl FnMut(&Py<TaskToken>) -> bool) -> bool {
+        self.shared.sched.visit_queued(&mut f) && self.shared.gov.visit_waiting(f)
+    }
+}
+
 #[pymethods]
 impl Runtime {
     #[new]
@@ -1899,26 +1907,35 @@ impl Runtime {
     #[pyo3(signature = (limit=50))]
     fn queued(&self, py: Python<'_>, limit: usize) -> Vec<Py<TaskToken>> {
         let mut out = Vec::new();
+        // A token moving from one queue to the next while they are read one after the other
+        // could be seen twice.
+        let mut seen = std::collections::HashSet::new();
         let mut take = |j: &Py<TaskToken>| {
-            if out.len() < limit {
+            if out.len() < limit && seen.insert(j.get().header.id) {
                 out.push(j.clone_ref(py));
             }
             out.len() < limit
         };
-        let _ = self.shared.sched.visit_queued(&mut take) && self.shared.gov.visit_waiting(take);
+        let _ = self.visit_queued(&mut take);
         out
     }
 
     /// The queued token `token_id` (see `queued`), or None if no queued token has that id.
     fn find_queued(&self, py: Python<'_>, token_id: u64) -> Option<Py<TaskToken>> {
         let mut hit = None;
-        let mut find = |j: &Py<TaskToken>| {
-            if j.get().header.id == token_id {
-                hit = Some(j.clone_ref(py));
+        // Twice: a token moving back to a queue already read (a retry or a held token going
+        // to the pool, a re-route) is missed by one pass.
+        for _ in 0..2 {
+            let _ = self.visit_queued(|j: &Py<TaskToken>| {
+                if j.get().header.id == token_id {
+                    hit = Some(j.clone_ref(py));
+                }
+                hit.is_none()
+            });
+            if hit.is_some() {
+                break;
             }
-            hit.is_none()
-        };
-        let _ = self.shared.sched.visit_queued(&mut find) && self.shared.gov.visit_waiting(find);
+        }
         hit
     }
 

@@ -313,7 +313,7 @@ def _seed_quarantine(coordinator: OperationsCoordinator) -> None:
         )
 
 
-def test_quarantine_preview_then_discard_exactly_that_filter(
+def test_quarantine_preview_then_discard_exactly_what_it_listed(
     page: Page, server: Any, coordinator: OperationsCoordinator
 ) -> None:
     _seed_quarantine(coordinator)
@@ -325,12 +325,29 @@ def test_quarantine_preview_then_discard_exactly_that_filter(
     expect(page.locator("#quarantine-preview-list li")).to_have_count(2)
     expect(page.locator("#quarantine-discard-btn")).to_have_text("Discard 2")
     assert len(coordinator.guard_house.quarantined()) == 3  # a preview touches nothing
+    # A record of the same operation quarantined after the preview is not part of it.
+    late = coordinator.guard_house.quarantine.add(
+        9100,
+        "browser_double",
+        double,
+        (7,),
+        {},
+        predicted=2.0,
+        baseline=0.01,
+        deviation=200.0,
+        threshold=10.0,
+        reason="quarantined after the preview",
+    )
     page.click("#quarantine-discard-btn")
     expect(page.locator("#message")).to_have_attribute("data-outcome", "ok", timeout=TIMEOUT_MS)
+    expect(page.locator("#message")).to_contain_text("discarded 2")
     expect(page.locator("#quarantine-preview")).to_be_hidden()
-    expect(page.locator("#quarantine tbody tr")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(page.locator("#quarantine tbody tr")).to_have_count(2, timeout=TIMEOUT_MS)
     left = coordinator.guard_house.quarantined()
-    assert [r.operation_type for r in left] == ["browser_flaky"]
+    assert sorted(r.record_id for r in left if r.operation_type == "browser_double") == [
+        late.record_id
+    ]
+    assert [r.operation_type for r in left].count("browser_flaky") == 1
 
 
 def test_screenshot_of_the_live_dashboard(

@@ -195,6 +195,31 @@ def test_ids_are_unique_and_sort_by_time(tmp_path):
     assert times == sorted(times)
 
 
+def test_newest_reads_only_the_newest_files(tmp_path, monkeypatch):
+    store = QuarantineStore(tmp_path)
+    records = [add(store, args=(i, 0), token_id=i) for i in range(30)]
+    (tmp_path / f"{records[-2].record_id}.json").write_text("not json", encoding="utf-8")
+    reads = []
+    real = QuarantineStore._read_file
+
+    def counting(self, path, rid):
+        reads.append(rid)
+        return real(self, path, rid)
+
+    monkeypatch.setattr(QuarantineStore, "_read_file", counting)
+    newest = store.newest(3)
+    assert [r.record_id for r in newest] == [
+        r.record_id for r in (records[-1], *records[-4:-2][::-1])
+    ]
+    assert len(reads) == 4, "three good records and the corrupt one, nothing older"
+    assert store.newest(0) == [] and len(store) == 30
+    assert [r.token_id for r in store.newest(100)] == [
+        r.token_id for r in records[::-1] if r is not records[-2]
+    ]
+    with pytest.raises(tokengate.ConfigurationError):
+        store.newest(-1)
+
+
 def test_filters_and_time_range(tmp_path, clock):
     store = QuarantineStore(tmp_path, retention=None)
     made = {}

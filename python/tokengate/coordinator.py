@@ -12,6 +12,8 @@ import math
 import os
 import threading
 import time
+import types
+import typing
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
@@ -869,11 +871,12 @@ class OperationsCoordinator:
             kwargs = {}
         if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
             raise InvalidOption(f"kwargs of {name!r} must be a dict with str keys, got {kwargs!r}")
-        signature = inspect.signature(fn)
+        signature = _signature(fn)
         try:
-            signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidOption(f"the arguments do not fit {name}{signature}: {exc}") from None
+        _check_argument_types(name, signature, bound)
         rt = self._runtime()
         if isinstance(fn, _core.GuardedFunction):
             return rt.call_guarded(fn, tuple(args), dict(kwargs))
@@ -1027,6 +1030,83 @@ def _quarantine_hook(gh: GuardHouse) -> Callable[..., str]:
         return target._on_quarantine(*args)
 
     return hook
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``fn``'s signature with string annotations evaluated when they can be."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: keep it as a string
+        return inspect.signature(fn)
+
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a list",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def _fits(annotation: Any, value: object) -> bool | None:
+    """Whether ``value`` fits ``annotation`` (the plain types of JSON values, unions and
+    Optional of them; containers by their outer type); None when it cannot tell."""
+    if isinstance(annotation, type) and annotation in _TYPE_NAMES:
+        if annotation is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if annotation is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if annotation is tuple:
+            return isinstance(value, (list, tuple))
+        return isinstance(value, annotation)
+    if annotation is None:
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        found = [_fits(a, value) for a in typing.get_args(annotation)]
+        if True in found:
+            return True
+        return False if all(f is False for f in found) else None
+    if isinstance(origin, type) and origin in _TYPE_NAMES:
+        return _fits(origin, value)
+    return None
+
+
+def _expected(annotation: Any) -> str:
+    """What ``annotation`` asks for, in JSON words ("an integer or null")."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    parts = typing.get_args(annotation) if union else (annotation,)
+    names = []
+    for a in parts:
+        a = typing.get_origin(a) or a
+        names.append(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) if a else "null")
+    return " or ".join(dict.fromkeys(names))
+
+
+def _check_argument_types(
+    name: str, signature: inspect.Signature, bound: inspect.BoundArguments
+) -> None:
+    """Refuses a launch argument whose annotation (a JSON value type) it does not fit."""
+    for pname, value in bound.arguments.items():
+        param = signature.parameters[pname]
+        values: list[tuple[int | str | None, Any]]
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            values = list(enumerate(value))
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            values = list(value.items())
+        else:
+            values = [(None, value)]
+        for key, item in values:
+            if _fits(param.annotation, item) is False:
+                where = pname if key is None else f"{pname}[{key!r}]"
+                raise InvalidOption(
+                    f"argument {where} of {name} must be {_expected(param.annotation)}, "
+                    f"got {item!r:.80}"
+                )
 
 
 def _check_id(token_id: object) -> int:

@@ -10,6 +10,7 @@ coordinator is called; every value comes from JSON sent by a browser.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import threading
@@ -45,6 +46,7 @@ ACTIONS: Final[dict[str, str]] = {
     "block": "operator",
     "unblock": "operator",
     "force_open": "operator",
+    "quarantine_preview": "operator",
     "quarantine_release": "operator",
     "quarantine_discard": "operator",
     "set_limit": "admin",
@@ -57,6 +59,8 @@ MAX_ARGS: Final = 64
 #: Records listed in a quarantine action's result (``selected_count`` says how many matched).
 MAX_SELECTED: Final = 500
 _MAX_INT: Final = 2**63 - 1
+#: How long the drain waiter waits at a time before it looks whether the drain still runs.
+_DRAIN_SLICE: Final = 0.5
 
 
 def actions_for(role: str) -> list[str]:
@@ -250,6 +254,9 @@ _PARAMS: Final[dict[str, dict[str, tuple[_Check, bool, Any]]]] = {
     },
 }
 _PARAMS["quarantine_discard"] = _PARAMS["quarantine_release"]
+_PARAMS["quarantine_preview"] = {
+    k: v for k, v in _PARAMS["quarantine_release"].items() if k != "dry_run"
+}
 
 
 def _check_params(action: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,7 +331,8 @@ class Controls:
         self._coord = coordinator
         self._on_quarantine_change = on_quarantine_change
         self._lock = threading.Lock()
-        self._drains: list[threading.Thread] = []
+        self._drain_thread: threading.Thread | None = None
+        self._stop_waiting = threading.Event()
         self._closed = False
 
     def run(self, action: object, role: str, params: Mapping[str, Any]) -> Outcome:
@@ -336,7 +344,11 @@ class Controls:
             )
         needed = ACTIONS[action]
         if role not in ROLES or not role_at_least(role, needed):
-            return Outcome("refused", f"{action} needs the {needed} role; you are {role}")
+            return Outcome(
+                "refused",
+                f"{action} needs the {needed} role; you are {role}",
+                target=_target(action, params) if isinstance(params, Mapping) else None,
+            )
         try:
             clean = _check_params(action, params)
         except _Invalid as exc:
@@ -360,48 +372,52 @@ class Controls:
         return outcome
 
     def close(self, timeout: float = 1.0) -> None:
-        """Waits up to ``timeout`` for background drains to return."""
+        """Stops the drain waiter (it returns within one of its slices)."""
         with self._lock:
             self._closed = True
-            drains, self._drains = self._drains, []
-        for t in drains:
-            t.join(timeout)
-            if t.is_alive():
-                log.warning("a drain started from the dashboard is still waiting for tokens")
+            thread, self._drain_thread = self._drain_thread, None
+        self._stop_waiting.set()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():  # pragma: no cover - wait_idle slices are short
+                log.warning("the dashboard's drain waiter did not stop within %s s", timeout)
 
     # -- the actions --------------------------------------------------------------------
 
     def _do_drain(self) -> Outcome:
-        # Closes admission now (and un-pauses) without waiting; the wait for the tokens in
-        # flight runs on a thread of its own, so the operator gets an answer at once.
+        # Closes admission now (and un-pauses) without waiting; one waiter thread logs when
+        # the tokens in flight are done, so the operator gets an answer at once.
         first = self._coord.drain(timeout=0)
         n = int(first["remaining"])
         if n:
-            thread = threading.Thread(
-                target=self._finish_drain, name="tokengate-dashboard-drain", daemon=True
-            )
             with self._lock:
-                self._drains = [t for t in self._drains if t.is_alive()]
-                if not self._closed:
-                    self._drains.append(thread)
-                    thread.start()
+                if not self._closed and (
+                    self._drain_thread is None or not self._drain_thread.is_alive()
+                ):
+                    self._drain_thread = threading.Thread(
+                        target=self._wait_drained, name="tokengate-dashboard-drain", daemon=True
+                    )
+                    self._drain_thread.start()
         return Outcome(
             "ok",
             f"draining: admission closed, {n} in flight",
             {"in_flight": n},
         )
 
-    def _finish_drain(self) -> None:
-        # Only waits: drain() again would close admission again, undoing a resume that came
-        # meanwhile.
+    def _wait_drained(self) -> None:
+        """Waits, in slices, until the drain is over: the tokens are done (logged), or
+        admission reopened (a resume ended the drain), or the dashboard closes."""
         started = time.monotonic()
-        try:
-            idle = self._coord.wait_idle()
-        except TokenGateError as exc:
-            log.info("dashboard drain ended early: %s", exc)
-            return
-        if idle:
-            log.info("dashboard drain finished in %.1f s", time.monotonic() - started)
+        while not self._stop_waiting.is_set():
+            try:
+                if self._coord.wait_idle(_DRAIN_SLICE):
+                    log.info("dashboard drain finished in %.1f s", time.monotonic() - started)
+                    return
+                if self._coord.admission_open:
+                    return  # resumed: no longer a drain
+            except TokenGateError as exc:
+                log.info("dashboard drain ended early: %s", exc)
+                return
 
     def _do_pause(self) -> Outcome:
         self._coord.pause()
@@ -465,14 +481,32 @@ class Controls:
             "dry_run": dry_run,
         }
         done, failed = len(res.done), len(res.failed)
+        past = {"release": "released", "discard": "discarded"}[verb]
         if dry_run:
             message = f"dry run: would {verb} {done}, {failed} could not be"
         else:
-            message = f"{verb}d {done}, {failed} failed"
+            message = f"{past} {done}, {failed} failed"
+        if res.failed:
+            first = list(res.failed.items())[:3]
+            message += ": " + "; ".join(f"{rid}: {why}" for rid, why in first)
+            if len(res.failed) > len(first):
+                message += f"; and {len(res.failed) - len(first)} more"
+        if len(res.selected) > MAX_SELECTED:
+            message += f" ({len(res.selected)} matched; the first {MAX_SELECTED} are listed)"
         if not res.selected:
             message = f"{'dry run: ' if dry_run else ''}no quarantined record matches"
         outcome = "failed" if (failed and not done and not dry_run) else "ok"
         return Outcome(outcome, message, result)
+
+    def _do_quarantine_preview(self, **kw: Any) -> Outcome:
+        """What a release or discard of this selection would touch (nothing changes)."""
+        outcome = self._quarantine("discard", dry_run=True, **kw)
+        n = outcome.result["selected_count"] if isinstance(outcome.result, dict) else 0
+        shown = min(n, MAX_SELECTED)
+        message = f"preview: {n} record{'s' if n != 1 else ''} match"
+        if n > shown:
+            message += f"; the oldest {shown} are listed, and an action on them touches those"
+        return Outcome(outcome.outcome, message, outcome.result)
 
     def _do_quarantine_release(self, **kw: Any) -> Outcome:
         return self._quarantine("release", **kw)
@@ -509,13 +543,23 @@ class Controls:
             parts.append(f"{rate_limit:g}/s" + (f" (burst {rate_burst})" if rate_burst else ""))
         return Outcome("ok", f"{operation} limited to {', '.join(parts)}", limit)
 
-    def _do_launch(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Outcome:
+    def _do_launch(
+        self, name: str, args: list[Any] | None, kwargs: dict[str, Any] | None
+    ) -> Outcome:
+        args, kwargs = args or [], kwargs or {}
         token = self._coord.launch(name, args=tuple(args), kwargs=kwargs)
+        call = ", ".join([_json(a) for a in args] + [f"{k}={_json(v)}" for k, v in kwargs.items()])
+        if len(call) > 400:
+            call = call[:399] + "…"
         return Outcome(
             "ok",
-            f"launched {name} as token {token.token_id}",
+            f"launched {name}({call}) as token {token.token_id}",
             {"token_id": token.token_id},
         )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=repr)
 
 
 def _target(action: str, params: Mapping[str, Any]) -> str | None:

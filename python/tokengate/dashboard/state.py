@@ -144,6 +144,7 @@ class StateBuilder:
         self._quarantine: dict[str, Any] = {"count": 0, "records": []}
         self._quarantine_read_at: float | None = None
         self._quarantine_stale = True
+        self._quarantine_mtime: int | None = None
         self._attempts: dict[str, collections.deque[tuple[float, int]]] = {}
         self._panel_errors: set[str] = set()
         self._physical = _physical_cores()
@@ -417,14 +418,32 @@ class StateBuilder:
             return self._quarantine
         self._quarantine_read_at = now
         try:
-            records = self._coord.guard_house.quarantined()
+            store = self._coord.guard_house.quarantine
+            try:
+                # Every add, claim, release and discard renames or creates a file in it.
+                mtime: int | None = os.stat(store.directory).st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            # Trusted only when the last read came a second after the change (coarse file
+            # system clocks can give a change just after a read the same mtime).
+            if (
+                not stale
+                and mtime is not None
+                and mtime == self._quarantine_mtime
+                and read_at is not None
+                and read_at - mtime / 1e9 > 1.0
+            ):
+                return self._quarantine
+            # A directory listing and the newest few files: never every record.
+            count = len(store)
+            newest = store.newest(QUARANTINE_LIST) if count else []
         except Exception:
             with self._events_lock:
                 self._quarantine_stale = True  # try again next time
             raise
-        newest = records[-QUARANTINE_LIST:][::-1]
+        self._quarantine_mtime = mtime
         self._quarantine = {
-            "count": len(records),
+            "count": count,
             "records": [
                 {
                     "record_id": r.record_id,

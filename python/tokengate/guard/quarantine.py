@@ -1009,6 +1009,25 @@ class QuarantineStore:
         found.sort(key=lambda r: (r.quarantined_at, r.record_id))
         return found if limit is None else found[:limit]
 
+    def newest(self, limit: int) -> builtins.list[QuarantineRecord]:
+        """The newest ``limit`` records, newest first, reading only as many files as that
+        takes (record ids sort by the time they were made). Unreadable files are skipped
+        with a WARNING, as in :meth:`list`."""
+        limit = _positive_int("limit", limit, 0)
+        found: list[QuarantineRecord] = []
+        for rid in sorted(self._record_names(), reverse=True):
+            if len(found) >= limit:
+                break
+            path = self._json_path(rid)
+            try:
+                found.append(self._read_file(path, rid))
+            except FileNotFoundError:
+                continue
+            except _Corrupt as exc:
+                logger.warning("skipping quarantine record file %s: it %s", path, exc)
+        found.sort(key=lambda r: (r.quarantined_at, r.record_id), reverse=True)
+        return found
+
     def _checked_id(self, record_id: object) -> str:
         if not isinstance(record_id, str) or not _ID_RE.fullmatch(record_id):
             text = repr(record_id)

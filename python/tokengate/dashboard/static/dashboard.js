@@ -15,6 +15,7 @@
   const CHART_MIN_SPAN_S = 30;
   const CHART_MAX_SPAN_S = 300;
   const PREVIEW_LIST_MAX = 100;
+  const LAUNCH_ARGS_MAX = 200 * 1024; // characters of launch JSON (the server takes 256 KiB)
 
   // ---------------------------------------------------------------- DOM helpers
 
@@ -209,7 +210,7 @@
     launchables: [],
     snapshot: null,
     series: null,
-    preview: null, // {filter, count} of the last quarantine dry run
+    preview: null, // {filter, ids} of the last quarantine preview: the records a bulk action touches
     states: 0,
     renderErrors: new Set(),
   };
@@ -317,6 +318,11 @@
   /** The launch box's JSON: an array of args, or {"args": [...], "kwargs": {...}}. */
   function readLaunchArguments() {
     const text = $("#launch-args").value.trim() || "[]";
+    // The server takes messages of up to 256 KiB and closes the connection on a bigger one.
+    if (text.length > LAUNCH_ARGS_MAX) {
+      return invalid("launch arguments are too large: at most " + LAUNCH_ARGS_MAX / 1024 +
+        " KiB of JSON (got " + Math.ceil(text.length / 1024) + " KiB)");
+    }
     let value;
     try {
       value = JSON.parse(text);
@@ -384,7 +390,7 @@
     }, "set limit on " + operation, $("#limit-btn"));
   }
 
-  // -- quarantine bulk: preview (dry run), then release/discard for exactly that filter --
+  // -- quarantine bulk: preview, then release/discard of exactly the records it listed --
 
   function datetimeValue(input) {
     if (!input.value) return null;
@@ -429,19 +435,28 @@
     const filter = readQuarantineFilter();
     if (!filter) return;
     hidePreview();
-    const params = Object.assign({ record_ids: null, dry_run: true }, filter);
-    const reply = await runControl("quarantine_release", params, "preview", $("#quarantine-preview-btn"));
+    const params = Object.assign({ record_ids: null }, filter);
+    const reply = await runControl("quarantine_preview", params, "preview", $("#quarantine-preview-btn"));
     if (!reply.ok) return;
     const selected = (reply.result && Array.isArray(reply.result.selected)) ? reply.result.selected : [];
-    page.preview = { filter: filter, count: selected.length };
+    const matched = (reply.result && typeof reply.result.selected_count === "number")
+      ? reply.result.selected_count : selected.length;
+    // The buttons act on exactly the records listed here, never on the filter again: a record
+    // quarantined after the preview, or one past the listed ones, is not touched.
+    page.preview = { filter: filter, ids: selected.map((r) => r.record_id) };
     const items = selected.slice(0, PREVIEW_LIST_MAX).map(previewItem);
     if (selected.length > PREVIEW_LIST_MAX) {
       items.push(el("li", { className: "muted", text: "… and " + (selected.length - PREVIEW_LIST_MAX) + " more" }));
     }
     $("#quarantine-preview-list").replaceChildren(...items);
-    setText($("#quarantine-preview-summary"), selected.length === 1
+    let summary = selected.length === 1
       ? "1 record matches (" + describeFilter(filter) + "):"
-      : selected.length + " records match (" + describeFilter(filter) + "):");
+      : selected.length + " records match (" + describeFilter(filter) + "):";
+    if (matched > selected.length) {
+      summary = matched + " records match (" + describeFilter(filter) + "); the oldest " +
+        selected.length + " are listed, and the buttons act on those " + selected.length + ":";
+    }
+    setText($("#quarantine-preview-summary"), summary);
     for (const [id, verb] of [["#quarantine-release-btn", "Release"], ["#quarantine-discard-btn", "Discard"]]) {
       const button = $(id);
       setText(button, verb + " " + selected.length);
@@ -453,9 +468,10 @@
   async function bulkQuarantine(action, button) {
     const preview = page.preview;
     if (!preview) return;
-    const params = Object.assign({ record_ids: null, dry_run: false }, preview.filter);
+    const params = { record_ids: preview.ids, operation: null, since: null, until: null, dry_run: false };
     const verb = action === "quarantine_release" ? "release" : "discard";
-    const reply = await runControl(action, params, verb + " (" + describeFilter(preview.filter) + ")", button);
+    const what = verb + " " + preview.ids.length + " (" + describeFilter(preview.filter) + ")";
+    const reply = await runControl(action, params, what, button);
     if (reply.ok || reply.outcome === "failed") hidePreview();
   }
 
