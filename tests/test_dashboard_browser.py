@@ -213,7 +213,9 @@ def test_drain_lets_the_queued_tokens_finish_and_closes_admission(
     expect(pool(page, "waiting")).to_have_text("0", timeout=TIMEOUT_MS)
     expect(pool(page, "completed")).to_have_text("6", timeout=TIMEOUT_MS)
     expect(pool(page, "failed")).to_have_text("0")
-    expect(page.locator("#system [data-field=admission]")).to_have_text("admission closed")
+    expect(page.locator("#system [data-field=admission]")).to_have_text(
+        "admission closed: drained", timeout=TIMEOUT_MS
+    )
     expect(page.locator("#queued tbody tr")).to_have_count(0)
     assert [t.get(timeout=5) for t in tokens] == [2 * i for i in range(6)]
     assert coordinator.admission_open is False

@@ -523,12 +523,15 @@
     setAttr(node, "data-tone", tone);
   }
 
-  function renderSystem(sys) {
+  function renderSystem(sys, pool) {
     const root = $("#system");
     badge(field(root, "running"), sys.running ? "running" : "stopped", sys.running ? "good" : "bad");
     badge(field(root, "paused"), sys.paused ? "paused" : "not paused", sys.paused ? "warn" : "good");
-    badge(field(root, "admission"), sys.admission_open ? "admission open" : "admission closed",
-      sys.admission_open ? "good" : "warn");
+    // A closed admission with nothing accepted left is a finished drain.
+    const inFlight = (pool.waiting || 0) + (pool.admitted || 0) + (pool.executing || 0);
+    let admission = "admission open";
+    if (!sys.admission_open) admission = inFlight ? "admission closed: draining" : "admission closed: drained";
+    badge(field(root, "admission"), admission, sys.admission_open ? "good" : "warn");
     badge(field(root, "pinned"), sys.pinned ? "pinned" : "not pinned", "neutral");
     setField(root, "mode", sys.mode || "—");
     setField(root, "uptime", fmtUptime(sys.uptime_s), sys.uptime_s);
@@ -1132,7 +1135,7 @@
     page.snapshot = snap;
     page.states += 1;
     const sys = snap.system || {};
-    safely("system", () => renderSystem(sys));
+    safely("system", () => renderSystem(sys, snap.pool || {}));
     safely("pool", () => renderPool(snap.pool || {}, snap.queued));
     safely("affinity", () => renderAffinity(sys.per_core));
     safely("guard", () => renderGuard(snap.guard));
