@@ -209,7 +209,7 @@ def test_throttle_locks_after_five_failures_within_a_minute():
     assert throttle.locked_for("1.2.3.4") is None
 
 
-def test_throttle_forgets_old_failures_and_successes():
+def test_throttle_forgets_old_failures_by_time_only():
     clock = FakeClock()
     throttle = auth.LoginThrottle(clock)
     for _ in range(4):
@@ -218,5 +218,65 @@ def test_throttle_forgets_old_failures_and_successes():
     assert throttle.failure("c") is False
     for _ in range(3):
         throttle.failure("c")
-    throttle.success("c")
+    assert throttle.reserve("c") is None  # 4 failures: a 5th attempt may be checked
+    assert throttle.release("c", failed=False) is False  # it succeeded
+    # a success does not clear the address's failures (M2): the next failure locks
+    assert throttle.failure("c") is True
+
+
+def test_throttle_reserves_attempts_before_they_are_checked():
+    """Parallel attempts: the budget counts the attempts in flight (H1)."""
+    clock = FakeClock()
+    throttle = auth.LoginThrottle(clock)
     assert throttle.failure("c") is False
+    for _ in range(4):
+        assert throttle.reserve("c") is None  # 1 failure + 4 in flight = 5
+    refusal = throttle.reserve("c")
+    assert refusal is not None and not refusal.locked and refusal.audit
+    again = throttle.reserve("c")
+    assert again is not None and not again.audit  # audited once per burst
+    assert throttle.check("c") is not None
+    assert throttle.reserve("other") is None  # another address is not affected
+    results = [throttle.release("c", failed=True) for _ in range(4)]
+    assert results == [False, False, False, True]  # the 5th failure starts the lockout
+    locked = throttle.reserve("c")
+    assert locked is not None and locked.locked and locked.audit  # first of this lockout
+    assert locked.wait == pytest.approx(60.0)
+    assert not throttle.reserve("c").audit
+    clock.advance(60)
+    assert throttle.reserve("c") is None  # the lockout is over, the failures with it
+    throttle.release("c", failed=False)
+    assert throttle.check("c") is None
+
+
+def test_a_cancelled_reservation_is_no_failure():
+    throttle = auth.LoginThrottle(FakeClock())
+    for _ in range(10):
+        assert throttle.reserve("c") is None
+        assert throttle.release("c", failed=False) is False
+    assert throttle.check("c") is None and throttle.locked_for("c") is None
+
+
+def test_verification_slots_bound_and_time_out():
+    slots = auth.VerificationSlots(2, wait=0.01)
+    assert slots.acquire() and slots.acquire()
+    assert not slots.acquire()  # both taken: gives up after `wait`
+    slots.release()
+    assert slots.acquire()
+    slots.release()
+    slots.release()
+    assert auth.VERIFICATIONS.slots == auth.VERIFY_SLOTS == 2
+    with pytest.raises(ConfigurationError):
+        auth.VerificationSlots(0)
+
+
+def test_sessions_are_capped_per_user():
+    """One account logging in again and again drops its own oldest sessions, not the
+    others' (L1)."""
+    store = auth.SessionStore(lifetime=100.0, clock=FakeClock(), max_sessions=30, max_per_user=3)
+    admin = store.create("ada", "admin")[0]
+    mine = [store.create("vera", "viewer")[0] for _ in range(25)]
+    assert store.get(admin) is not None
+    assert [store.get(m) is not None for m in mine[-4:]] == [False, True, True, True]
+    assert len(store) == 4
+    assert auth.SessionStore(1.0)._max_per_user == auth.MAX_SESSIONS_PER_USER == 20

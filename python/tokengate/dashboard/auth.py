@@ -30,10 +30,13 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "ROLES",
+    "VERIFICATIONS",
     "LoginThrottle",
+    "Refusal",
     "Session",
     "SessionStore",
     "User",
+    "VerificationSlots",
     "hash_password",
     "load_users_file",
     "parse_users",
@@ -300,19 +303,26 @@ def _key(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+#: Sessions one user may hold at once (a new login beyond drops that user's oldest).
+MAX_SESSIONS_PER_USER: Final = 20
+
+
 class SessionStore:
-    """Server-side sessions (thread-safe). At most ``max_sessions`` live at once: beyond,
-    the oldest is dropped."""
+    """Server-side sessions (thread-safe). At most ``max_per_user`` live at once for one
+    user (beyond, that user's oldest is dropped, so one account cannot log the others out
+    by logging in again and again) and ``max_sessions`` in all (beyond, the oldest)."""
 
     def __init__(
         self,
         lifetime: float,
         clock: Callable[[], float] = time.monotonic,
         max_sessions: int = 1000,
+        max_per_user: int = MAX_SESSIONS_PER_USER,
     ) -> None:
         self.lifetime = lifetime
         self._clock = clock
         self._max = max_sessions
+        self._max_per_user = max_per_user
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
@@ -328,6 +338,9 @@ class SessionStore:
         )
         with self._lock:
             self._prune()
+            mine = [k for k, s in self._sessions.items() if s.user == user]
+            for key in mine[: max(0, len(mine) - self._max_per_user + 1)]:
+                del self._sessions[key]  # the user's oldest first
             while len(self._sessions) >= self._max:
                 self._sessions.popitem(last=False)
             self._sessions[session.key] = session
@@ -401,11 +414,44 @@ def same_token(expected: str, given: object) -> bool:
 # -- the login throttle ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why :class:`LoginThrottle` refuses a login attempt without checking its password.
+
+    Attributes:
+        wait: seconds before the client should try again (at least 1).
+        locked: True while the client is locked out; False when its budget of attempts is
+            taken by attempts still being checked (parallel requests).
+        audit: True for the first refusal of a lockout (or of a burst of parallel
+            attempts); audit only those, so refusals cannot flood the audit log.
+    """
+
+    wait: float
+    locked: bool
+    audit: bool
+
+
+@dataclass
+class _Client:
+    failures: list[float]
+    in_flight: int = 0
+    until: float | None = None
+    refusal_audited: bool = False
+
+
 class LoginThrottle:
-    """Counts failed logins per client: ``max_failures`` within ``window`` seconds lock the
-    client out for ``lockout`` seconds from the last of them. Thread-safe; the clock is
-    injectable (monotonic seconds). At most ``max_clients`` are tracked (the stalest are
-    forgotten first)."""
+    """Counts failed logins per client address: ``max_failures`` within ``window`` seconds
+    lock the client out for ``lockout`` seconds from the last of them. Thread-safe; the
+    clock is injectable (monotonic seconds). At most ``max_clients`` are tracked (the
+    stalest are forgotten first).
+
+    An attempt that checks a password first takes a slot with :meth:`reserve` (under the
+    lock, before the slow verification) and gives it back with :meth:`release`: a client
+    with ``max_failures`` failures and attempts in flight within the window is refused, so
+    parallel requests cannot get more than ``max_failures`` password checks before the
+    lockout. A successful login never clears the failures of the address (another user of
+    the same address, or an insider with an account of their own, could otherwise reset the
+    count between guesses): failures expire by time only."""
 
     def __init__(
         self,
@@ -422,38 +468,122 @@ class LoginThrottle:
         self.lockout = lockout
         self._max = max_clients
         self._lock = threading.Lock()
-        # client -> (recent failure times, locked until or None)
-        self._clients: OrderedDict[str, tuple[list[float], float | None]] = OrderedDict()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+
+    def _entry(self, client: str, now: float) -> _Client:
+        """The client's entry with its lockout ended and old failures dropped (lock held)."""
+        entry = self._clients.pop(client, None)
+        if entry is None:
+            entry = _Client([])
+        if entry.until is not None and now >= entry.until:
+            entry.until = None
+            entry.failures = []
+            entry.refusal_audited = False
+        entry.failures = [t for t in entry.failures if now - t < self.window]
+        if not entry.failures and not entry.in_flight and entry.until is None:
+            entry.refusal_audited = False
+        self._clients[client] = entry  # the most recently used last
+        while len(self._clients) > self._max:
+            self._clients.popitem(last=False)
+        return entry
+
+    def _refusal(self, entry: _Client, now: float) -> Refusal | None:
+        if entry.until is not None:
+            locked, wait = True, entry.until - now
+        elif len(entry.failures) + entry.in_flight >= self.max_failures:
+            locked, wait = False, 1.0
+        else:
+            return None
+        first = not entry.refusal_audited
+        entry.refusal_audited = True
+        return Refusal(max(1.0, wait), locked, first)
 
     def locked_for(self, client: str) -> float | None:
-        """Seconds the client stays locked out, or None if it may try."""
+        """Seconds the client stays locked out, or None if it is not locked out."""
         now = self._clock()
         with self._lock:
             entry = self._clients.get(client)
-            if entry is None or entry[1] is None:
+            if entry is None or entry.until is None:
                 return None
-            if now >= entry[1]:
-                del self._clients[client]
+            if now >= entry.until:
+                self._entry(client, now)
                 return None
-            return entry[1] - now
+            return entry.until - now
 
-    def failure(self, client: str) -> bool:
-        """Counts a failed attempt; True if it locks the client out (the lockout starts)."""
+    def check(self, client: str) -> Refusal | None:
+        """The refusal of a client that is locked out or has its budget in flight, else
+        None (reserves nothing: for attempts that check no password)."""
         now = self._clock()
         with self._lock:
-            times, until = self._clients.pop(client, ([], None))
-            if until is not None and now < until:
-                self._clients[client] = (times, until)
-                return False
-            times = [t for t in times if now - t < self.window]
-            times.append(now)
-            locked = len(times) >= self.max_failures
-            self._clients[client] = ([], now + self.lockout) if locked else (times, None)
-            while len(self._clients) > self._max:
-                self._clients.popitem(last=False)
-            return locked
+            return self._refusal(self._entry(client, now), now)
 
-    def success(self, client: str) -> None:
-        """Forgets the client's failures (after a successful login)."""
+    def reserve(self, client: str) -> Refusal | None:
+        """Takes a slot for an attempt that will check a password: None if taken (then call
+        :meth:`release` exactly once), else the :class:`Refusal` (check nothing)."""
+        now = self._clock()
         with self._lock:
-            self._clients.pop(client, None)
+            entry = self._entry(client, now)
+            refusal = self._refusal(entry, now)
+            if refusal is None:
+                entry.in_flight += 1
+            return refusal
+
+    def release(self, client: str, failed: bool) -> bool:
+        """Gives back the slot of :meth:`reserve`, counting a failure if ``failed``; True
+        if that failure locks the client out (the lockout starts now)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entry(client, now)
+            entry.in_flight = max(0, entry.in_flight - 1)
+            return self._fail(entry, now) if failed else False
+
+    def failure(self, client: str) -> bool:
+        """Counts a failed attempt that took no slot (e.g. a login without its CSRF token);
+        True if it locks the client out (the lockout starts)."""
+        now = self._clock()
+        with self._lock:
+            return self._fail(self._entry(client, now), now)
+
+    def _fail(self, entry: _Client, now: float) -> bool:
+        if entry.until is not None:
+            return False  # already locked out: not a new lockout
+        entry.failures.append(now)
+        if len(entry.failures) < self.max_failures:
+            return False
+        entry.failures = []
+        entry.until = now + self.lockout
+        entry.refusal_audited = False  # audit the first refusal of this lockout
+        return True
+
+
+# -- bounding the password verifications -----------------------------------------------------
+
+#: How many password verifications may run at once in the process (argon2-cffi's defaults
+#: take 64 MiB each, and unauthenticated clients can ask for them).
+VERIFY_SLOTS: Final = 2
+#: Seconds a login waits for a verification slot before it is answered "busy" (503).
+VERIFY_WAIT: Final = 1.0
+
+
+class VerificationSlots:
+    """A bound on concurrent password verifications: :meth:`acquire` waits at most
+    ``wait`` seconds for one of ``slots``; :meth:`release` gives it back."""
+
+    def __init__(self, slots: int = VERIFY_SLOTS, wait: float = VERIFY_WAIT) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ConfigurationError(f"slots must be an int >= 1, got {slots!r}")
+        self.slots = slots
+        self.wait = wait
+        self._sem = threading.BoundedSemaphore(slots)
+
+    def acquire(self) -> bool:
+        """Whether a slot was taken within ``wait`` seconds."""
+        return self._sem.acquire(timeout=self.wait)
+
+    def release(self) -> None:
+        """Gives a slot back."""
+        self._sem.release()
+
+
+#: The process's bound (memory is per process, whatever the number of dashboards).
+VERIFICATIONS: Final = VerificationSlots()
