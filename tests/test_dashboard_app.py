@@ -259,7 +259,7 @@ def test_five_failures_lock_the_client_out_for_a_minute(dash, clock):
     lockouts = [r for r in records(dash) if r["action"] == "login_lockout"]
     assert len(lockouts) == 1 and lockouts[0]["client"] == "127.0.0.1"
     refused = [r for r in records(dash) if r["action"] == "login" and r["outcome"] == "refused"]
-    assert len(refused) == 2
+    assert len(refused) == 1  # refusals while locked: audited once per lockout
     clock.advance(30)
     assert login(client, "ada").status_code == 303
     assert len([r for r in records(dash) if r["action"] == "login_lockout"]) == 1
@@ -950,3 +950,335 @@ def test_without_users_an_admin_password_is_generated(coord, tmp_path, clock, ca
         assert login(client, "admin", password).status_code == 303
     finally:
         d.close()
+
+
+# -- review findings (#10 review): throttle, verification bound, sockets, Host --------------
+
+
+def login_token(client) -> str:
+    page = client.get("/login")
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+class BlockingCheck:
+    """Replaces the password check with one that waits until released (and counts)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import tokengate.dashboard.app as appmod
+
+        self.real = appmod.authenticate
+        self.calls: list[str] = []
+        self.inside = threading.Semaphore(0)
+        self.go = threading.Event()
+        monkeypatch.setattr(appmod, "authenticate", self)
+
+    def __call__(self, users, name, password):
+        self.calls.append(name)
+        self.inside.release()
+        assert self.go.wait(SAFETY)
+        return self.real(users, name, password)
+
+
+def kinds(dash, *actions):
+    return [(r["action"], r["outcome"]) for r in records(dash) if r["action"] in actions]
+
+
+def run_parallel(dash, check, request, n_checked=5, n_more=3):
+    """``n_checked`` requests get into the password check (and wait there); then
+    ``n_more`` more are sent and must come back without one; then the first are let go."""
+    results: dict[int, int] = {}
+
+    def attempt(i):
+        results[i] = request(i)
+
+    first = [threading.Thread(target=attempt, args=(i,)) for i in range(n_checked)]
+    for t in first:
+        t.start()
+    for _ in range(n_checked):
+        assert check.inside.acquire(timeout=SAFETY)
+    more = [threading.Thread(target=attempt, args=(n_checked + i,)) for i in range(n_more)]
+    for t in more:
+        t.start()
+    for t in more:
+        t.join(SAFETY)
+        assert not t.is_alive()
+    later = [results[n_checked + i] for i in range(n_more)]
+    check.go.set()
+    for t in first:
+        t.join(SAFETY)
+    return [results[i] for i in range(n_checked)], later
+
+
+def test_parallel_form_logins_get_five_password_checks_at_most(dash, monkeypatch):
+    """H1: attempts are counted before their password is checked."""
+    from tokengate.dashboard.auth import VerificationSlots
+
+    dash.verifications = VerificationSlots(10, wait=SAFETY)
+    check = BlockingCheck(monkeypatch)
+    clients = [dash.app.test_client() for _ in range(8)]
+    tokens = [login_token(c) for c in clients]
+
+    def post(i):
+        data = {"username": "ada", "password": f"guess{i}", "csrf_token": tokens[i]}
+        return clients[i].post("/login", data=data).status_code
+
+    checked, later = run_parallel(dash, check, post)
+    assert later == [429, 429, 429]  # refused without a password check
+    assert checked == [401] * 5
+    assert len(check.calls) == 5
+    assert login(dash.app.test_client(), "ada").status_code == 429  # locked out now
+    assert len(check.calls) == 5
+    # the first refused of the burst, the 5 checked, the lockout, the first refused of the
+    # lockout (the checked ones end in parallel: their order may vary)
+    expected = [("login", "failed")] * 5 + [("login", "refused")] * 2
+    expected.append(("login_lockout", "refused"))
+    assert sorted(kinds(dash, "login", "login_lockout")) == sorted(expected)
+    assert kinds(dash, "login")[-1] == ("login", "refused")
+
+
+def test_parallel_http_basic_logins_get_five_password_checks_at_most(dash, monkeypatch):
+    """H1 and M5 over HTTP Basic: counted before the check, and every check is audited."""
+    from tokengate.dashboard.auth import VerificationSlots
+
+    dash.verifications = VerificationSlots(10, wait=SAFETY)
+    check = BlockingCheck(monkeypatch)
+    clients = [dash.app.test_client() for _ in range(8)]
+
+    def get(i):
+        return clients[i].get("/metrics", headers=basic("ada", f"guess{i}")).status_code
+
+    checked, later = run_parallel(dash, check, get)
+    assert later == [429, 429, 429]
+    assert checked == [401] * 5 and len(check.calls) == 5
+    resp = dash.app.test_client().get("/api/state", headers=basic("ada", "admin-pw"))
+    assert resp.status_code == 429 and "Retry-After" in resp.headers
+    failed = [r for r in records(dash) if r["action"] == "login" and r["outcome"] == "failed"]
+    assert len(failed) == 5
+    assert all(r["target"] == "ada" and "HTTP Basic" in r["detail"] for r in failed)
+    assert kinds(dash, "login_lockout") == [("login_lockout", "refused")]
+
+
+def test_failed_http_basic_logins_are_audited_and_lock_out(dash):
+    """M5: each checked Basic attempt is audited; refusals while locked once per lockout."""
+    client = dash.app.test_client()
+    for i in range(4):
+        assert client.get("/metrics", headers=basic("vera", f"nope{i}")).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Basic !!!"}).status_code == 401
+    for _ in range(3):
+        assert client.get("/metrics", headers=basic("vera", "viewer-pw")).status_code == 429
+    assert kinds(dash, "login", "login_lockout") == [
+        *[("login", "failed")] * 5,
+        ("login_lockout", "refused"),
+        ("login", "refused"),
+    ]
+    assert "malformed" in records(dash)[4]["detail"]
+
+
+def test_logins_are_answered_busy_when_no_verification_slot_is_free(dash, monkeypatch):
+    """H2: at most VERIFY_SLOTS verifications at once; beyond: 503 without verifying."""
+    import tokengate.dashboard.app as appmod
+    from tokengate.dashboard.auth import VerificationSlots
+
+    calls: list[str] = []
+    real = appmod.authenticate
+    monkeypatch.setattr(appmod, "authenticate", lambda u, n, p: calls.append(n) or real(u, n, p))
+    slots = dash.verifications = VerificationSlots(2, wait=0.01)
+    assert slots.acquire() and slots.acquire()  # two verifications run elsewhere
+    client = dash.app.test_client()
+    for name in ("ada", "nobody"):  # an unknown name waits for a slot like a known one
+        data = {"username": name, "password": "x", "csrf_token": login_token(client)}
+        resp = client.post("/login", data=data)
+        assert resp.status_code == 503 and "busy" in resp.text
+        assert resp.headers["Retry-After"] == "1"
+    for path in ("/metrics", "/api/state"):
+        assert client.get(path, headers=basic("nobody", "x")).status_code == 503
+    assert calls == []
+    slots.release()
+    slots.release()
+    # a busy answer is no failure: four wrong passwords and the right one still go through
+    for _ in range(4):
+        assert login(client, "ada", "wrong").status_code == 401
+    assert login(client, "ada").status_code == 303
+    assert calls == ["ada"] * 5
+
+
+def test_a_successful_login_does_not_clear_the_failures_of_the_address(dash):
+    """M2: an insider's own login between guesses at another account does not reset them,
+    and a user who mistyped four times still gets in."""
+    client = dash.app.test_client()
+    for _ in range(4):
+        assert login(client, "ada", "wrong").status_code == 401
+    assert login(dash.app.test_client(), "vera").status_code == 303  # the 5th attempt: right
+    assert login(dash.app.test_client(), "ada", "wrong").status_code == 401  # locks out
+    assert login(dash.app.test_client(), "ada").status_code == 429
+    assert kinds(dash, "login_lockout") == [("login_lockout", "refused")]
+
+
+def test_logins_without_csrf_count_towards_the_lockout(dash):
+    """L2: CSRF-less POSTs lock out after 5, and the refusals after are audited once."""
+    client = dash.app.test_client()
+    for _ in range(5):
+        assert client.post("/login", data={"username": "x" * 200}).status_code == 400
+    for _ in range(10):
+        assert client.post("/login", data={"username": "x" * 200}).status_code == 429
+    assert login(client, "ada").status_code == 429
+    assert kinds(dash, "login", "login_lockout") == [
+        *[("login", "refused")] * 5,
+        ("login_lockout", "refused"),
+        ("login", "refused"),
+    ]
+
+
+def test_engineio_requests_need_a_live_session(dash):
+    """M3: refused in front of Engine.IO, so no Engine.IO connection is made."""
+    eio = "/socket.io/?EIO=4&transport=polling"
+    server = dash.socketio.server
+    client = dash.app.test_client()
+    resp = client.get(eio)
+    assert resp.status_code == 401 and "log in first" in resp.text
+    assert client.get(eio + "&sid=whatever").status_code == 401
+    assert client.post(eio + "&sid=x", data="40").status_code == 401
+    assert not server.environ and not server.eio.sockets
+    client, _ = logged_in(dash, "vera")
+    assert client.get(eio, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert not server.eio.sockets
+    resp = client.get(eio, headers={"Origin": ORIGIN})
+    assert resp.status_code == 200 and resp.text.startswith("0{")
+    assert len(server.eio.sockets) == 1
+    sid = json.loads(resp.text[1:])["sid"]
+    assert dash.app.test_client().get(f"{eio}&sid={sid}").status_code == 401  # no cookie
+
+
+def test_engineio_connections_are_capped_per_session_and_in_all(dash):
+    from tokengate.dashboard.live import MAX_SOCKETS, MAX_SOCKETS_PER_SESSION
+
+    assert (MAX_SOCKETS_PER_SESSION, MAX_SOCKETS) == (16, 256)
+    assert (dash.live.max_per_session, dash.live.max_sockets) == (16, 256)
+    dash.live.max_per_session, dash.live.max_sockets = 3, 5
+    eio = "/socket.io/?EIO=4&transport=polling"
+    vera, _ = logged_in(dash, "vera")
+    assert [vera.get(eio).status_code for _ in range(4)] == [200, 200, 200, 429]
+    otto, _ = logged_in(dash, "otto")
+    assert [otto.get(eio).status_code for _ in range(3)] == [200, 200, 503]
+    assert vera.get(eio + "&t=1").status_code == 503  # in all, 5 are open
+    assert len(dash.socketio.server.eio.sockets) == 5
+
+
+def test_a_refused_socket_connect_closes_its_engineio_connection(coord, tmp_path):
+    """M3: python-socketio answers a refused connect but keeps the Engine.IO connection
+    (and its threads); the dashboard closes it."""
+    websocket = pytest.importorskip("websocket")
+    requests = pytest.importorskip("requests")
+    import time
+
+    with serve(coord, "127.0.0.1", 0, users=USERS, audit_log=tmp_path / "a.jsonl") as server:
+        http = requests.Session()
+        token = re.search(
+            r'name="csrf_token" value="([^"]+)"', http.get(server.url + "/login").text
+        ).group(1)
+        data = {"username": "vera", "password": "viewer-pw", "csrf_token": token}
+        assert http.post(server.url + "/login", data=data, allow_redirects=False).status_code == 303
+        cookie = "tokengate_session=" + http.cookies["tokengate_session"]
+        url = server.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(url, suppress_origin=True, timeout=SAFETY)
+        assert refused.value.status_code == 401  # no cookie: refused before Engine.IO
+        ws = websocket.create_connection(
+            url, header=[f"Cookie: {cookie}"], suppress_origin=True, timeout=SAFETY
+        )
+        try:
+            assert ws.recv().startswith("0{")
+            ws.send('40{"csrf":"wrong"}')
+            assert ws.recv() == '44{"message":"connection refused: invalid CSRF token"}'
+            try:
+                rest = ws.recv()
+            except websocket.WebSocketConnectionClosedException:
+                rest = "closed"
+            assert rest in ("1", "closed", "")  # Engine.IO CLOSE, not a ping 25 s later
+            eio = server.dashboard.socketio.server.eio
+            deadline = time.monotonic() + SAFETY
+            while eio.sockets and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            assert not eio.sockets
+        finally:
+            ws.close()
+        resp = requests.get(server.url + "/login", headers={"Host": f"evil.example:{server.port}"})
+        assert resp.status_code == 400  # L3 on a real server
+
+
+def test_a_control_event_takes_exactly_one_object(dash, coord):
+    """L5: two arguments, none, or a non-object: invalid, acknowledged and audited."""
+    sc, csrf = session_socket(dash, "otto")
+    before = len(records(dash))
+    acks = [
+        sc.emit("control", {"action": "pause", "csrf": csrf}, "extra", callback=True),
+        sc.emit("control", callback=True),
+        sc.emit("control", ["pause"], callback=True),
+    ]
+    assert [a["outcome"] for a in acks] == ["invalid"] * 3
+    assert "one object argument, got 2" in acks[0]["message"]
+    new = records(dash)[before:]
+    assert [(r["action"], r["outcome"], r["user"]) for r in new] == [
+        ("control", "invalid", "otto"),
+        ("control", "invalid", "otto"),
+        ("control", "invalid", "otto"),
+    ]
+    assert not coord.paused
+
+
+def test_a_request_without_origin_is_not_logged_as_refused(dash, caplog):
+    """L9: Engine.IO asks about the origin of every polling response, None when same-origin."""
+    environ = {"HTTP_HOST": "localhost", "wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1"}
+    with caplog.at_level("INFO", "tokengate.dashboard"):
+        assert dash.live.origin_allowed(None, environ) is False
+        assert dash.live.origin_allowed("", environ) is False
+        assert dash.live.origin_allowed(ORIGIN, environ) is True
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+    assert not kinds(dash, "connect")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:8080", "LOCALHOST:1", "127.0.0.1:5000", "[::1]:5000", "10.1.2.3"],
+)
+def test_loopback_names_and_ip_addresses_are_accepted_hosts(dash, host):
+    assert dash.app.test_client().get("/healthz", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:5000", "localhost.evil.example", "127.0.0.1.nip.io",
+             "[::1", "localhost:abc", "a b"],
+)  # fmt: skip
+def test_other_host_names_are_refused(dash, host):
+    """L3 (DNS rebinding): a page of another site resolved to this address is refused."""
+    client = dash.app.test_client()
+    assert client.get("/login", headers={"Host": host}).status_code == 400
+    resp = client.post("/login", data={"username": "ada"}, headers={"Host": host})
+    assert resp.status_code == 400 and "allowed_hosts" in resp.text
+    eio = "/socket.io/?EIO=4&transport=polling"
+    assert client.get(eio, headers={"Host": host}).status_code == 400
+    assert records(dash) == []  # neither audited nor counted by the throttle
+
+
+def test_allowed_hosts(coord, tmp_path, clock):
+    def status(host, **options):
+        d = make_dash(coord, tmp_path, clock, **options)
+        try:
+            return d.app.test_client().get("/healthz", headers={"Host": host}).status_code
+        finally:
+            d.close()
+
+    assert status("ops.example.com", allowed_hosts=["ops.example.com"]) == 200
+    assert status("evil.example", allowed_hosts=["ops.example.com"]) == 400
+    assert status("ops.example.com:8443", allowed_origins=["https://ops.example.com:8443"]) == 200
+    assert status("evil.example", allowed_hosts=["*"]) == 200
+    assert status("evil.example", behind_proxy=True) == 200  # the proxy checks the Host
+    assert status("evil.example", behind_proxy=True, allowed_hosts=["ops.example.com"]) == 400
+    for bad in (["https://ops.example.com"], ["ops.example.com:80"], [3], [""]):
+        with pytest.raises(ConfigurationError, match="allowed"):
+            DashboardConfig.build(users=USERS, allowed_hosts=bad)

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -37,7 +38,9 @@ from werkzeug.wrappers import Response as WResponse
 from ..errors import ConfigurationError
 from .audit import AuditLog
 from .auth import (
+    VERIFICATIONS,
     LoginThrottle,
+    Refusal,
     Session,
     SessionStore,
     User,
@@ -48,11 +51,13 @@ from .auth import (
     same_token,
 )
 from .controls import Controls, actions_for
-from .live import SESSION_COOKIE, LiveHub
+from .live import SESSION_COOKIE, LiveHub, SocketGate
 from .state import StateBuilder
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from ..coordinator import OperationsCoordinator
 
@@ -70,6 +75,7 @@ CSP: Final = (
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _BASIC_CACHE_TTL: Final = 60.0
 _MAX_NAME: Final = 200
+_HOST_RE: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ class DashboardConfig:
         tls: whether the server itself speaks TLS (session cookies are then ``Secure``).
         behind_proxy: trust one proxy's ``X-Forwarded-For/-Proto/-Host``.
         allowed_origins: origins accepted for Socket.IO besides the server's own.
+        allowed_hosts: host names accepted in the ``Host`` header besides ``localhost``,
+            IP addresses and the host names of ``allowed_origins`` (against DNS
+            rebinding: a page of another site whose name resolves to this server's address
+            sends its own name). ``("*",)`` accepts any. Without it, ``behind_proxy`` checks
+            no ``Host`` (the proxy does).
         secret_key: the HMAC key of the login form's CSRF tokens.
         generated_password: the generated admin password when no user was configured.
         clock: the monotonic clock of sessions and the login throttle (tests inject one).
@@ -96,6 +107,7 @@ class DashboardConfig:
     tls: bool = False
     behind_proxy: bool = False
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     generated_password: str | None = field(default=None, repr=False)
     clock: Callable[[], float] = time.monotonic
@@ -112,6 +124,7 @@ class DashboardConfig:
         tls: bool = False,
         behind_proxy: bool = False,
         allowed_origins: Iterable[str] = (),
+        allowed_hosts: Iterable[str] = (),
         secret_key: str | bytes | None = None,
         clock: Callable[[], float] | None = None,
         environ: Mapping[str, str] | None = None,
@@ -124,6 +137,7 @@ class DashboardConfig:
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
         origins = _origins(allowed_origins)
+        hosts = _hosts(allowed_hosts)
         if secret_key is None:
             key = secrets.token_bytes(32)
         elif isinstance(secret_key, (str, bytes)):
@@ -148,6 +162,7 @@ class DashboardConfig:
             tls=tls,
             behind_proxy=behind_proxy,
             allowed_origins=origins,
+            allowed_hosts=hosts,
             secret_key=key,
             generated_password=generated,
             clock=clock or time.monotonic,
@@ -185,6 +200,112 @@ def _origins(origins: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _hosts(hosts: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(hosts, str):
+        hosts = (hosts,)
+    out = []
+    for h in hosts:
+        if not isinstance(h, str):
+            raise ConfigurationError(f"allowed_hosts must hold str host names, got {h!r}")
+        name = h.strip().lower().rstrip(".")
+        if name != "*" and not _HOST_RE.fullmatch(name):
+            raise ConfigurationError(
+                f"allowed host {h!r} is not a host name (e.g. ops.example.com, without a "
+                "scheme or port), nor '*'"
+            )
+        out.append(name)
+    return tuple(out)
+
+
+def _host_name(header: str) -> str | None:
+    """The host name (or IP address) of a ``Host`` header value, lowercased; None if it is
+    not ``host[:port]``."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        name, rest = value[1:end], value[end + 1 :]
+        if end < 0 or not name:
+            return None
+    else:
+        name, _, port = value.partition(":")
+        rest = ":" + port if _ else ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None
+    return name.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """WSGI middleware answering 400 to a request whose ``Host`` header names none of the
+    accepted hosts (see :attr:`DashboardConfig.allowed_hosts`)."""
+
+    def __init__(self, app: WSGIApplication, config: DashboardConfig) -> None:
+        self.app = app
+        names = {"localhost", *config.allowed_hosts}
+        for origin in config.allowed_origins:
+            name = _host_name(urllib.parse.urlsplit(origin).netloc)
+            if name:
+                names.add(name)
+        self.names = frozenset(names)
+        self.any = "*" in names or (config.behind_proxy and not config.allowed_hosts)
+
+    def allowed(self, host: str | None) -> bool:
+        """Whether the ``Host`` header value ``host`` is accepted (no Host: yes, that is
+        no browser)."""
+        if self.any or not host:
+            return True
+        name = _host_name(host)
+        return name is not None and (name in self.names or _is_ip(name))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST")
+        if self.allowed(host):
+            return self.app(environ, start_response)
+        log.info(
+            "dashboard request refused from %s: Host %r is not accepted",
+            environ.get("REMOTE_ADDR"),
+            host,
+        )
+        body = (
+            f"this dashboard does not answer to the host name {str(host)[:100]!r}; "
+            "add it to allowed_hosts\n"
+        ).encode()
+        start_response(
+            "400 Bad Request",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body]
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """What :meth:`Dashboard.password_login` made of a login attempt.
+
+    Attributes:
+        user: the user logged in, or None.
+        status: 200 (logged in), 401 (wrong name or password), 429 (refused by the
+            throttle: ``wait`` seconds), 503 (no verification slot free: busy).
+        wait: seconds to wait (429, 503).
+        message: the text for the client.
+    """
+
+    user: User | None
+    status: int
+    wait: float = 0.0
+    message: str = ""
+
+
 class Dashboard:
     """Everything one dashboard app holds: the coordinator, the config, the audit log, the
     session store, the login throttle, the snapshot builder, the Socket.IO hub.
@@ -198,6 +319,8 @@ class Dashboard:
         self.audit = AuditLog(config.audit_log)
         self.sessions = SessionStore(config.session_lifetime, config.clock)
         self.throttle = LoginThrottle(config.clock)
+        #: bounds concurrent password verifications (shared by the process's dashboards)
+        self.verifications = VERIFICATIONS
         self.state = StateBuilder(coordinator, self.audit)
         self.controls = Controls(coordinator, on_quarantine_change=self.state.invalidate_quarantine)
         self._basic_cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -225,6 +348,9 @@ class Dashboard:
             allowed_origins=config.allowed_origins,
             clock=config.clock,
         )
+        # in front of Engine.IO (Flask-SocketIO put it in front of Flask), behind the Host
+        # check (and ProxyFix, when behind a proxy)
+        app.wsgi_app = HostCheck(SocketGate(self.live, app.wsgi_app), config)  # type: ignore[method-assign]
 
     def _origin_check(self, origin: object, environ: Mapping[str, Any] | None = None) -> bool:
         return self.live.origin_allowed(origin, environ or {})
@@ -260,14 +386,92 @@ class Dashboard:
     def secure_cookies(self) -> bool:
         return self.config.tls or (self.config.behind_proxy and request.is_secure)
 
-    def basic_user(self) -> User | None:
-        """The user of a valid ``Authorization: Basic`` header (verifications are cached for
-        a minute under an HMAC of the header, so a scraper does not pay argon2 each time);
-        failures count towards the login throttle."""
+    def password_login(self, client: str, name: str, password: str, via: str = "") -> LoginAttempt:
+        """Checks a user name and password under the login throttle and the bound on
+        concurrent verifications, and audits it: each attempt whose password is checked
+        (``login``/``failed``), the lockout it starts (``login_lockout``), and the first
+        refusal of a lockout or of a burst (``login``/``refused``). ``via`` is added to the
+        audit detail (e.g. " (HTTP Basic)")."""
+        target = name[:_MAX_NAME] or None
+        refusal = self.throttle.reserve(client)
+        if refusal is not None:
+            return self.refused(client, target, refusal, via)
+        failed = True
+        try:
+            if name and password:
+                if not self.verifications.acquire():
+                    failed = False  # not checked: not a failure
+                    log.warning(
+                        "dashboard login from %s not checked: %d password verifications "
+                        "already running",
+                        client,
+                        self.verifications.slots,
+                    )
+                    return LoginAttempt(
+                        None, 503, 1.0, "the server is busy checking other logins, try again"
+                    )
+                try:
+                    user = authenticate(self.config.users, name, password)
+                finally:
+                    self.verifications.release()
+            else:
+                user = None
+            failed = user is None
+        finally:
+            locked = self.throttle.release(client, failed)
+        if user is not None:
+            return LoginAttempt(user, 200)
+        self.audit.record(
+            "login",
+            "failed",
+            client=client,
+            target=target,
+            detail="wrong user name or password" + via,
+        )
+        if locked:
+            self.lockout_started(client, target, via)
+        return LoginAttempt(None, 401, 0.0, "wrong user name or password")
+
+    def lockout_started(self, client: str, target: str | None, via: str = "") -> None:
+        """Audits (and logs) the start of a lockout."""
+        t = self.throttle
+        self.audit.record(
+            "login_lockout",
+            "refused",
+            client=client,
+            target=target,
+            detail=f"{t.max_failures} failed logins within {t.window:g} s: locked out for "
+            f"{t.lockout:g} s" + via,
+        )
+        log.warning("dashboard logins from %s locked out after failures", client)
+
+    def refused(
+        self, client: str, target: str | None, refusal: Refusal, via: str = ""
+    ) -> LoginAttempt:
+        """A login the throttle refused without checking it; audited if it is the first
+        refusal of its lockout or burst."""
+        wait = max(1, math.ceil(refusal.wait))
+        if refusal.locked:
+            message = f"too many failed logins, try again in {wait} s"
+            detail = f"locked out for {wait} s after too many failed logins"
+        else:
+            message = f"too many login attempts at once, try again in {wait} s"
+            detail = "too many login attempts at once (not checked)"
+        if refusal.audit:
+            self.audit.record("login", "refused", client=client, target=target, detail=detail + via)
+        return LoginAttempt(None, 429, wait, message)
+
+    def basic_login(self) -> User | LoginAttempt | None:
+        """The user of a valid ``Authorization: Basic`` header, the failed
+        :class:`LoginAttempt` of a wrong or refused one, or None without such a header.
+        Verifications are cached for a minute under an HMAC of the header (so a scraper
+        does not pay argon2 each time); failures count towards the login throttle and are
+        audited."""
         header = request.headers.get("Authorization", "")
-        if not header[:6].lower() == "basic " or len(header) > 2048:
+        if not header[:6].lower() == "basic ":
             return None
         client = request.remote_addr or "?"
+        via = " (HTTP Basic)"
         mac = hmac.new(self.config.secret_key, header.encode(), hashlib.sha256).hexdigest()
         now = self.config.clock()
         with self._basic_lock:
@@ -276,30 +480,30 @@ class Dashboard:
                 user = self.config.users.get(hit[0])
                 if user is not None:
                     return user
-        if self.throttle.locked_for(client) is not None:
-            return None
+        refusal = self.throttle.check(client)
+        if refusal is not None:
+            return self.refused(client, None, refusal, via)
         try:
+            if len(header) > 2048:
+                raise ValueError("too long")
             name, _, password = (
                 base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
             )
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        user = authenticate(self.config.users, name, password)
-        if user is None:
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            self.audit.record(
+                "login", "failed", client=client, detail="malformed credentials" + via
+            )
             if self.throttle.failure(client):
-                self.audit.record(
-                    "login_lockout",
-                    "refused",
-                    client=client,
-                    target=name[:_MAX_NAME],
-                    detail="too many failed logins (HTTP Basic)",
-                )
-            return None
+                self.lockout_started(client, None, via)
+            return LoginAttempt(None, 401, 0.0, "login required")
+        attempt = self.password_login(client, name, password, via)
+        if attempt.user is None:
+            return attempt
         with self._basic_lock:
-            self._basic_cache[mac] = (user.name, now + _BASIC_CACHE_TTL)
+            self._basic_cache[mac] = (attempt.user.name, now + _BASIC_CACHE_TTL)
             while len(self._basic_cache) > 64:
                 self._basic_cache.popitem(last=False)
-        return user
+        return attempt.user
 
 
 def create_app(coordinator: OperationsCoordinator, config: DashboardConfig | None = None) -> Flask:
@@ -380,6 +584,12 @@ def _routes(app: Flask, dash: Dashboard) -> None:
     def client() -> str:
         return request.remote_addr or "?"
 
+    def attempt_page(attempt: LoginAttempt, username: str) -> Response:
+        resp = login_page(attempt.status, attempt.message, username)
+        if attempt.status in (429, 503):
+            resp.headers["Retry-After"] = str(max(1, math.ceil(attempt.wait)))
+        return resp
+
     @app.get("/login")
     def login_form() -> WResponse:
         if dash.session() is not None:
@@ -390,9 +600,13 @@ def _routes(app: Flask, dash: Dashboard) -> None:
     def login() -> WResponse:
         username = request.form.get("username", "")
         username = username[:_MAX_NAME] if isinstance(username, str) else ""
+        refusal = dash.throttle.check(client())
+        if refusal is not None:
+            return attempt_page(dash.refused(client(), username or None, refusal), username)
         if not check_login_csrf(
             cfg.secret_key, request.cookies.get(LOGIN_COOKIE), request.form.get("csrf_token")
         ):
+            # counted as a failure: so it is audited at most 5 times before a lockout
             dash.audit.record(
                 "login",
                 "refused",
@@ -400,42 +614,16 @@ def _routes(app: Flask, dash: Dashboard) -> None:
                 target=username or None,
                 detail="invalid or missing CSRF token",
             )
-            return login_page(400, "invalid or missing CSRF token", username)
-        locked = dash.throttle.locked_for(client())
-        if locked is not None:
-            wait = max(1, math.ceil(locked))
-            dash.audit.record(
-                "login",
-                "refused",
-                client=client(),
-                target=username or None,
-                detail=f"locked out for {wait} s after too many failed logins",
-            )
-            resp = login_page(429, f"too many failed logins, try again in {wait} s", username)
-            resp.headers["Retry-After"] = str(wait)
-            return resp
-        password = request.form.get("password", "")
-        user = authenticate(cfg.users, username, password) if username and password else None
-        if user is None:
-            dash.audit.record(
-                "login",
-                "failed",
-                client=client(),
-                target=username or None,
-                detail="wrong user name or password",
-            )
             if dash.throttle.failure(client()):
-                dash.audit.record(
-                    "login_lockout",
-                    "refused",
-                    client=client(),
-                    target=username or None,
-                    detail=f"{dash.throttle.max_failures} failed logins within "
-                    f"{dash.throttle.window:g} s: locked out for {dash.throttle.lockout:g} s",
-                )
-                log.warning("dashboard logins from %s locked out after failures", client())
-            return login_page(401, "wrong user name or password", username)
-        dash.throttle.success(client())
+                dash.lockout_started(client(), username or None)
+            return login_page(400, "invalid or missing CSRF token", username)
+        password = request.form.get("password", "")
+        attempt = dash.password_login(
+            client(), username, password if isinstance(password, str) else ""
+        )
+        user = attempt.user
+        if user is None:
+            return attempt_page(attempt, username)
         old = dash.sessions.drop(request.cookies.get(SESSION_COOKIE))
         if old is not None:
             dash.live.disconnect_session(old.key)
@@ -505,42 +693,50 @@ def _routes(app: Flask, dash: Dashboard) -> None:
         resp.status_code = 200 if running else 503
         return resp
 
-    def reader() -> str | None:
-        """The user name of a valid session or HTTP Basic login."""
+    def reader() -> str | LoginAttempt | None:
+        """The user name of a valid session or HTTP Basic login, the failed attempt of a
+        wrong or refused Basic login, or None."""
         session = dash.session()
         if session is not None:
             return session.user
-        user = dash.basic_user()
-        return None if user is None else user.name
+        user = dash.basic_login()
+        return user.name if isinstance(user, User) else user
+
+    def refused_reader(who: LoginAttempt | None, json_body: bool) -> Response:
+        status = 401 if who is None else who.status
+        text = "login required" if who is None or who.status == 401 else who.message
+        if json_body:
+            resp = jsonify({"error": text})
+            resp.status_code = status
+        else:
+            resp = Response(text + "\n", status=status, mimetype="text/plain")
+        if status == 401 and not json_body:
+            resp.headers["WWW-Authenticate"] = 'Basic realm="tokengate", charset="UTF-8"'
+        elif who is not None:
+            resp.headers["Retry-After"] = str(max(1, math.ceil(who.wait)))
+        return resp
 
     @app.get("/metrics")
     def metrics() -> WResponse:
-        if reader() is None:
-            return Response(
-                "login required\n",
-                status=401,
-                mimetype="text/plain",
-                headers={"WWW-Authenticate": 'Basic realm="tokengate", charset="UTF-8"'},
-            )
+        who = reader()
+        if not isinstance(who, str):
+            return refused_reader(who, json_body=False)
         from ..observe.metrics import generate_latest
 
         return Response(generate_latest(dash.coordinator), headers={"Content-Type": _METRICS_TYPE})
 
-    def api_refused() -> Response:
-        resp = jsonify({"error": "login required"})
-        resp.status_code = 401
-        return resp
-
     @app.get("/api/state")
     def api_state() -> WResponse:
-        if reader() is None:
-            return api_refused()
+        who = reader()
+        if not isinstance(who, str):
+            return refused_reader(who, json_body=True)
         return jsonify(dash.live.snapshot())
 
     @app.get("/api/audit")
     def api_audit() -> WResponse:
-        if reader() is None:
-            return api_refused()
+        who = reader()
+        if not isinstance(who, str):
+            return refused_reader(who, json_body=True)
         raw = request.args.get("limit", "100")
         try:
             limit = int(raw)
@@ -648,10 +844,17 @@ def serve(
     keyfile: str | os.PathLike[str] | None = None,
     behind_proxy: bool = False,
     allowed_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
     secret_key: str | bytes | None = None,
 ) -> DashboardServer:
     """Serves the dashboard of ``coordinator`` at ``http(s)://host:port`` from a daemon
     thread (port 0: a free port; see the result's ``url``). See docs/dashboard.md.
+
+    Requests are answered only when their ``Host`` header names ``localhost``, an IP
+    address, ``host`` itself, the host of one of ``allowed_origins`` or one of
+    ``allowed_hosts`` (host names, e.g. ``("ops.example.com",)``; ``("*",)`` accepts any);
+    other Hosts get 400 (DNS rebinding). With ``behind_proxy=True`` and no
+    ``allowed_hosts``, the proxy is trusted to check the Host.
 
     Raises:
         ConfigurationError: a bad option, users configuration or TLS file (before anything
@@ -673,6 +876,11 @@ def serve(
             raise ConfigurationError(
                 f"cannot load the TLS certificate {certfile!r}: {exc}"
             ) from None
+    hosts = _hosts(allowed_hosts)
+    name = host.lower().rstrip(".")
+    # the name bound is accepted as a Host (unless that would turn on the check behind a proxy)
+    if (hosts or not behind_proxy) and not _is_ip(host.strip("[]")) and _HOST_RE.fullmatch(name):
+        hosts += (name,)
     config = DashboardConfig.build(
         users=users,
         users_file=users_file,
@@ -682,6 +890,7 @@ def serve(
         tls=ssl_context is not None,
         behind_proxy=behind_proxy,
         allowed_origins=allowed_origins,
+        allowed_hosts=hosts,
         secret_key=secret_key,
     )
     if not _is_loopback(host) and ssl_context is None and not behind_proxy:

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
+import socket as socketlib
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from flask import request
 from flask_socketio import ConnectionRefusedError, SocketIO
+from socketio import packet
+from werkzeug.http import parse_cookie
 
 from .auth import SessionStore, same_token
 from .controls import Controls, actions_for, launchables_of
@@ -34,7 +38,14 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .state import StateBuilder
 
-__all__ = ["SESSION_COOKIE", "LiveHub", "own_origin"]
+__all__ = [
+    "MAX_SOCKETS",
+    "MAX_SOCKETS_PER_SESSION",
+    "SESSION_COOKIE",
+    "LiveHub",
+    "SocketGate",
+    "own_origin",
+]
 
 log = logging.getLogger("tokengate.dashboard")
 
@@ -44,6 +55,17 @@ SESSION_COOKIE: Final = "tokengate_session"
 _DISCONNECT_GRACE: Final = 0.25
 #: At most one ``connect refused`` audit record per client address in this many seconds.
 _ORIGIN_AUDIT_EVERY: Final = 10.0
+#: Seconds after a refused WebSocket connect before its TCP connection is cut.
+_REFUSED_CUT_AFTER: Final = 1.0
+#: Engine.IO connections one session may hold at once (a browser tab holds one).
+MAX_SOCKETS_PER_SESSION: Final = 16
+#: Engine.IO connections the dashboard holds at once, in all.
+MAX_SOCKETS: Final = 256
+#: The WSGI environ key under which :class:`SocketGate` leaves the session key of a socket.
+_SESSION_ENV: Final = "tokengate.session_key"
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 
 def own_origin(environ: Mapping[str, Any]) -> str | None:
@@ -114,6 +136,9 @@ class LiveHub:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._origin_audited: OrderedDict[str, float] = OrderedDict()
+        self._pending: dict[int, str] = {}  # id(environ) -> session key, being handshaken
+        self.max_per_session = MAX_SOCKETS_PER_SESSION
+        self.max_sockets = MAX_SOCKETS
         self._register()
 
     # -- origin checks --------------------------------------------------------------------
@@ -127,11 +152,50 @@ class LiveHub:
             o = origin.lower()
             if o == own_origin(environ) or o in self._allowed:
                 return True
+        if not origin:
+            # No Origin: a same-origin polling request (Engine.IO asks for every response)
+            # or a client that is no browser; nothing to log, and the session cookie and
+            # CSRF token are still needed.
+            return False
         address = environ.get("REMOTE_ADDR")
         log.info("dashboard connection refused: origin %r is not allowed", origin)
-        if origin:  # no Origin at all is not a cross-site browser request: log it only
-            self._audit_origin(str(origin), address)
+        self._audit_origin(str(origin), address)
         return False
+
+    def admit(self, environ: dict[str, Any], new: bool) -> tuple[str, str] | None:
+        """Whether a request to Engine.IO may go on: None if so, else the HTTP status line
+        and the reason. It needs a live session cookie and, when it sends an ``Origin``,
+        an allowed one; a ``new`` connection (no ``sid``) must also stay within
+        :data:`MAX_SOCKETS_PER_SESSION` and :data:`MAX_SOCKETS`. Called by
+        :class:`SocketGate`, which then calls :meth:`admitted` when Engine.IO is done."""
+        origin = environ.get("HTTP_ORIGIN")
+        if origin and not self.origin_allowed(origin, environ):
+            return "403 Forbidden", "connection refused: origin not allowed"
+        cookies = parse_cookie(environ.get("HTTP_COOKIE", ""))
+        session = self._sessions.get(cookies.get(SESSION_COOKIE))
+        if session is None:
+            return "401 Unauthorized", "connection refused: log in first"
+        if not new:
+            return None
+        with self._lock:
+            owners = {id(e): e.get(_SESSION_ENV) for e in list(self._sio.server.environ.values())}
+            owners.update(self._pending)
+            if len(owners) >= self.max_sockets:
+                refused = "503 Service Unavailable", "too many connections to the dashboard"
+            elif sum(1 for k in owners.values() if k == session.key) >= self.max_per_session:
+                refused = "429 Too Many Requests", "too many connections for this session"
+            else:
+                environ[_SESSION_ENV] = session.key
+                self._pending[id(environ)] = session.key
+                return None
+        log.info("dashboard connection refused from %s: %s", environ.get("REMOTE_ADDR"), refused[1])
+        return refused
+
+    def admitted(self, environ: Mapping[str, Any]) -> None:
+        """Engine.IO is done with the request of a new connection :meth:`admit` let in (it
+        is counted through Socket.IO's table of connections from now on)."""
+        with self._lock:
+            self._pending.pop(id(environ), None)
 
     def _audit_origin(self, origin: str, address: object) -> None:
         key = str(address)
@@ -167,15 +231,15 @@ class LiveHub:
         # and the session cookie and CSRF token checked below are still needed then.
         origin = request.headers.get("Origin")
         if origin is not None and not self.origin_allowed(origin, environ):
-            raise ConnectionRefusedError("connection refused: origin not allowed")
+            self._refuse_connect(sid, "connection refused: origin not allowed")
         session = self._sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is None:
             log.info("dashboard connection refused from %s: no live session", request.remote_addr)
-            raise ConnectionRefusedError("connection refused: log in first")
+            self._refuse_connect(sid, "connection refused: log in first")
         csrf = auth.get("csrf") if isinstance(auth, dict) else None
         if not same_token(session.csrf_token, csrf):
             log.info("dashboard connection refused from %s: bad CSRF token", request.remote_addr)
-            raise ConnectionRefusedError("connection refused: invalid CSRF token")
+            self._refuse_connect(sid, "connection refused: invalid CSRF token")
         client = _Client(sid, session.key, session.user, session.role, request.remote_addr)
         with self._lock:
             self._clients[sid] = client  # in flight: the publisher leaves it alone for now
@@ -212,21 +276,63 @@ class LiveHub:
             client.sent_version = version
         self._send(sid, latest)
 
+    def _refuse_connect(self, sid: str, message: str) -> NoReturn:
+        """Refuses a Socket.IO connect and closes its Engine.IO connection too (python-socketio
+        answers CONNECT_ERROR but keeps the Engine.IO connection, and its threads, open):
+        the CONNECT_ERROR is queued first, then the close, so the client reads the reason."""
+        server = self._sio.server
+        eio_sid = server.manager.eio_sid_from_sid(sid, "/")
+        sock = server.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if sock is not None:
+            try:
+                error = packet.Packet(
+                    packet.CONNECT_ERROR, data={"message": message}, namespace="/"
+                )
+                server.eio.send(eio_sid, error.encode())
+                sock.close(wait=False, reason=server.eio.reason.SERVER_DISCONNECT)
+                server.eio.sockets.pop(eio_sid, None)
+            except Exception:  # pragma: no cover - the client went away meanwhile
+                log.debug("closing the refused connection %s failed", eio_sid, exc_info=True)
+            raw = request.environ.get("werkzeug.socket")
+            if raw is not None and request.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+                # simple-websocket closes the socket without shutting it down, so its reader
+                # thread (and the request's thread) stay blocked in recv() until the client
+                # hangs up; a client that never does held them for good. Cut it once the
+                # queued CONNECT_ERROR and CLOSE are out.
+                timer = threading.Timer(_REFUSED_CUT_AFTER, _shutdown, args=(raw,))
+                timer.daemon = True
+                timer.start()
+        # python-socketio's own CONNECT_ERROR then goes nowhere (the socket is closed)
+        raise ConnectionRefusedError(message)
+
     def _on_disconnect(self, *reason: object) -> None:
         sid = request.sid  # type: ignore[attr-defined]
         with self._lock:
             self._clients.pop(sid, None)
 
-    def _on_control(self, payload: object = None) -> dict[str, Any]:
+    def _on_control(self, *args: object) -> dict[str, Any]:
         sid = request.sid  # type: ignore[attr-defined]
         address = request.remote_addr
         with self._lock:
             client = self._clients.get(sid)
+        # exactly one dict; anything else (no argument, two, a list) is invalid, and audited
+        payload = args[0] if len(args) == 1 else None
         data = payload if isinstance(payload, dict) else {}
         action = data.get("action")
         action_name = action[:200] if isinstance(action, str) and action else "control"
         if client is None:
             return self._refuse(action_name, None, None, address, "not connected")
+        if not isinstance(payload, dict):
+            why = f"a control event takes one object argument, got {len(args)} argument(s)"
+            self._audit.record(
+                action_name,
+                "invalid",
+                user=client.user,
+                role=client.role,
+                client=address,
+                detail=why,
+            )
+            return {"ok": False, "outcome": "invalid", "message": why, "result": None}
         session = self._sessions.by_key(client.session_key)
         if session is None:
             with self._lock:
@@ -411,6 +517,51 @@ class LiveHub:
             self._disconnect(sid)
 
 
+def _shutdown(sock: Any) -> None:
+    try:
+        sock.shutdown(socketlib.SHUT_RDWR)
+    except OSError:  # closed already (by simple-websocket or the client)
+        pass
+
+
 def _fingerprint(snap: Mapping[str, Any]) -> str:
     body = {k: v for k, v in snap.items() if k not in ("time", "version")}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class SocketGate:
+    """WSGI middleware in front of Engine.IO (``path``, Socket.IO's ``/socket.io``): a
+    request without a live session cookie (401), with an ``Origin`` that is not allowed
+    (403), or opening a connection beyond the limits of :meth:`LiveHub.admit` (429, 503) is
+    answered here, before Engine.IO makes a connection (and threads) for it."""
+
+    def __init__(self, hub: LiveHub, app: WSGIApplication, path: str = "/socket.io") -> None:
+        self.hub = hub
+        self.app = app
+        self.path = "/" + path.strip("/")
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or ""
+        if path != self.path and not path.startswith(self.path + "/"):
+            return self.app(environ, start_response)
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING") or "")
+        new = "sid" not in query
+        refused = self.hub.admit(environ, new)
+        if refused is not None:
+            body = (refused[1] + "\n").encode()
+            start_response(
+                refused[0],
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+            return [body]
+        if not new:
+            return self.app(environ, start_response)
+        try:
+            # a WebSocket is served inside this call, for its whole life
+            return self.app(environ, start_response)
+        finally:
+            self.hub.admitted(environ)
