@@ -457,11 +457,21 @@ def test_dashboard_demo_with_a_generated_password(start_dashboard):
 
 def test_dashboard_with_configured_users_stops_on_sigterm(start_dashboard):
     users = f"ops:operator:{hash_password('pw-ops')}"
-    proc, lines = start_dashboard(env=_env(TOKENGATE_DASHBOARD_USERS=users))
+    proc, lines = start_dashboard(
+        "--allowed-host", "dash.example", env=_env(TOKENGATE_DASHBOARD_USERS=users)
+    )
     url = lines.wait_for(URL).group(0)
     lines.wait_for(re.compile("press Ctrl-C to stop"))
     assert not any(PASSWORD.search(line) for line in lines.seen), lines.seen
     assert _get(url + "/healthz")[0] == 200
+    for host, status in (("dash.example", 200), ("evil.example", 400)):
+        request = urllib.request.Request(url + "/healthz", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=SAFETY) as response:
+                got = response.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == status, host
     assert _get(url + "/metrics", auth=("ops", "pw-ops"))[0] == 200
     _stops_cleanly(proc, url, signal.SIGTERM)
 

@@ -155,6 +155,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         "keyfile": args.keyfile,
         "behind_proxy": args.behind_proxy,
         "allowed_origins": tuple(args.allowed_origin),
+        "allowed_hosts": tuple(args.allowed_host),
     }
 
     # SIGTERM (a service manager, `kill`) stops the command the way Ctrl-C does.
@@ -459,6 +460,15 @@ def _add_dashboard_parsers(
         metavar="URL",
         help="another origin the page may be served from, e.g. https://ops.example.com "
         "(the proxy's public address; repeatable)",
+    )
+    dash.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the page may be opened by, besides localhost and IP addresses, e.g. "
+        "ops.example.com (requests naming another host are refused, against DNS rebinding; "
+        "repeatable; '*' accepts any)",
     )
     dash.add_argument(
         "--workers-per-core",
