@@ -283,6 +283,7 @@ class HostCheck:
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(body))),
                 ("Cache-Control", "no-store"),
+                ("X-Content-Type-Options", "nosniff"),
             ],
         )
         return [body]
