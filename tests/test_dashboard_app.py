@@ -23,7 +23,7 @@ from socketio import packet
 from _support import SAFETY
 from tokengate import OperationsCoordinator, TokenState
 from tokengate.dashboard import DashboardConfig, create_app, serve
-from tokengate.dashboard.app import CSP, _is_loopback
+from tokengate.dashboard.app import CSP, is_loopback
 from tokengate.dashboard.controls import ACTIONS
 from tokengate.errors import ConfigurationError
 
@@ -852,8 +852,8 @@ def test_bad_options_raise_before_binding(coord, tmp_path):
     with pytest.raises(ConfigurationError, match="plain text"):
         serve(coord, "127.0.0.1", 0, users={"a": ("admin", "pw")}, audit_log=tmp_path / "a")
     assert not [t for t in threading.enumerate() if t.name.startswith("tokengate-dashboard")]
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.0.0.1")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
 
 
 def test_a_real_server(coord, tmp_path):

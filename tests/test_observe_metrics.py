@@ -567,11 +567,11 @@ def test_loopback_quiet_other_addresses_warn(make_coord, caplog, monkeypatch):
         with metrics.serve(coord, 0, "localhost") as server:
             assert server.host in ("127.0.0.1", "::1")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert metrics._is_loopback("127.0.0.1") and metrics._is_loopback("::1")
-    assert not metrics._is_loopback("0.0.0.0") and not metrics._is_loopback("192.0.2.1")
+    assert metrics.is_loopback("127.0.0.1") and metrics.is_loopback("::1")
+    assert not metrics.is_loopback("0.0.0.0") and not metrics.is_loopback("192.0.2.1")
 
     # The warning path, still bound to loopback only (tests never listen elsewhere).
-    monkeypatch.setattr(metrics, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(metrics, "is_loopback", lambda host: False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tokengate.observe"):
         metrics.serve(coord, 0).close()

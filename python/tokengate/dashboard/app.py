@@ -36,6 +36,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Response as WResponse
 
 from ..errors import ConfigurationError
+from ..observe.metrics import generate_latest, is_loopback
 from .audit import AuditLog
 from .auth import (
     VERIFICATIONS,
@@ -722,8 +723,6 @@ def _routes(app: Flask, dash: Dashboard) -> None:
         who = reader()
         if not isinstance(who, str):
             return refused_reader(who, json_body=False)
-        from ..observe.metrics import generate_latest
-
         return Response(generate_latest(dash.coordinator), headers={"Content-Type": _METRICS_TYPE})
 
     @app.get("/api/state")
@@ -764,15 +763,6 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class DashboardServer:
@@ -894,7 +884,7 @@ def serve(
         allowed_hosts=hosts,
         secret_key=secret_key,
     )
-    if not _is_loopback(host) and ssl_context is None and not behind_proxy:
+    if not is_loopback(host) and ssl_context is None and not behind_proxy:
         log.warning(
             "the dashboard listens on %s without TLS: passwords and session cookies cross "
             "the network in clear; pass certfile= (or behind_proxy=True behind a TLS proxy)",

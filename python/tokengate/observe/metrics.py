@@ -487,9 +487,13 @@ class _SilentHandler(WSGIRequestHandler):
         pass
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets or a zone) is
+    this machine only: ``localhost`` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
     except ValueError:
         return False
 
@@ -596,7 +600,7 @@ def serve(
     )
     thread.start()
     server = MetricsServer(httpd, thread)
-    if not _is_loopback(server.host):
+    if not is_loopback(server.host):
         log.warning(
             "serving the metrics of coordinator %r on %s, which is not a loopback address: "
             "the endpoint has no authentication",
