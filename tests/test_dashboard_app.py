@@ -748,15 +748,25 @@ def test_a_client_that_never_acks_gets_one_state_then_the_newest(dash, coord):
     assert states(slow) == []  # nothing newer: nothing sent
 
 
-def test_an_unchanged_snapshot_is_not_sent_again(dash, coord, clock):
+def test_an_unchanged_snapshot_is_not_sent_again(dash, monkeypatch):
     sc, _ = session_socket(dash, "vera")
     ack_states(dash, sc)
+    fixed = dash.live.snapshot()
+    # Only the time differs between these snapshots: nothing is sent, the version stands.
+    stamps = iter(range(10**6))
+    monkeypatch.setattr(dash.live._state, "build", lambda: dict(fixed, time=next(stamps)))
     v1 = dash.live.publish_now()
     states(sc)
     ack_states(dash, sc)
-    v2 = dash.live.publish_now()
-    # only time-like fields (uptime, series axis) could have changed; at most one step
-    assert v2 - v1 <= 1
+    assert dash.live.publish_now() == dash.live.publish_now() == v1
+    assert states(sc) == []
+    v2 = v1
+    # A changed figure is a new version, and it is sent.
+    changed = dict(fixed, pool=dict(fixed["pool"], completed=fixed["pool"]["completed"] + 1))
+    monkeypatch.setattr(dash.live._state, "build", lambda: dict(changed, time=next(stamps)))
+    assert dash.live.publish_now() == v2 + 1
+    (got,) = states(sc)
+    assert got["pool"]["completed"] == fixed["pool"]["completed"] + 1
 
 
 def test_recent_executions_and_series(dash, coord):

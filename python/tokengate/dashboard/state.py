@@ -305,7 +305,7 @@ class StateBuilder:
             "running": bool(running),
             "paused": bool(coord.paused),
             "admission_open": bool(coord.admission_open),
-            "uptime_s": None if started is None else max(0, int(time.time() - started)),
+            "uptime_s": None if started is None else max(0, int(self._clock() - started)),
             "workers": sum(int(c["active_workers"] or 0) for c in per_core),
             "physical_cores": self._physical,
             "logical_cpus": self._logical,
