@@ -955,7 +955,13 @@ impl GuardHouse {
                 .into())
             }
         };
-        log_transition(py, &g.name, before, st, &format!("{action}() by an operator"));
+        log_transition(
+            py,
+            &g.name,
+            before,
+            st,
+            &format!("{action}() by an operator"),
+        );
         Ok(st.name())
     }
 
