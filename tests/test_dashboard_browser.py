@@ -127,8 +127,13 @@ def page(browser: Browser) -> Iterator[Page]:
     def on_console(msg: Any) -> None:
         # A CSP violation or a renderer's error is a console error; an HTTP error status
         # (the 401 of a refused login) is one too, but that is the server's answer.
-        if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
-            problems.append(f"console error: {msg.text}")
+        # A WebSocket the server refused (a session that ended) is one as well.
+        text = msg.text
+        if msg.type != "error" or text.startswith("Failed to load resource"):
+            return
+        if "/socket.io/" in text and "HTTP Authentication failed" in text:
+            return
+        problems.append(f"console error: {text}")
 
     pg.on("console", on_console)
     yield pg
@@ -283,6 +288,19 @@ def test_a_viewer_sees_no_controls_and_a_forced_drain_is_refused_by_the_server(
     expect(page.locator("#login-form")).to_be_visible(timeout=TIMEOUT_MS)
     page.goto(server.url + "/")
     expect(page.locator("#login-form")).to_be_visible()
+
+
+def test_a_page_whose_session_ended_stops_reconnecting(page: Page, server: Any) -> None:
+    log_in(page, server, "vic")
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == "tokengate_session"]
+    assert server.dashboard.sessions.drop(cookie["value"]) is not None
+    # The connection drops (as at a restart of the server): the page tries again, is refused
+    # at the handshake, finds its session gone and stops, offering to log in again.
+    server.dashboard.socketio.server.eio.disconnect()
+    connection = page.locator("#connection")
+    expect(connection).to_have_attribute("data-state", "closed", timeout=TIMEOUT_MS)
+    expect(connection).to_contain_text("your session ended")
+    expect(connection.locator("a")).to_have_text("log in again")
 
 
 def test_an_operation_name_with_markup_is_shown_as_text(page: Page, server: Any) -> None:

@@ -149,6 +149,20 @@ def test_launch_checks_json_values_against_the_annotations(args, message) -> Non
     assert str(info.value) == message
 
 
+def test_launch_takes_what_python_callers_pass_for_floats_and_lists(coord) -> None:
+    import decimal
+    import fractions
+
+    @coord.register_launchable
+    def scale(factor: float, items: list[int]) -> float:
+        return float(factor) * len(items)
+
+    for factor in (2, 2.0, fractions.Fraction(2), decimal.Decimal("2")):
+        assert coord.launch("scale", [factor, (1, 2)]).get(timeout=5) == 4.0
+    with pytest.raises(InvalidOption, match="must be a number, got True"):
+        coord.launch("scale", [True, []])
+
+
 def test_launch_lets_through_what_the_annotations_do_not_pin_down(coord) -> None:
     @coord.register_launchable
     def loose(a, b: Any, c: list[int], d: dict[str, Any], e: float = 0) -> tuple:  # type: ignore[no-untyped-def]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import decimal
 import inspect
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -1056,11 +1058,13 @@ def _fits(annotation: Any, value: object) -> bool | None:
     """Whether ``value`` fits ``annotation`` (the plain types of JSON values, unions and
     Optional of them; containers by their outer type); None when it cannot tell."""
     if isinstance(annotation, type) and annotation in _TYPE_NAMES:
-        if annotation is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if annotation is float:  # what Python callers pass for a float too
+            return isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(
+                value, bool
+            )
         if annotation is int:
             return isinstance(value, int) and not isinstance(value, bool)
-        if annotation is tuple:
+        if annotation in (list, tuple):  # JSON has lists; Python callers pass either
             return isinstance(value, (list, tuple))
         return isinstance(value, annotation)
     if annotation is None:

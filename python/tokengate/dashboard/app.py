@@ -37,7 +37,7 @@ from werkzeug.wrappers import Response as WResponse
 
 from ..errors import ConfigurationError
 from ..observe.metrics import generate_latest, is_loopback
-from .audit import AuditLog
+from .audit import AuditLog, Once
 from .auth import (
     VERIFICATIONS,
     LoginThrottle,
@@ -326,6 +326,8 @@ class Dashboard:
         self.state = StateBuilder(coordinator, self.audit)
         self.controls = Controls(coordinator, on_quarantine_change=self.state.invalidate_quarantine)
         self._basic_cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Login posts without their CSRF token, audited once a minute per address.
+        self.csrf_refusals = Once(60.0)
         self._basic_lock = threading.Lock()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -466,15 +468,32 @@ class Dashboard:
     def basic_login(self) -> User | LoginAttempt | None:
         """The user of a valid ``Authorization: Basic`` header, the failed
         :class:`LoginAttempt` of a wrong or refused one, or None without such a header.
-        Verifications are cached for a minute under an HMAC of the header (so a scraper
-        does not pay argon2 each time); failures count towards the login throttle and are
+        Verifications are cached for a minute under an HMAC of the credentials (so a
+        scraper does not pay argon2 each time); failures count towards the login throttle and are
         audited."""
         header = request.headers.get("Authorization", "")
         if not header[:6].lower() == "basic ":
             return None
         client = request.remote_addr or "?"
         via = " (HTTP Basic)"
-        mac = hmac.new(self.config.secret_key, header.encode(), hashlib.sha256).hexdigest()
+        try:
+            if len(header) > 2048:
+                raise ValueError("too long")
+            credentials = base64.b64decode(header[6:].strip(), validate=True)
+            name, _, password = credentials.decode("utf-8").partition(":")
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            refusal = self.throttle.check(client)
+            if refusal is not None:
+                return self.refused(client, None, refusal, via)
+            self.audit.record(
+                "login", "failed", client=client, detail="malformed credentials" + via
+            )
+            if self.throttle.failure(client):
+                self.lockout_started(client, None, via)
+            return LoginAttempt(None, 401, 0.0, "login required")
+        # Keyed by the credentials, not the header's text: spaces or another spelling of the
+        # same base64 must not buy a fresh argon2 check.
+        mac = hmac.new(self.config.secret_key, credentials, hashlib.sha256).hexdigest()
         now = self.config.clock()
         with self._basic_lock:
             hit = self._basic_cache.get(mac)
@@ -485,19 +504,6 @@ class Dashboard:
         refusal = self.throttle.check(client)
         if refusal is not None:
             return self.refused(client, None, refusal, via)
-        try:
-            if len(header) > 2048:
-                raise ValueError("too long")
-            name, _, password = (
-                base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-            )
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            self.audit.record(
-                "login", "failed", client=client, detail="malformed credentials" + via
-            )
-            if self.throttle.failure(client):
-                self.lockout_started(client, None, via)
-            return LoginAttempt(None, 401, 0.0, "login required")
         attempt = self.password_login(client, name, password, via)
         if attempt.user is None:
             return attempt
@@ -608,16 +614,18 @@ def _routes(app: Flask, dash: Dashboard) -> None:
         if not check_login_csrf(
             cfg.secret_key, request.cookies.get(LOGIN_COOKIE), request.form.get("csrf_token")
         ):
-            # counted as a failure: so it is audited at most 5 times before a lockout
-            dash.audit.record(
-                "login",
-                "refused",
-                client=client(),
-                target=username or None,
-                detail="invalid or missing CSRF token",
-            )
-            if dash.throttle.failure(client()):
-                dash.lockout_started(client(), username or None)
+            # Not a failed login: any site the user visits can post this form from the
+            # user's address (without the token), and must not lock the user out. Audited
+            # at most once a minute per address, so it cannot flood the log either.
+            if dash.csrf_refusals.first(client(), dash.config.clock()):
+                dash.audit.record(
+                    "login",
+                    "refused",
+                    client=client(),
+                    target=username or None,
+                    detail="invalid or missing CSRF token (further ones from this address "
+                    "within a minute are not recorded)",
+                )
             return login_page(400, "invalid or missing CSRF token", username)
         password = request.form.get("password", "")
         attempt = dash.password_login(

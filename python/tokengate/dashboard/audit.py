@@ -25,13 +25,14 @@ import stat
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from ..errors import ConfigurationError
 
-__all__ = ["OUTCOMES", "AuditLog", "data_directory", "default_path"]
+__all__ = ["OUTCOMES", "AuditLog", "Once", "data_directory", "default_path"]
 
 log = logging.getLogger("tokengate.dashboard")
 
@@ -291,3 +292,28 @@ def read_tail(path: str | os.PathLike[str], n: int = 50) -> list[dict[str, Any]]
         log.warning("audit log %s: skipped %d corrupt line(s)", path, bad)
     records.reverse()
     return records
+
+
+class Once:
+    """Whether something of a key (a client address) is the first within ``every`` seconds:
+    for audit records that anyone can cause, so that they mark an event without flooding the
+    log. Remembers at most ``keys`` keys (the stalest are forgotten). Thread-safe."""
+
+    def __init__(self, every: float, keys: int = 1000) -> None:
+        self.every = every
+        self._keys = keys
+        self._lock = threading.Lock()
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def first(self, key: object, now: float) -> bool:
+        """True if ``key`` had no first within ``every`` seconds before ``now`` (it has now)."""
+        k = str(key)
+        with self._lock:
+            last = self._last.get(k)
+            if last is not None and 0 <= now - last < self.every:
+                return False
+            self._last[k] = now
+            self._last.move_to_end(k)
+            while len(self._last) > self._keys:
+                self._last.popitem(last=False)
+            return True

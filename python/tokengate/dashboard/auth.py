@@ -19,7 +19,7 @@ import time
 import tomllib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -434,6 +434,7 @@ class Refusal:
 @dataclass
 class _Client:
     failures: list[float]
+    checks: list[float] = field(default_factory=list)
     in_flight: int = 0
     until: float | None = None
     refusal_audited: bool = False
@@ -460,10 +461,12 @@ class LoginThrottle:
         max_failures: int = 5,
         window: float = 60.0,
         lockout: float = 60.0,
+        max_checks: int = 20,
         max_clients: int = 10_000,
     ) -> None:
         self._clock = clock
         self.max_failures = max_failures
+        self.max_checks = max_checks
         self.window = window
         self.lockout = lockout
         self._max = max_clients
@@ -480,7 +483,13 @@ class LoginThrottle:
             entry.failures = []
             entry.refusal_audited = False
         entry.failures = [t for t in entry.failures if now - t < self.window]
-        if not entry.failures and not entry.in_flight and entry.until is None:
+        entry.checks = [t for t in entry.checks if now - t < self.window]
+        if (
+            not entry.failures
+            and not entry.in_flight
+            and entry.until is None
+            and len(entry.checks) < self.max_checks
+        ):
             entry.refusal_audited = False
         self._clients[client] = entry  # the most recently used last
         while len(self._clients) > self._max:
@@ -492,6 +501,9 @@ class LoginThrottle:
             locked, wait = True, entry.until - now
         elif len(entry.failures) + entry.in_flight >= self.max_failures:
             locked, wait = False, 1.0
+        elif len(entry.checks) >= self.max_checks:
+            # Successful checks count too: an account must not buy unlimited argon2 work.
+            locked, wait = False, self.window - (now - entry.checks[0])
         else:
             return None
         first = not entry.refusal_audited
@@ -526,6 +538,7 @@ class LoginThrottle:
             refusal = self._refusal(entry, now)
             if refusal is None:
                 entry.in_flight += 1
+                entry.checks.append(now)
             return refusal
 
     def release(self, client: str, failed: bool) -> bool:

@@ -14,13 +14,13 @@ guarded by one lock, and no lock is held while a message is emitted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket as socketlib
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -30,6 +30,7 @@ from flask_socketio import ConnectionRefusedError, SocketIO
 from socketio import packet
 from werkzeug.http import parse_cookie
 
+from .audit import Once
 from .auth import SessionStore, same_token
 from .controls import Controls, actions_for, launchables_of
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SOCKETS",
-    "MAX_SOCKETS_PER_SESSION",
+    "MAX_SOCKETS_PER_USER",
     "SESSION_COOKIE",
     "LiveHub",
     "SocketGate",
@@ -57,12 +58,15 @@ _DISCONNECT_GRACE: Final = 0.25
 _ORIGIN_AUDIT_EVERY: Final = 10.0
 #: Seconds after a refused WebSocket connect before its TCP connection is cut.
 _REFUSED_CUT_AFTER: Final = 1.0
-#: Engine.IO connections one session may hold at once (a browser tab holds one).
-MAX_SOCKETS_PER_SESSION: Final = 16
+#: Engine.IO connections one user may hold at once, over all their sessions (a browser tab
+#: holds one).
+MAX_SOCKETS_PER_USER: Final = 16
 #: Engine.IO connections the dashboard holds at once, in all.
 MAX_SOCKETS: Final = 256
-#: The WSGI environ key under which :class:`SocketGate` leaves the session key of a socket.
-_SESSION_ENV: Final = "tokengate.session_key"
+#: The WSGI environ keys under which :class:`SocketGate` leaves a new connection's own id and
+#: its user (Flask-SocketIO keeps a copy of the environ: the id says they are one connection).
+_CONN_ENV: Final = "tokengate.connection"
+_USER_ENV: Final = "tokengate.user"
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -135,9 +139,10 @@ class LiveHub:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._origin_audited: OrderedDict[str, float] = OrderedDict()
-        self._pending: dict[int, str] = {}  # id(environ) -> session key, being handshaken
-        self.max_per_session = MAX_SOCKETS_PER_SESSION
+        self._origin_audited = Once(_ORIGIN_AUDIT_EVERY)
+        self._pending: dict[int, str] = {}  # connection id -> user, being handshaken
+        self._connections = itertools.count(1)
+        self.max_per_user = MAX_SOCKETS_PER_USER
         self.max_sockets = MAX_SOCKETS
         self._register()
 
@@ -166,7 +171,7 @@ class LiveHub:
         """Whether a request to Engine.IO may go on: None if so, else the HTTP status line
         and the reason. It needs a live session cookie and, when it sends an ``Origin``,
         an allowed one; a ``new`` connection (no ``sid``) must also stay within
-        :data:`MAX_SOCKETS_PER_SESSION` and :data:`MAX_SOCKETS`. Called by
+        :data:`MAX_SOCKETS_PER_USER` and :data:`MAX_SOCKETS`. Called by
         :class:`SocketGate`, which then calls :meth:`admitted` when Engine.IO is done."""
         origin = environ.get("HTTP_ORIGIN")
         if origin and not self.origin_allowed(origin, environ):
@@ -178,15 +183,20 @@ class LiveHub:
         if not new:
             return None
         with self._lock:
-            owners = {id(e): e.get(_SESSION_ENV) for e in list(self._sio.server.environ.values())}
+            owners = {
+                e.get(_CONN_ENV, id(e)): e.get(_USER_ENV)
+                for e in list(self._sio.server.environ.values())
+            }
             owners.update(self._pending)
             if len(owners) >= self.max_sockets:
                 refused = "503 Service Unavailable", "too many connections to the dashboard"
-            elif sum(1 for k in owners.values() if k == session.key) >= self.max_per_session:
-                refused = "429 Too Many Requests", "too many connections for this session"
+            elif sum(1 for u in owners.values() if u == session.user) >= self.max_per_user:
+                refused = "429 Too Many Requests", "too many connections for this user"
             else:
-                environ[_SESSION_ENV] = session.key
-                self._pending[id(environ)] = session.key
+                conn = next(self._connections)
+                environ[_CONN_ENV] = conn
+                environ[_USER_ENV] = session.user
+                self._pending[conn] = session.user
                 return None
         log.info("dashboard connection refused from %s: %s", environ.get("REMOTE_ADDR"), refused[1])
         return refused
@@ -195,19 +205,11 @@ class LiveHub:
         """Engine.IO is done with the request of a new connection :meth:`admit` let in (it
         is counted through Socket.IO's table of connections from now on)."""
         with self._lock:
-            self._pending.pop(id(environ), None)
+            self._pending.pop(environ.get(_CONN_ENV), None)
 
     def _audit_origin(self, origin: str, address: object) -> None:
-        key = str(address)
-        now = self._clock()
-        with self._lock:
-            last = self._origin_audited.get(key)
-            if last is not None and now - last < _ORIGIN_AUDIT_EVERY:
-                return
-            self._origin_audited[key] = now
-            self._origin_audited.move_to_end(key)
-            while len(self._origin_audited) > 1000:
-                self._origin_audited.popitem(last=False)
+        if not self._origin_audited.first(address, self._clock()):
+            return
         self._audit.record(
             "connect",
             "refused",

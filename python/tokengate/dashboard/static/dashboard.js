@@ -1190,12 +1190,32 @@
       else setConnection("disconnected", "disconnected — reconnecting…");
     });
     socket.on("connect_error", (err) => {
-      if (socket.active) setConnection("disconnected", "disconnected — reconnecting…");
-      else setConnection("closed", "connection refused: " + (err && err.message ? err.message : "unknown") + ".", true);
+      if (!socket.active) {
+        setConnection("closed", "connection refused: " + (err && err.message ? err.message : "unknown") + ".", true);
+        return;
+      }
+      setConnection("disconnected", "disconnected — reconnecting…");
+      // A transport error hides why: ask the server whether the session still stands, and
+      // stop retrying once it does not (the server answers the handshake 401 then).
+      sessionGone().then((gone) => {
+        if (!gone) return;
+        socket.disconnect();
+        setConnection("closed", "your session ended.", true);
+      });
     });
     socket.io.on("reconnect_attempt", (n) => setConnection("disconnected", "disconnected — reconnecting (attempt " + n + ")…"));
     socket.on("hello", onHello);
     socket.on("state", onState);
+  }
+
+  /** Whether the server no longer knows this page's session (its API answers 401). */
+  async function sessionGone() {
+    try {
+      const resp = await fetch("api/audit?limit=1", { credentials: "same-origin", cache: "no-store" });
+      return resp.status === 401;
+    } catch (err) {
+      return false; // the server is unreachable: keep reconnecting
+    }
   }
 
   function start() {
