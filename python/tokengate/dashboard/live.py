@@ -204,8 +204,10 @@ class LiveHub:
     def admitted(self, environ: Mapping[str, Any]) -> None:
         """Engine.IO is done with the request of a new connection :meth:`admit` let in (it
         is counted through Socket.IO's table of connections from now on)."""
-        with self._lock:
-            self._pending.pop(environ.get(_CONN_ENV), None)
+        conn = environ.get(_CONN_ENV)
+        if isinstance(conn, int):
+            with self._lock:
+                self._pending.pop(conn, None)
 
     def _audit_origin(self, origin: str, address: object) -> None:
         if not self._origin_audited.first(address, self._clock()):
