@@ -116,11 +116,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _dashboard_import_error(exc: ImportError) -> int:
-    print(
-        f"tokengate: error: the dashboard needs its extra ({exc}): "
-        "pip install 'tokengate[dashboard]'",
-        file=sys.stderr,
-    )
+    if "tokengate[dashboard]" in str(exc):  # the package says so itself
+        print(f"tokengate: error: {exc}", file=sys.stderr)
+    else:
+        print(
+            f"tokengate: error: the dashboard needs its extra ({exc}): "
+            "pip install 'tokengate[dashboard]'",
+            file=sys.stderr,
+        )
     return 1
 
 

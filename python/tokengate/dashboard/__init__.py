@@ -1,4 +1,4 @@
-"""The TokenGate operator dashboard (issue #10): a login-protected web page showing a
+"""The TokenGate operator dashboard — a login-protected web page showing a
 coordinator live over Socket.IO, with role-checked control actions and an audit log.
 
 Needs the ``dashboard`` extra (``pip install 'tokengate[dashboard]'``: Flask,
@@ -10,9 +10,17 @@ Flask-SocketIO, simple-websocket, argon2-cffi). See docs/dashboard.md::
 
 from __future__ import annotations
 
-from .app import DashboardConfig, DashboardServer, create_app, serve
-from .audit import AuditLog
-from .auth import ROLES, hash_password, verify_password
+try:
+    from .app import DashboardConfig, DashboardServer, create_app, serve
+    from .audit import AuditLog
+    from .auth import ROLES, hash_password, verify_password
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on what is installed
+    if exc.name not in ("flask", "flask_socketio", "socketio", "engineio", "argon2", "werkzeug"):
+        raise
+    raise ModuleNotFoundError(
+        f"the TokenGate dashboard needs its extra: pip install 'tokengate[dashboard]' ({exc})",
+        name=exc.name,
+    ) from exc
 
 __all__ = [
     "ROLES",
