@@ -742,7 +742,9 @@ fn worker_main(shared: Arc<Shared>, core: usize, wi: usize) {
 
 impl Shared {
     /// Starts one thread per slot, in order; on the first failure the slots not started are
-    /// returned (still claimed) with the error.
+    /// returned (still claimed) with the error. Each thread is running (and named) when this
+    /// returns: it says so before it does anything else, so `spawned_workers` never counts a
+    /// thread that does not exist yet.
     pub(crate) fn spawn_workers(
         self: &Arc<Self>,
         slots: Vec<(usize, usize)>,
@@ -750,12 +752,20 @@ impl Shared {
         let mut threads = lock(&self.threads);
         for (i, &(core, wi)) in slots.iter().enumerate() {
             let me = self.clone();
+            let (running, started) = std::sync::mpsc::sync_channel::<()>(1);
             let handle = std::thread::Builder::new()
                 .name(format!("tokengate-c{}-w{}", core + 1, wi))
                 .stack_size(self.stack_size)
-                .spawn(move || worker_main(me, core, wi));
+                .spawn(move || {
+                    let _ = running.send(());
+                    worker_main(me, core, wi)
+                });
             match handle {
-                Ok(h) => threads.push((h.thread().id(), h)),
+                Ok(h) => {
+                    // Needs no GIL on the other side: the thread sends before it attaches.
+                    let _ = started.recv();
+                    threads.push((h.thread().id(), h))
+                }
                 Err(e) => {
                     self.spawn_failures.fetch_add(1, Ordering::Relaxed);
                     return Err((
@@ -1580,7 +1590,8 @@ impl Runtime {
         }
         if self.shared.started.load(Ordering::Acquire) && !self.shared.gov.inline {
             let slots = sched.claim_for_active(core, n).map_err(CoreError::Config)?;
-            if let Err((e, unstarted)) = self.shared.spawn_workers(slots) {
+            let shared = &self.shared;
+            if let Err((e, unstarted)) = py.detach(|| shared.spawn_workers(slots)) {
                 for (c, wi) in unstarted {
                     sched.unclaim_spawn(c, wi);
                 }
