@@ -24,8 +24,9 @@ import pytest
 
 import tokengate
 from tokengate import InvalidOption, TaskToken, task_token_guard
+from tokengate.cli import quarantine as _cli
 from tokengate.errors import QuarantineError, TokenGateError
-from tokengate.guard import _cli, quarantine
+from tokengate.guard import quarantine
 from tokengate.guard.quarantine import (
     ActionResult,
     QuarantineRecord,
@@ -984,7 +985,7 @@ def test_cli_release_in_a_fresh_process_imports_from_path(tmp_path):
     elsewhere.mkdir()
     release = """
         import argparse, sys
-        from tokengate.guard import _cli
+        from tokengate.cli import quarantine as _cli
         parser = argparse.ArgumentParser(prog="tokengate")
         _cli.add_quarantine_parser(parser.add_subparsers(dest="command"))
         args = parser.parse_args(sys.argv[1:])

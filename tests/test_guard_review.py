@@ -531,7 +531,7 @@ def test_a_release_that_died_after_its_replay_is_never_replayed_again(tmp_path):
 
 
 def test_cli_times_that_look_like_dates_are_refused():
-    from tokengate.guard._cli import parse_time
+    from tokengate.cli.quarantine import parse_time
 
     for text in ("20261201", "2026"):
         with pytest.raises(ValueError, match="not a plausible UNIX time"):

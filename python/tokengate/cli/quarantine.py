@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuarantineError
-from .quarantine import QuarantineRecord, QuarantineStore
+from ..guard.quarantine import QuarantineRecord, QuarantineStore
 
 __all__ = ["add_quarantine_parser", "parse_time", "run_quarantine"]
 

@@ -75,7 +75,7 @@ def _cmd_topology(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .. import bench
 
     info = bench.machine_info()
     print(
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
-    from . import bench
+    from .. import bench
 
     bench_p = sub.add_parser(
         "bench",
@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     hshow.add_argument("--json", action="store_true", help="print the summary as JSON")
     hshow.set_defaults(handler=_cmd_history_show)
 
-    from .guard import _cli as quarantine_cli
+    from . import quarantine as quarantine_cli
 
     quarantine_cli.add_quarantine_parser(sub)
     dashboard = _add_dashboard_parsers(sub)
