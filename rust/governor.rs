@@ -1212,6 +1212,12 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
             if c.header.state.load().is_settled() {
                 return false; // killed while it waited for its parent
             }
+            if let Some((a, kw)) = c.call_args(py) {
+                let kw = kw.as_ref().map(|k| k.bind(py));
+                if let Err(e) = shared.check_submit(py, &c.op, a.bind(py), kw) {
+                    return fail_outside(&shared, child, e.into_value(py));
+                }
+            }
             if shared.has_attempt_hook() {
                 c.with_gov(|g| g.previous = Some(parent.clone().unbind()));
             }

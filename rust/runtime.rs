@@ -57,6 +57,9 @@ pub struct Shared {
     /// What runs each attempt in place of the bare call (tracing), if set.
     attempt_hook: Mutex<Option<Py<PyAny>>>,
     has_attempt_hook: AtomicBool,
+    /// What checks each call before it becomes a token (a backend's), if set.
+    submit_check: Mutex<Option<Py<PyAny>>>,
+    has_submit_check: AtomicBool,
 }
 
 impl Shared {
@@ -73,6 +76,32 @@ impl Shared {
             return None;
         }
         lock(&self.attempt_hook).as_ref().map(|h| h.clone_ref(py))
+    }
+
+    /// Runs the submit check, if one is set, on a call of `op` (one relaxed load when none
+    /// is): `check(operation, func, args, kwargs)`; what it raises refuses the call.
+    #[inline]
+    pub(crate) fn check_submit(
+        &self,
+        py: Python<'_>,
+        op: &OpSpec,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        if !self.has_submit_check.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some(check) = lock(&self.submit_check).as_ref().map(|h| h.clone_ref(py)) else {
+            return Ok(());
+        };
+        let kw = kwargs.map_or_else(|| py.None(), |k| k.clone().unbind().into_any());
+        check.bind(py).call1((
+            op.operation_type.clone_ref(py),
+            op.func.clone_ref(py),
+            args.clone(),
+            kw,
+        ))?;
+        Ok(())
     }
 }
 
@@ -810,6 +839,7 @@ pub(crate) fn submit_token<'py>(
     if shared.forked() {
         return Err(CoreError::Forked.into_pyerr(py));
     }
+    shared.check_submit(py, op, args.bind(py), kwargs.as_ref().map(|k| k.bind(py)))?;
     let now = crate::clock::now_ns();
     // The gate comes first: a blocked operation queues nothing.
     let gate = match shared.guard.as_ref() {
@@ -1305,6 +1335,8 @@ impl Runtime {
                 events: crate::events::EventRing::new(event_capacity),
                 attempt_hook: Mutex::new(None),
                 has_attempt_hook: AtomicBool::new(false),
+                submit_check: Mutex::new(None),
+                has_submit_check: AtomicBool::new(false),
             }),
         })
     }
@@ -1729,6 +1761,15 @@ impl Runtime {
         let on = hook.is_some();
         *lock(&self.shared.attempt_hook) = hook;
         self.shared.has_attempt_hook.store(on, Ordering::Release);
+    }
+
+    /// Sets (or with None clears) what checks each call before it becomes a token:
+    /// `check(operation, func, args, kwargs)` on the submitting thread (and for a chain step
+    /// when its parent settles); what it raises refuses the call (a chain step fails with it).
+    fn set_submit_check(&self, check: Option<Py<PyAny>>) {
+        let on = check.is_some();
+        *lock(&self.shared.submit_check) = check;
+        self.shared.has_submit_check.store(on, Ordering::Release);
     }
 
     /// The figures a metrics scrape exports, in one call (see docs/observability.md).

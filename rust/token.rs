@@ -323,6 +323,16 @@ impl TaskToken {
         })
     }
 
+    /// The call's arguments and keyword arguments (new references; the call stays in place).
+    pub(crate) fn call_args(&self, py: Python<'_>) -> Option<(Py<PyTuple>, Option<Py<PyDict>>)> {
+        lock(&self.slot).call.as_ref().map(|c| {
+            (
+                c.args.clone_ref(py),
+                c.kwargs.as_ref().map(|k| k.clone_ref(py)),
+            )
+        })
+    }
+
     /// Replaces the call's arguments (a chain step gets the result of the step before it).
     pub(crate) fn set_args(&self, args: Py<PyTuple>) {
         let mut slot = lock(&self.slot);

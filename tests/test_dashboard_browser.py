@@ -423,3 +423,59 @@ def test_screenshot_of_the_live_dashboard(
     if os.environ.get("TOKENGATE_UPDATE_SCREENSHOT") == "1":
         docs_image.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, docs_image)
+
+
+def _wait_for_event(name: str) -> str:
+    """A task that waits on the cluster for the ``distributed.Event`` ``name``."""
+    from distributed import Event
+
+    Event(name).wait(60)
+    return name
+
+
+def test_a_dask_backend_shows_its_cluster_and_kills_a_token_running_there(
+    page: Page, users: dict[str, tuple[str, str]], tmp_path: Path
+) -> None:
+    distributed = pytest.importorskip(
+        "distributed", reason="needs dask[distributed]: pip install 'tokengate[dask]'"
+    )
+    from tokengate.backends import DaskBackend
+
+    cluster = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        # Dask's HTTP servers (health, metrics) would listen on every interface otherwise.
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+    )
+    client = distributed.Client(cluster, set_as_default=False)
+    coord = OperationsCoordinator(backend=DaskBackend(client))
+    coord.start()
+    srv = serve(
+        coord, "127.0.0.1", 0, users=users, audit_log=tmp_path / "audit.jsonl", update_interval=0.1
+    )
+    name = f"browser-{os.getpid()}-{id(page)}"
+    try:
+        log_in(page, srv, "otto")
+        badge = page.locator("#system [data-field=backend]")
+        expect(badge).to_contain_text(f"dask {cluster.scheduler_address}", timeout=TIMEOUT_MS)
+        expect(badge).to_contain_text("1 workers · 2 threads · 0/4 in flight")
+        wait_all([double(i) for i in range(10)])
+        expect(pool(page, "completed")).to_have_text("10", timeout=TIMEOUT_MS)
+
+        waiting = task_token_guard(operation_type="browser_wait")(_wait_for_event)(name)
+        expect(badge).to_contain_text("1/4 in flight", timeout=TIMEOUT_MS)
+        expect(pool(page, "executing")).to_have_text("1")
+        page.fill("#token-id", str(waiting.token_id))
+        page.click("#kill-btn")
+        expect(page.locator("#message")).to_have_attribute("data-outcome", "ok", timeout=TIMEOUT_MS)
+        expect(badge).to_contain_text("0/4 in flight", timeout=TIMEOUT_MS)
+        expect(pool(page, "killed")).to_have_text("1", timeout=TIMEOUT_MS)
+        assert waiting.state == TokenState.KILLED
+    finally:
+        distributed.Event(name, client=client).set()
+        srv.close()
+        coord.stop(timeout=10)
+        client.close()
+        cluster.close()

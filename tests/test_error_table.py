@@ -463,6 +463,46 @@ def _history_format(ctx):
     load(f.name)
 
 
+_DASK_CHILD = """
+import json, os, signal, threading
+import dask
+from distributed import LocalCluster
+from tokengate import OperationsCoordinator, task_token_guard
+from tokengate.backends import DaskBackend
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def add(a, b):
+    return a + b
+
+def capture(out, name, fn):
+    try:
+        fn()
+    except BaseException as exc:
+        out[name] = {"cls": type(exc).__name__, "message": str(exc)}
+
+if __name__ == "__main__":  # the cluster's worker processes import this file too
+    out = {}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None, silence_logs=50)
+    with OperationsCoordinator(backend=DaskBackend(cluster)):
+        add_t = task_token_guard(operation_type="add")(add)
+        capture(out, "unpicklable-argument", lambda: add_t(1, threading.Lock()))
+        die_t = task_token_guard(operation_type="die")(die)
+        capture(out, "worker-lost", lambda: die_t().get(timeout=60))
+    cluster.close()
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _unreachable_scheduler(ctx):
+    from tokengate.backends import DaskBackend
+
+    OperationsCoordinator(backend=DaskBackend("tcp://127.0.0.1:9", connect_timeout=1)).start()
+
+
 def _in_child(script: str, row_id: str):
     def trigger(ctx):
         return ctx.child(script)[row_id]
@@ -941,6 +981,27 @@ ROWS = [
         ValueError,
         "is not a history dump: its format is 'other', expected 'tokengate-history'",
         _history_format,
+    ),
+    Row(
+        "backend-connect",
+        tokengate.BackendError,
+        Exception,
+        "could not connect to the Dask scheduler at tcp://127.0.0.1:9",
+        _unreachable_scheduler,
+    ),
+    Row(
+        "unpicklable-argument",
+        tokengate.UnpicklableArgument,
+        TypeError,
+        "argument 'b' (position 1) of 'add' cannot be pickled to send it to the Dask cluster",
+        _in_child(_DASK_CHILD, "unpicklable-argument"),
+    ),
+    Row(
+        "worker-lost",
+        tokengate.WorkerLost,
+        Exception,
+        "attempt 1: the Dask worker running it died",
+        _in_child(_DASK_CHILD, "worker-lost"),
     ),
 ]
 

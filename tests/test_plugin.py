@@ -66,7 +66,9 @@ def fake_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = tmp_path / "fake-site"
     info = site / "tokengate_plugin_probe-0.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tokengate-plugin-probe\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: tokengate-plugin-probe\nVersion: 0.0\n"
+    )
     (info / "entry_points.txt").write_text("[pytest11]\ntokengate = tokengate.testing.plugin\n")
     monkeypatch.syspath_prepend(str(site))
     return site

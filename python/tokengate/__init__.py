@@ -21,6 +21,7 @@ from .coordinator import OperationsCoordinator
 from .decorator import task_token_guard
 from .errors import (
     AdmissionClosed,
+    BackendError,
     ConfigurationError,
     CoordinatorForked,
     CoordinatorNotRunning,
@@ -39,6 +40,8 @@ from .errors import (
     TokenKilled,
     TokenQuarantined,
     TokenTimeout,
+    UnpicklableArgument,
+    WorkerLost,
 )
 from .executor import Executor
 from .guard.breaker import CircuitBreaker, Quarantine
@@ -60,6 +63,7 @@ __all__ = [
     "FIRST_EXCEPTION",
     "STORAGE_SPEEDS",
     "AdmissionClosed",
+    "BackendError",
     "CircuitBreaker",
     "ConfigurationError",
     "CoordinatorForked",
@@ -87,6 +91,8 @@ __all__ = [
     "TokenQuarantined",
     "TokenState",
     "TokenTimeout",
+    "UnpicklableArgument",
+    "WorkerLost",
     "__version__",
     "as_completed",
     "checkpoint",

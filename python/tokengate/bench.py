@@ -92,6 +92,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tokengate/traced": {"observe": ("tracing",)},
     # The dashboard (docs/dashboard.md) served, with one logged-in client taking every update.
     "tokengate/dashboard": {"observe": ("dashboard",)},
+    # The Dask backend (docs/scale-out.md) on the same in-process cluster as the "dask" row:
+    # what TokenGate's governance adds to a Dask round trip.
+    "tokengate/dask": {"remote": "dask"},
 }
 
 #: The event kinds the "outcomes" subscriber of the bench takes (one event per token).
@@ -395,9 +398,15 @@ class TokenGateSystem(System):
         via: str = "decorator",
         op_options: dict[str, Any] | None = None,
         observe: tuple[str, ...] = (),
+        remote: str | None = None,
         **coord_kwargs: Any,
     ) -> None:
         super().__init__(cores, workers_per_core)
+        if remote not in (None, "dask"):
+            raise ValueError(f"remote must be None or 'dask', not {remote!r}")
+        self.remote = remote
+        self._cluster: Any = None
+        self._client: Any = None
         if via not in ("decorator", "submit"):
             raise ValueError(f"via must be 'decorator' or 'submit', not {via!r}")
         unknown = set(observe) - {
@@ -415,7 +424,8 @@ class TokenGateSystem(System):
         self.coord_kwargs = coord_kwargs
         self.op_options = tuple(sorted((op_options or {}).items()))
         self.observe = observe
-        self.slow = "tracing" in observe  # a span per token: tens of microseconds
+        # a span per token: tens of microseconds; a Dask round trip: milliseconds
+        self.slow = "tracing" in observe or remote is not None
         self.coord: Any = None
         self._scraping: threading.Event | None = None
         self._scraper: threading.Thread | None = None
@@ -429,6 +439,24 @@ class TokenGateSystem(System):
             from opentelemetry.sdk.trace import TracerProvider
 
             kwargs["tracing"] = TracerProvider()
+        if self.remote == "dask":
+            import logging
+
+            from distributed import Client, LocalCluster
+
+            from tokengate.backends import DaskBackend
+
+            logging.getLogger("distributed").setLevel(logging.ERROR)
+            # As the "dask" system: in-process, one worker with as many threads.
+            self._cluster = LocalCluster(
+                processes=False,
+                n_workers=1,
+                threads_per_worker=self.workers,
+                dashboard_address="127.0.0.1:0",  # Dask's HTTP servers: loopback only
+                worker_dashboard_address="127.0.0.1:0",
+            )
+            self._client = Client(self._cluster, set_as_default=False)
+            kwargs["backend"] = DaskBackend(self._client)
         self.coord = OperationsCoordinator(
             cores=self.cores, workers_per_core=self.workers_per_core, **kwargs
         )
@@ -465,6 +493,10 @@ class TokenGateSystem(System):
         if self.coord is not None:
             self.coord.stop()
             self.coord = None
+        if self._client is not None:
+            self._client.close()
+            self._cluster.close()
+            self._client = self._cluster = None
 
     def submit(self, fn: Callable[..., Any], *args: Any, weight: str = "medium") -> Handle:
         if self.via == "submit" and weight == "medium":
@@ -686,7 +718,8 @@ class DaskSystem(System):
             processes=False,
             n_workers=1,
             threads_per_worker=self.workers,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # Dask's HTTP servers: loopback only
+            worker_dashboard_address="127.0.0.1:0",
         )
         self.client = Client(self.cluster)
 
@@ -1370,6 +1403,9 @@ def run_quick(
                     _have("flask_socketio") and _have("websocket")
                 ):
                     say(f"{variant}: skipped (pip install 'tokengate[dashboard]' websocket-client)")
+                    continue
+                if kw.get("remote") == "dask" and not dask_available():
+                    say(f"{variant}: skipped (pip install 'tokengate[dask]')")
                     continue
                 say(f"{variant}: no-op throughput, round trip")
                 with open_system(name, default_layout(), **kw) as s:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from . import _core
 from ._core import TaskToken
 from ._types import STORAGE_SPEEDS
+from .backends.base import Backend, LocalBackend
 from .errors import ConfigurationError, CoordinatorForked, CoordinatorNotRunning, InvalidOption
 from .guard.breaker import CircuitBreaker, Quarantine, guard_settings
 from .guard.guard_house import GuardHouse
@@ -310,6 +311,15 @@ class OperationsCoordinator:
         tracing: one OpenTelemetry span per attempt (docs/observability.md): True uses the
             global tracer provider, or pass a ``TracerProvider``. Needs
             ``pip install 'tokengate[otel]'``.
+        backend: what executes the attempts (docs/scale-out.md): None or
+            :class:`~tokengate.backends.LocalBackend` for this machine's worker threads, or
+            e.g. ``DaskBackend("tcp://scheduler:8786")`` for a Dask cluster. Everything
+            else (admission, the gate, priorities, timeouts, retries, the Guard House,
+            history, events, metrics) is the same on every backend. A remote backend sets
+            the local worker threads itself (one core of dispatch slots, unpinned, without
+            convergence or on-demand growth): ``cores``, ``workers_per_core``,
+            ``pin_workers``, ``grow_on_demand`` and ``convergence_interval`` then do not
+            apply, and ``mode="inline"`` is refused.
     """
 
     def __init__(
@@ -339,6 +349,7 @@ class OperationsCoordinator:
         name: str | None = None,
         event_capacity: int = 65_536,
         tracing: bool | Any = False,
+        backend: Backend | None = None,
     ) -> None:
         self._workers_per_core = _check_int("workers_per_core", workers_per_core, 1, 1024)
         self._mailbox_capacity = _check_int(
@@ -361,6 +372,19 @@ class OperationsCoordinator:
         if mode not in ("threads", "inline"):
             raise ConfigurationError(f"mode must be 'threads' or 'inline', got {mode!r}")
         self._mode = mode
+        if backend is None:
+            backend = LocalBackend()
+        elif not isinstance(backend, Backend):
+            raise ConfigurationError(
+                "backend must be None, a LocalBackend() or a remote backend such as "
+                f"DaskBackend(address), got {type(backend).__name__}"
+            )
+        if mode == "inline" and not backend.local:
+            raise ConfigurationError(
+                f"mode='inline' (or TOKENGATE_INLINE) runs every call in its caller: it "
+                f"cannot take the {backend.name} backend, which runs them remotely"
+            )
+        self._backend: Backend = backend
         self._storage_limits = _check_storage_limits(storage_limits)
         self._memory_budget = (
             None
@@ -454,36 +478,15 @@ class OperationsCoordinator:
                 raise ConfigurationError("this coordinator is already running")
             # Token ids keep increasing across stop() + start() of this coordinator.
             first_id = 1 if self._last_rt is None else self._last_rt.next_token_id
-            rt = _core.Runtime(
-                cores=self._cores,
-                workers_per_core=self._workers_per_core,
-                max_workers_per_core=self._max_workers,
-                mailbox_capacity=self._mailbox_capacity,
-                pool_capacity=self._pool_capacity,
-                overflow=self._overflow,
-                submit_timeout=self._submit_timeout,
-                pin_workers=self._pin,
-                first_token_id=first_id,
-                worker_stack_size=(
-                    _default_stack_size() if self._stack_size is None else self._stack_size
-                ),
-                decorated_calls=self._decorated_calls,
-                mode=self._mode,
-                storage_limits=self._storage_limits,
-                memory_budget=self._memory_budget,
-                grow_on_demand=self._grow_on_demand,
-                guard_house=self._guard_on,
-                history_size=self._history_size,
-                guard_hook=_quarantine_hook(self.guard_house),
-                event_capacity=self._event_capacity,
-            )
-            if self._attempt_hook is not None:
-                rt.set_attempt_hook(self._attempt_hook)
-            if self._guard_on:
-                if self._guard_defaults is not None:
-                    rt.guard_defaults(self._guard_defaults)
-                self.guard_house._restore(rt)
-            rt.start()
+            backend = self._backend
+            backend.open(self)
+            try:
+                rt = self._make_runtime(backend, first_id)
+                backend.attach(rt)
+                rt.start()
+            except BaseException:
+                backend.close()
+                raise
             self._started_at = time.time()
             self._rt = rt
             self._last_rt = rt
@@ -491,25 +494,68 @@ class OperationsCoordinator:
             self._control = _ControlLoop(f"tokengate-control-{id(self):x}")
             self._control.start()
             self._control.submit(self._sample_rate())
-            if self._convergence_interval is not None:
+            if self._convergence_interval is not None and backend.local:
                 from .policy.convergence import Convergence, ConvergenceOptions
 
                 self._convergence = Convergence(
                     rt, self._convergence_interval, ConvergenceOptions()
                 )
                 self._control.submit(self._convergence.run())
+            watch = backend.control()
+            if watch is not None:
+                self._control.submit(watch)
             _running.add(self)
-        if self._pin and not rt.pinned:
+        if self._pin and backend.local and not rt.pinned:
             log.warning(
                 "worker threads could not be pinned to CPUs on this platform; they run unpinned"
             )
         log.debug(
-            "coordinator started: %d cores x %d workers, cpus %s",
+            "coordinator started: %d cores x %d workers, cpus %s, backend %s",
             rt.cores,
-            self._workers_per_core,
+            rt.active_workers(1),
             rt.cpu_map,
+            backend.name,
         )
         return self
+
+    def _make_runtime(self, backend: Backend, first_id: int) -> _core.Runtime:
+        """The runtime of one run, with its worker layout and hooks (not started)."""
+        layout = backend.layout()
+        remote = not backend.local
+        rt = _core.Runtime(
+            cores=self._cores if layout is None else layout.cores,
+            workers_per_core=self._workers_per_core if layout is None else layout.workers,
+            max_workers_per_core=(self._max_workers if layout is None else layout.max_workers),
+            mailbox_capacity=self._mailbox_capacity,
+            pool_capacity=self._pool_capacity,
+            overflow=self._overflow,
+            submit_timeout=self._submit_timeout,
+            pin_workers=self._pin and not remote,
+            first_token_id=first_id,
+            worker_stack_size=(
+                _default_stack_size() if self._stack_size is None else self._stack_size
+            ),
+            decorated_calls=self._decorated_calls,
+            mode=self._mode,
+            storage_limits=self._storage_limits,
+            memory_budget=self._memory_budget,
+            grow_on_demand=self._grow_on_demand and not remote,
+            guard_house=self._guard_on,
+            history_size=self._history_size,
+            guard_hook=_quarantine_hook(self.guard_house),
+            event_capacity=self._event_capacity,
+        )
+        hook = _compose_hooks(self._attempt_hook, backend.attempt_hook())
+        if hook is not None:
+            rt.set_attempt_hook(hook)
+        check = backend.submit_check()
+        if check is not None:
+            rt.set_submit_check(check)
+        if self._guard_on:
+            if self._guard_defaults is not None:
+                rt.guard_defaults(self._guard_defaults)
+            self.guard_house._restore(rt)
+        return rt
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop the coordinator.
@@ -602,8 +648,12 @@ class OperationsCoordinator:
 
     def _finish_stop(self, stop: _Stop, result: bool) -> None:
         try:
-            if stop.control is not None:
-                stop.control.stop()
+            try:
+                if stop.control is not None:
+                    stop.control.stop()
+            finally:
+                # Tokens a remote backend still executes end now (killed), never left waiting.
+                self._backend.close(stop.left())
         finally:
             try:
                 # Bounded: a subscriber that never returns must not keep stop() waiting.
@@ -743,6 +793,7 @@ class OperationsCoordinator:
         s["admission_open"] = self._rt is not None and not rt.closed
         s["throughput_per_s"] = self._rate if self._rt is not None else 0.0
         s["events"] = self.events.stats()
+        s["backend"] = self._backend.describe()
         conv = self._convergence
         if conv is not None and conv.rt is rt:
             s["convergence"] = conv.summary()
@@ -800,8 +851,14 @@ class OperationsCoordinator:
         waiters get :class:`TokenKilled`. False (nothing changes) if no queued token has
         that id here: it started (kill a running token through its ``TaskToken.kill()``),
         finished, or is unknown."""
-        token = self._runtime().find_queued(_check_id(token_id))
-        return token is not None and token.cancel_queued()
+        rt = self._runtime()
+        token_id = _check_id(token_id)
+        token = rt.find_queued(token_id)
+        if token is not None:
+            return token.cancel_queued()
+        # A remote backend knows the tokens it executes: killing one cancels its task there.
+        running = self._backend.running(token_id)
+        return running is not None and running.kill()
 
     # -- launchable operations -----------------------------------------------------------
 
@@ -937,7 +994,9 @@ class OperationsCoordinator:
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """Set how many tokens of storage tier ``tier`` (SLOW, MODERATE, FAST, INSANE) may run
         at once; raising it admits waiting tokens at once."""
-        self._runtime().set_storage_limit(tier, _check_int("limit", limit, 1, 1_000_000))
+        limit = _check_int("limit", limit, 1, 1_000_000)
+        self._runtime().set_storage_limit(tier, limit)
+        self._backend.set_storage_limit(tier, limit)
 
     def set_active_workers(self, core: int, n: int) -> None:
         """Set how many workers of 1-based ``core`` receive new work (1 to
@@ -953,6 +1012,11 @@ class OperationsCoordinator:
     def running(self) -> bool:
         """Whether this coordinator's workers are running (in this process)."""
         return self._rt is not None and not self._forked
+
+    @property
+    def backend(self) -> Backend:
+        """What executes this coordinator's attempts (docs/scale-out.md)."""
+        return self._backend
 
     @property
     def started_at(self) -> float | None:
@@ -1017,6 +1081,29 @@ class OperationsCoordinator:
     def __repr__(self) -> str:
         state = "running" if self._rt is not None else "stopped"
         return f"<OperationsCoordinator {state} workers_per_core={self._workers_per_core}>"
+
+
+def _compose_hooks(
+    tracing: Callable[..., Any] | None, run: Callable[..., Any] | None
+) -> Callable[..., Any] | None:
+    """The attempt hook of a run: a backend's (which executes the attempt) inside the
+    tracing hook (whose span then covers the remote execution), either, or none."""
+    if run is None or tracing is None:
+        return run if tracing is None else tracing
+
+    def hook(
+        token: TaskToken,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        previous: TaskToken | None,
+    ) -> Any:
+        def remote(*a: Any, **k: Any) -> Any:
+            return run(token, func, a, k or None, previous)
+
+        return tracing(token, remote, args, kwargs, previous)
+
+    return hook
 
 
 def _quarantine_hook(gh: GuardHouse) -> Callable[..., str]:

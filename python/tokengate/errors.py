@@ -7,8 +7,11 @@ The native core raises these same classes.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AdmissionClosed",
+    "BackendError",
     "ConfigurationError",
     "CoordinatorForked",
     "CoordinatorNotRunning",
@@ -27,6 +30,8 @@ __all__ = [
     "TokenKilled",
     "TokenQuarantined",
     "TokenTimeout",
+    "UnpicklableArgument",
+    "WorkerLost",
 ]
 
 
@@ -110,6 +115,10 @@ class Retry(TokenGateError):
         self.reason = reason
         super().__init__(reason or f"retry requested (delay={delay!r})")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its own arguments (a task on a Dask worker raises it across processes).
+        return (type(self), (self.delay, self.reason))
+
 
 class TokenDeadlock(TokenGateError, RuntimeError):
     """A task waited on a token that can never finish while it waits: its own token, a token
@@ -137,3 +146,18 @@ class ConfigurationError(TokenGateError, ValueError):
 
 class InternalError(TokenGateError):
     """A fault inside the TokenGate core itself; the token that hit it failed with this."""
+
+
+class BackendError(TokenGateError):
+    """The backend executing the tokens (e.g. a Dask cluster) could not run an attempt: it
+    could not be reached, refused the task, or dropped it."""
+
+
+class WorkerLost(BackendError):
+    """The remote worker running the attempt died (its cause is the backend's own error, e.g.
+    Dask's ``KilledWorker``). A retry policy retries it like any other error."""
+
+
+class UnpicklableArgument(TokenGateError, TypeError):
+    """A call's function or argument cannot be pickled to send it to a remote backend; the
+    message names the argument. Raised by the call itself, before a token exists."""

@@ -314,6 +314,7 @@ class StateBuilder:
             "mode": _text(s.get("mode")),
             "throughput_per_s": None if throughput is None else round(float(throughput), 1),
             "per_core": per_core,
+            "backend": _backend(s.get("backend")),
         }
 
     @staticmethod
@@ -468,6 +469,20 @@ def _limit(limit: object) -> dict[str, Any] | None:
         "rate_limit": _num(limit.get("rate")),
         "rate_burst": _num(limit.get("burst")),
         "limit_by": _text(limit.get("limit_by")),
+    }
+
+
+def _backend(b: object) -> dict[str, Any]:
+    """What executes the attempts (``stats()["backend"]``): its name and, for a remote one,
+    where it runs and how much of it is in use."""
+    d = b if isinstance(b, dict) else {}
+    return {
+        "name": _text(d.get("name")) or "local",
+        "scheduler": _text(d.get("scheduler")),
+        "workers": _num(d.get("workers")),
+        "threads": _num(d.get("threads")),
+        "running": _num(d.get("running")),
+        "in_flight": _num(d.get("in_flight")),
     }
 
 

@@ -533,6 +533,7 @@
     if (!sys.admission_open) admission = inFlight ? "admission closed: draining" : "admission closed: drained";
     badge(field(root, "admission"), admission, sys.admission_open ? "good" : "warn");
     badge(field(root, "pinned"), sys.pinned ? "pinned" : "not pinned", "neutral");
+    badge(field(root, "backend"), backendText(sys.backend), "neutral");
     setField(root, "mode", sys.mode || "—");
     setField(root, "uptime", fmtUptime(sys.uptime_s), sys.uptime_s);
     setField(root, "throughput", fmtFloat(sys.throughput_per_s, 1), sys.throughput_per_s);
@@ -541,6 +542,16 @@
     setField(root, "physical-cores", fmtInt(sys.physical_cores), sys.physical_cores);
     setField(root, "logical-cpus", fmtInt(sys.logical_cpus), sys.logical_cpus);
     syncRows($("#per-core tbody"), sys.per_core || [], (c) => c.core, createCoreRow, updateCoreRow);
+  }
+
+  // "local", or e.g. "dask tcp://10.0.0.5:8786 · 2 workers · 4 threads · 3/8 in flight".
+  function backendText(b) {
+    if (!b || !b.name || b.name === "local") return "backend: local";
+    const parts = [b.name + (b.scheduler ? " " + b.scheduler : "")];
+    if (isNum(b.workers)) parts.push(fmtInt(b.workers) + " workers");
+    if (isNum(b.threads)) parts.push(fmtInt(b.threads) + " threads");
+    if (isNum(b.in_flight)) parts.push(fmtInt(b.running || 0) + "/" + fmtInt(b.in_flight) + " in flight");
+    return parts.join(" · ");
   }
 
   function createCoreRow(core) {
