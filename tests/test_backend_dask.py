@@ -55,7 +55,7 @@ def cluster():
             threads_per_worker=THREADS,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # no fixed port, loopback only
             resources={"heavy": 1},
             silence_logs=logging.ERROR,
         )
@@ -523,3 +523,63 @@ def test_the_local_backend_is_the_default():
     assert isinstance(coord.backend, LocalBackend)
     with coord:
         assert coord.stats()["backend"] == {"name": "local"}
+
+
+# ------------------------------------------------------- governance on the cluster
+
+
+def test_a_blocked_operation_queues_nothing_and_events_and_metrics_count(dask_coord):
+    from tokengate import MethodBlocked
+    from tokengate.observe.metrics import generate_latest
+
+    coord = dask_coord()
+    seen: list[str] = []
+    coord.events.subscribe(lambda e: seen.append(e.kind), kinds=["completed", "failed"])
+    add = task_token_guard(operation_type="metered")(tasks.add)
+    fail = task_token_guard(operation_type="metered_fail")(tasks.fail)
+    assert [add(i, 1).get(timeout=SAFETY) for i in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError):
+        fail(0).get(timeout=SAFETY)
+    assert coord.events.flush(SAFETY)
+    assert sorted(seen) == ["completed"] * 3 + ["failed"]
+    text = generate_latest(coord).decode()
+    assert 'operation="metered"' in text and 'operation="metered_fail"' in text
+    coord.guard_house.block("metered")
+    with pytest.raises(MethodBlocked):
+        add(1, 1)
+    coord.guard_house.unblock("metered")
+    assert add(1, 1).get(timeout=SAFETY) == 2
+
+
+def test_tracing_spans_cover_the_remote_execution(make_coord, cluster):
+    pytest.importorskip("opentelemetry.sdk", reason="pip install opentelemetry-sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    make_coord(backend=DaskBackend(cluster.scheduler_address), tracing=provider)
+    busy = task_token_guard(operation_type="traced_busy")(tasks.busy)
+    _, _, start, end = busy("t", 0.2).get(timeout=SAFETY)
+    fail = task_token_guard(operation_type="traced_fail")(tasks.fail)
+    with pytest.raises(ValueError):
+        fail(1).get(timeout=SAFETY)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"traced_busy", "traced_fail"}
+    assert (spans["traced_busy"].end_time - spans["traced_busy"].start_time) / 1e9 >= end - start
+    assert spans["traced_fail"].status.status_code.name == "ERROR"
+
+
+def test_a_coordinator_restarts_on_the_same_backend(cluster, client):
+    backend = DaskBackend(cluster.scheduler_address)
+    coord = OperationsCoordinator(backend=backend)
+    add = task_token_guard(operation_type="add")(tasks.add)
+    for round_ in range(2):
+        with coord:
+            assert add(round_, 1).get(timeout=SAFETY) == round_ + 1
+        assert backend.client is None
+    with pytest.raises(ConfigurationError, match="already serves a running coordinator"):
+        with coord:
+            OperationsCoordinator(backend=backend).start()

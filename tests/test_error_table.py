@@ -486,7 +486,8 @@ if __name__ == "__main__":  # the cluster's worker processes import this file to
     out = {}
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None, silence_logs=50)
+                               host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                               silence_logs=50)
     with OperationsCoordinator(backend=DaskBackend(cluster)):
         add_t = task_token_guard(operation_type="add")(add)
         capture(out, "unpicklable-argument", lambda: add_t(1, threading.Lock()))

@@ -996,7 +996,7 @@ class OperationsCoordinator:
         at once; raising it admits waiting tokens at once."""
         limit = _check_int("limit", limit, 1, 1_000_000)
         self._runtime().set_storage_limit(tier, limit)
-        self._backend.set_storage_limit(tier, limit)
+        self._backend.set_storage_limit(tier.upper(), limit)  # the core took any case
 
     def set_active_workers(self, core: int, n: int) -> None:
         """Set how many workers of 1-based ``core`` receive new work (1 to

@@ -118,6 +118,22 @@ def _positional_name(func: Callable[..., Any], index: int) -> str:
     return f"positional argument {index}"
 
 
+def _probe_argument(
+    value: object, operation: str, func: Callable[..., Any], where: int | str
+) -> None:
+    """Raise :class:`UnpicklableArgument` naming the argument (position ``where`` of
+    ``func``, or keyword ``where``) if ``value`` cannot be pickled."""
+    try:
+        _probe(value)
+    except Exception as exc:
+        label = _positional_name(func, where) if isinstance(where, int) else f"argument {where!r}"
+        raise UnpicklableArgument(
+            f"{label} of {operation!r} cannot be pickled to send it to the Dask cluster "
+            f"({_reason(exc)}); pass what a worker can rebuild it from instead (a path, a key, "
+            "settings)"
+        ) from exc
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -462,28 +478,12 @@ class DaskBackend(Backend):
     ) -> None:
         """Refuse a call whose function or arguments cannot be pickled for the cluster."""
         for index, value in enumerate(args):
-            if type(value) in _SIMPLE:
-                continue
-            try:
-                _probe(value)
-            except Exception as exc:
-                raise UnpicklableArgument(
-                    f"{_positional_name(func, index)} of {operation!r} cannot be pickled to "
-                    f"send it to the Dask cluster ({_reason(exc)}); pass what a worker can "
-                    "rebuild it from instead (a path, a key, settings)"
-                ) from exc
+            if type(value) not in _SIMPLE:
+                _probe_argument(value, operation, func, index)
         if kwargs:
             for name, value in kwargs.items():
-                if type(value) in _SIMPLE:
-                    continue
-                try:
-                    _probe(value)
-                except Exception as exc:
-                    raise UnpicklableArgument(
-                        f"argument {name!r} of {operation!r} cannot be pickled to send it to "
-                        f"the Dask cluster ({_reason(exc)}); pass what a worker can rebuild "
-                        "it from instead (a path, a key, settings)"
-                    ) from exc
+                if type(value) not in _SIMPLE:
+                    _probe_argument(value, operation, func, name)
         try:
             if self._funcs_ok.get(func):
                 return
@@ -518,28 +518,30 @@ class DaskBackend(Backend):
         token_id = token.token_id
         operation = token.operation_type
         lane = _PRIORITY.get(token.priority, 0)
+        self._inflight[token_id] = token  # before the submit: kill(id) finds it at once
         try:
-            future = client.submit(
-                _remote.run,
-                _remote.RemoteCall(func, args, kwargs, self._lease(token.storage_speed)),
-                key=f"{operation}-{self._prefix}-{token_id}-{attempt}",
-                pure=False,
-                priority=lane + 1 if attempt > 1 else lane,
-                resources=self._resources_for(token.weight.value),
-            )
-        except Exception as exc:
-            if _is_pickling_error(exc):
-                # A chain step's arguments (its parent's result) are first pickled here.
-                self._check(operation, func, args, kwargs)
-                raise UnpicklableArgument(
-                    f"the call of {operation!r} cannot be pickled to send it to the Dask "
-                    f"cluster ({_reason(exc)})"
+            if token.state.is_settled:  # killed or timed out as its attempt began
+                return None
+            try:
+                future = client.submit(
+                    _remote.run,
+                    _remote.RemoteCall(func, args, kwargs, self._lease(token.storage_speed)),
+                    key=f"{operation}-{self._prefix}-{token_id}-{attempt}",
+                    pure=False,
+                    priority=lane + 1 if attempt > 1 else lane,
+                    resources=self._resources_for(token.weight.value),
+                )
+            except Exception as exc:
+                if _is_pickling_error(exc):
+                    # A chain step's arguments (its parent's result) are first pickled here.
+                    self._check(operation, func, args, kwargs)
+                    raise UnpicklableArgument(
+                        f"the call of {operation!r} cannot be pickled to send it to the Dask "
+                        f"cluster ({_reason(exc)})"
+                    ) from exc
+                raise BackendError(
+                    f"token {token_id} ({operation}): Dask refused the task: {_reason(exc)}"
                 ) from exc
-            raise BackendError(
-                f"token {token_id} ({operation}): Dask refused the task: {_reason(exc)}"
-            ) from exc
-        self._inflight[token_id] = token
-        try:
             while True:
                 try:
                     # One wait on the client's loop, which also fetches the result: a
