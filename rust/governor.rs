@@ -1144,6 +1144,13 @@ pub fn chain<'py>(
         .call_method1("_chain_target", (func, options))?;
     let gf = gf.cast_into::<crate::guarded::GuardedFunction>()?;
     let op = gf.get().op.clone();
+    if shared.has_submit_check() {
+        // What can be checked now (the function, the extra arguments) is checked now; the
+        // parent's result, which comes first, is checked when the step is submitted.
+        let mut items = vec![py.None().into_bound(py)];
+        items.extend(args.iter());
+        shared.check_submit(py, &op, &PyTuple::new(py, items)?, None)?;
+    }
     let call = crate::token::Call::new(py, &op, args.unbind(), None)?;
     let id = shared.sched.next_id();
     let child = Bound::new(py, TaskToken::new(id, op, shared.clone(), call))?;
@@ -1212,10 +1219,12 @@ fn chain_step(parent: &Bound<'_, TaskToken>, child: &Bound<'_, TaskToken>) -> bo
             if c.header.state.load().is_settled() {
                 return false; // killed while it waited for its parent
             }
-            if let Some((a, kw)) = c.call_args(py) {
-                let kw = kw.as_ref().map(|k| k.bind(py));
-                if let Err(e) = shared.check_submit(py, &c.op, a.bind(py), kw) {
-                    return fail_outside(&shared, child, e.into_value(py));
+            if shared.has_submit_check() {
+                if let Some((a, kw)) = c.call_args(py) {
+                    let kw = kw.as_ref().map(|k| k.bind(py));
+                    if let Err(e) = shared.check_submit(py, &c.op, a.bind(py), kw) {
+                        return fail_outside(&shared, child, e.into_value(py));
+                    }
                 }
             }
             if shared.has_attempt_hook() {

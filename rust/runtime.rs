@@ -78,6 +78,12 @@ impl Shared {
         lock(&self.attempt_hook).as_ref().map(|h| h.clone_ref(py))
     }
 
+    /// Whether a submit check is set (one relaxed load).
+    #[inline]
+    pub(crate) fn has_submit_check(&self) -> bool {
+        self.has_submit_check.load(Ordering::Relaxed)
+    }
+
     /// Runs the submit check, if one is set, on a call of `op` (one relaxed load when none
     /// is): `check(operation, func, args, kwargs)`; what it raises refuses the call.
     #[inline]

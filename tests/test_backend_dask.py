@@ -209,13 +209,24 @@ def test_an_unpicklable_function_fails_at_submission(dask_coord):
         guarded(1)
 
 
-def test_a_chain_step_with_an_unpicklable_argument_fails_with_the_error(dask_coord):
+def test_a_chain_step_with_an_unpicklable_argument_is_refused_by_then(dask_coord):
     dask_coord()
     add = task_token_guard(operation_type="add")(tasks.add)
-    step = add(1, 2).then(tasks.add, threading.Lock())
-    with pytest.raises(UnpicklableArgument, match="position 1"):
-        step.get(timeout=SAFETY)
-    assert step.state is TokenState.FAILED
+    parent = add(1, 2)
+    # the parent's result comes first: the extra argument is 'b', at position 1
+    with pytest.raises(UnpicklableArgument, match=r"argument 'b' \(position 1\) of 'add'"):
+        parent.then(tasks.add, threading.Lock())
+    assert parent.get(timeout=SAFETY) == 3
+
+
+def test_a_decorated_function_as_an_argument_is_refused_at_the_call(dask_coord):
+    dask_coord()
+    add = task_token_guard(operation_type="add")(tasks.add)
+    with pytest.raises(UnpicklableArgument, match=r"is a @task_token_guard function"):
+        add(1, add)
+    whoami = task_token_guard(operation_type="whoami")(tasks.whoami)
+    fn, _pid = whoami(add.__wrapped__).get(timeout=SAFETY)  # the plain function travels
+    assert fn(2, 3) == 5
 
 
 # ---------------------------------------------------------------------------- control
@@ -459,7 +470,9 @@ def test_a_worker_killed_mid_task_fails_the_token_with_the_cause(dask_coord, cli
     dask_coord()
     die = task_token_guard(operation_type="die")(tasks.die_once)
     token = die(str(tmp_path / "died"))
-    with pytest.raises(WorkerLost, match=r"attempt 1: the Dask worker running it died") as info:
+    with pytest.raises(
+        WorkerLost, match=r"attempt 1: the Dask worker it ran or waited on died"
+    ) as info:
         token.get(timeout=60)
     assert token.state is TokenState.FAILED
     assert type(info.value.__cause__).__name__ == "KilledWorker"
@@ -583,3 +596,148 @@ def test_a_coordinator_restarts_on_the_same_backend(cluster, client):
     with pytest.raises(ConfigurationError, match="already serves a running coordinator"):
         with coord:
             OperationsCoordinator(backend=backend).start()
+
+
+# ------------------------------------------------------- when the cluster cannot run it
+
+
+@pytest.fixture
+def small_cluster():
+    """A cluster of its own (in-process, one worker) that a test may take apart."""
+    cl = LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+        silence_logs=logging.ERROR,
+    )
+    try:
+        yield cl
+    finally:
+        cl.close()
+
+
+def test_an_attempt_no_worker_can_run_fails_after_no_worker_timeout(make_coord, small_cluster):
+    coord = make_coord(backend=DaskBackend(small_cluster, no_worker_timeout=1))
+    add = task_token_guard(operation_type="add")(tasks.add)
+    assert add(1, 1).get(timeout=SAFETY) == 2
+    small_cluster.scale(0)
+    assert wait_until(lambda: coord.stats()["backend"]["workers"] == 0)
+    token = add(2, 2)
+    with pytest.raises(BackendError, match=r"could run it for 1 s \(the cluster has no workers\)"):
+        token.get(timeout=SAFETY)
+    assert token.state is TokenState.FAILED
+    assert coord.stop(timeout=SAFETY)
+
+
+def test_a_resource_no_worker_declares_fails_after_no_worker_timeout(dask_coord):
+    dask_coord(backend_options={"resources": {"light": {"gpu": 1}}, "no_worker_timeout": 0.5})
+    light = task_token_guard(operation_type="gpu_work", tags={"weight": "light"})(tasks.add)
+    with pytest.raises(BackendError, match="no worker declares resource 'gpu'"):
+        light(1, 2).get(timeout=SAFETY)
+
+
+def test_a_client_closed_under_a_running_token_fails_it(cluster, event, make_coord):
+    own = Client(cluster.scheduler_address, set_as_default=False)
+    coord = make_coord(backend=DaskBackend(own))
+    wait_for = task_token_guard(operation_type="wait_for")(tasks.wait_for)
+    token = wait_for(event())
+    assert wait_until(lambda: coord.backend.running(token.token_id) is not None)
+    own.close()
+    with pytest.raises(BackendError, match=r"the Dask client is (closing|closed)"):
+        token.get(timeout=SAFETY)
+    with pytest.raises(BackendError):  # later calls fail at once too
+        wait_for("never").get(timeout=SAFETY)
+
+
+def test_kill_by_id_reaches_a_retried_attempt(dask_coord, event):
+    coord = dask_coord()
+    slow = task_token_guard(
+        operation_type="slow_retried",
+        timeout=0.5,
+        retries=1,
+        retry_on=TokenTimeout,
+        retry_backoff=0.01,
+    )(tasks.wait_for)
+    token = slow(event())
+    assert wait_until(lambda: token.attempts == 2)
+    assert wait_until(lambda: coord.backend.running(token.token_id) is not None)
+    assert coord.kill(token.token_id)
+    with pytest.raises(TokenKilled):
+        token.get(timeout=SAFETY)
+
+
+# ---------------------------------------------------------------- the tier semaphore
+
+
+def _max_leases(client, name):
+    return client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.extensions["semaphores"].max_leases.get(name)
+    )
+
+
+def test_a_token_killed_while_waiting_for_a_lease_never_runs(dask_coord, cluster, event, tmp_path):
+    """Two coordinators share the SLOW bound of 1: while the first one's token holds the
+    lease, the second one's waits for it on its dispatch slot; killed there, it never runs."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    first = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
+    slow_wait = task_token_guard(operation_type="lease", tags={"storage_speed": "SLOW"})(
+        tasks.wait_for
+    )
+    slow_touch = task_token_guard(operation_type="lease2", tags={"storage_speed": "SLOW"})(
+        tasks.touch
+    )
+    go = event()
+    holder = slow_wait(go, str(tmp_path / "holder"))  # to `first`
+    assert wait_until((tmp_path / "holder").exists)
+    second = OperationsCoordinator(
+        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
+    )
+    with second:  # decorated calls go to the last started coordinator
+        waiting = slow_touch(str(tmp_path / "never"))
+        assert wait_until(lambda: second.backend.running(waiting.token_id) is not None)
+        assert second.kill(waiting.token_id)
+        with pytest.raises(TokenKilled):
+            waiting.get(timeout=SAFETY)
+        Event(go, client=first.backend.client).set()
+        holder.get(timeout=SAFETY)
+        assert second.drain(timeout=SAFETY)["remaining"] == 0
+    assert waiting.state is TokenState.KILLED
+    assert not (tmp_path / "never").exists()  # it never got the lease, so it never ran
+    assert _max_leases(first.backend.client, f"{ns}-storage-SLOW") == 1
+
+
+def test_set_storage_limit_moves_the_cluster_wide_bound(dask_coord, client):
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    coord = dask_coord(storage_limits={"FAST": 2}, backend_options={"namespace": ns})
+    fast = task_token_guard(operation_type="fast", tags={"storage_speed": "FAST"})(tasks.add)
+    assert fast(1, 2).get(timeout=SAFETY) == 3
+    assert _max_leases(client, f"{ns}-storage-FAST") == 2
+    coord.set_storage_limit("fast", 3)
+    assert _max_leases(client, f"{ns}-storage-FAST") == 3
+    assert fast(2, 2).get(timeout=SAFETY) == 4
+
+
+def test_coordinators_disagreeing_on_a_tier_limit_are_told(dask_coord, cluster):
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    dask_coord(storage_limits={"MODERATE": 2}, backend_options={"namespace": ns})
+    moderate = task_token_guard(operation_type="mod", tags={"storage_speed": "MODERATE"})(tasks.add)
+    assert moderate(1, 1).get(timeout=SAFETY) == 2
+    with OperationsCoordinator(
+        backend=DaskBackend(cluster.scheduler_address, namespace=ns),
+        storage_limits={"MODERATE": 5},
+    ):
+        with pytest.raises(ConfigurationError, match="bounded at another limit on this cluster"):
+            moderate(1, 1).get(timeout=SAFETY)
+
+
+def test_bad_addresses_are_refused_at_construction():
+    for address, fragment in [
+        ("not an address", "missing port number"),
+        ("foo://127.0.0.1:1", "unknown protocol 'foo'"),
+        ("tcp://127.0.0.1:99999", "needs a port from 1 to 65535"),
+        ("tcp://127.0.0.1", "missing port number"),
+    ]:
+        with pytest.raises(ConfigurationError, match=fragment):
+            DaskBackend(address)

@@ -1001,7 +1001,7 @@ ROWS = [
         "worker-lost",
         tokengate.WorkerLost,
         Exception,
-        "attempt 1: the Dask worker running it died",
+        "attempt 1: the Dask worker it ran or waited on died",
         _in_child(_DASK_CHILD, "worker-lost"),
     ),
 ]

@@ -848,9 +848,10 @@ class OperationsCoordinator:
 
     def kill(self, token_id: int) -> bool:
         """Kill the queued token ``token_id`` (see :meth:`queued`): it ends KILLED and its
-        waiters get :class:`TokenKilled`. False (nothing changes) if no queued token has
-        that id here: it started (kill a running token through its ``TaskToken.kill()``),
-        finished, or is unknown."""
+        waiters get :class:`TokenKilled`. With a remote backend (docs/scale-out.md) a token
+        running there is killed too (its task is called off). False (nothing changes) if no
+        such token has that id: it runs on this machine (kill it through its
+        ``TaskToken.kill()``), finished, or is unknown."""
         rt = self._runtime()
         token_id = _check_id(token_id)
         token = rt.find_queued(token_id)
@@ -1012,6 +1013,15 @@ class OperationsCoordinator:
     def running(self) -> bool:
         """Whether this coordinator's workers are running (in this process)."""
         return self._rt is not None and not self._forked
+
+    @property
+    def storage_limits(self) -> dict[str, int]:
+        """The storage-tier limits each run starts with (``storage_limits=`` over
+        ``STORAGE_SPEEDS``; :meth:`set_storage_limit` changes a running one's)."""
+        limits = self._storage_limits
+        if limits is None:
+            return dict(STORAGE_SPEEDS)
+        return dict(zip(STORAGE_SPEEDS, limits, strict=True))
 
     @property
     def backend(self) -> Backend:

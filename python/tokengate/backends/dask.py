@@ -15,12 +15,16 @@ What maps onto Dask:
   ``{"heavy": 1}`` when some worker declares a ``heavy`` resource (``dask worker
   --resources "heavy=1"``) and runs on any worker when none does; likewise ``medium`` and
   ``light``. A mapping gives each weight its own requirement.
-* storage tiers → a ``distributed.Semaphore`` per tier and limit, so the bound holds across
-  every coordinator sharing the cluster (the local permit still bounds this coordinator).
+* storage tiers → one ``distributed.Semaphore`` per tier, whose lease the dispatch slot takes
+  before it sends the task, so the bound holds across every coordinator sharing the cluster
+  (the local permit still bounds this coordinator) and a token killed while it waits for a
+  lease never runs.
 * priority → Dask's ``priority=`` (high 10, normal 0, low -10; a retry one above its lane).
 * kill / timeout → the attempt's Dask future is cancelled.
 * a worker that dies → the attempt fails with :class:`~tokengate.WorkerLost` (caused by
-  Dask's ``KilledWorker``), which the token's retry policy retries like any other error.
+  Dask's ``KilledWorker``), which the token's retry policy retries like any other error; an
+  attempt no worker can run (no workers, or none with its resources) for
+  ``no_worker_timeout`` seconds fails with :class:`~tokengate.BackendError`.
 """
 
 from __future__ import annotations
@@ -30,18 +34,22 @@ import concurrent.futures
 import inspect
 import io
 import logging
+import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._types import STORAGE_SPEEDS
+from .._core import GuardedFunction
 from ..errors import BackendError, ConfigurationError, UnpicklableArgument, WorkerLost
 from .base import AttemptHook, Backend, SubmitCheck, WorkerLayout
 
 try:
     import cloudpickle
     import distributed
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import backends as _comm_backends
     from distributed.scheduler import KilledWorker
 except ImportError as _exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
@@ -75,6 +83,15 @@ _MAX_IN_FLIGHT = 1024
 _SLICE = 0.5
 #: How often the control loop reads the cluster's workers, threads and resources.
 _WATCH_EVERY = 2.0
+#: Dask's errors for a task no worker can run (with ``distributed.scheduler.no-workers-timeout``).
+_NO_WORKER_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e
+    for e in (
+        getattr(distributed.scheduler, "NoWorkerError", None),
+        getattr(distributed.scheduler, "NoValidWorkerError", None),
+    )
+    if isinstance(e, type)
+)
 #: Argument types that always pickle: not probed.
 _SIMPLE = frozenset({int, float, str, bytes, bool, type(None), complex})
 
@@ -122,7 +139,13 @@ def _probe_argument(
     value: object, operation: str, func: Callable[..., Any], where: int | str
 ) -> None:
     """Raise :class:`UnpicklableArgument` naming the argument (position ``where`` of
-    ``func``, or keyword ``where``) if ``value`` cannot be pickled."""
+    ``func``, or keyword ``where``) if ``value`` cannot be pickled or cannot run remotely."""
+    if isinstance(value, GuardedFunction):
+        label = _positional_name(func, where) if isinstance(where, int) else f"argument {where!r}"
+        raise UnpicklableArgument(
+            f"{label} of {operation!r} is a @task_token_guard function: a Dask worker has no "
+            "coordinator to call it on; pass the plain function (fn.__wrapped__) instead"
+        )
     try:
         _probe(value)
     except Exception as exc:
@@ -137,6 +160,36 @@ def _probe_argument(
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_address(address: str) -> str:
+    """A scheduler address Dask can connect to (``tcp://host:port`` and the like)."""
+    text = address.strip()
+    if not text:
+        raise ConfigurationError("address_or_client must not be an empty address")
+    try:
+        scheme, location = parse_address(text)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"address_or_client {address!r} is not a scheduler address such as "
+            f"'tcp://127.0.0.1:8786': {exc}"
+        ) from exc
+    if scheme not in _comm_backends:
+        raise ConfigurationError(
+            f"address_or_client {address!r}: unknown protocol {scheme!r}; valid: "
+            f"{', '.join(sorted(_comm_backends))}"
+        )
+    if scheme in ("tcp", "tls"):
+        try:
+            _host, port = parse_host_port(location)
+        except ValueError as exc:
+            raise ConfigurationError(f"address_or_client {address!r}: {exc}") from exc
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigurationError(
+                f"address_or_client {address!r} needs a port from 1 to 65535"
+                + ("" if port is None else f", got {port}")
+            )
+    return text
 
 
 def _check_resources(value: object) -> dict[str, dict[str, float] | None] | None:
@@ -187,7 +240,8 @@ class DaskBackend(Backend):
 
     ``OperationsCoordinator(backend=DaskBackend("tcp://scheduler:8786"))``. Needs
     ``pip install 'tokengate[dask]'`` here and ``tokengate`` (with the tasks' code) on the
-    workers.
+    workers. One backend serves one running coordinator at a time (it may be started again
+    after that one stops).
 
     Args:
         address_or_client: the scheduler's address (``"tcp://host:8786"``), a
@@ -195,15 +249,19 @@ class DaskBackend(Backend):
             such as ``LocalCluster`` (a client of its own is made, and closed at stop).
         in_flight: how many attempts may be on the cluster at once (1 to 1024): the
             coordinator's dispatch slots. Default: twice the cluster's threads when the
-            coordinator starts (at least 2), following the cluster as workers come and go.
+            coordinator starts (at least 2), following the cluster as workers come and go
+            (until ``set_active_workers`` sets it by hand).
         resources: ``"auto"`` (see :data:`DEFAULT_RESOURCES`) or a mapping of weight to the
             worker resources its tokens need, e.g. ``{"heavy": {"gpu": 1}, "light": None}``
-            (None or a weight not named: any worker). An explicit requirement that no worker
-            declares leaves the token waiting on the cluster until one joins (give the
-            operation a ``timeout``).
-        namespace: prefix of the storage-tier semaphores on the scheduler; coordinators with
-            the same namespace (and tier limits) share one bound.
+            (None or a weight not named: any worker).
+        namespace: prefix of the storage-tier semaphores on the scheduler
+            (``{namespace}-storage-{TIER}``): coordinators with the same namespace share one
+            bound per tier.
         connect_timeout: seconds to wait for the scheduler at start.
+        no_worker_timeout: seconds an attempt may wait on the cluster while no worker could
+            run it (the cluster has no workers, or none declares the resources it needs);
+            then it fails with :class:`~tokengate.BackendError`. None: wait as long as it
+            takes (an adaptive cluster that scales from zero).
 
     Raises:
         ConfigurationError: a bad argument (at construction).
@@ -220,10 +278,10 @@ class DaskBackend(Backend):
         resources: str | Mapping[str, Mapping[str, float] | None] = "auto",
         namespace: str = "tokengate",
         connect_timeout: float = 30.0,
+        no_worker_timeout: float | None = 60.0,
     ) -> None:
         if isinstance(address_or_client, str):
-            if not address_or_client.strip():
-                raise ConfigurationError("address_or_client must not be an empty address")
+            address_or_client = _check_address(address_or_client)
         elif not isinstance(address_or_client, distributed.Client) and not hasattr(
             address_or_client, "scheduler_address"
         ):
@@ -246,60 +304,71 @@ class DaskBackend(Backend):
         if not isinstance(namespace, str) or not namespace.strip():
             raise ConfigurationError(f"namespace must be a non-empty str, got {namespace!r}")
         self._namespace = namespace
-        if (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, (int, float))
-            or not connect_timeout > 0
-        ):
-            raise ConfigurationError(
-                f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}"
-            )
-        self._connect_timeout = float(connect_timeout)
+        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self._no_worker_timeout = (
+            None if no_worker_timeout is None else _seconds("no_worker_timeout", no_worker_timeout)
+        )
+        self._lock = threading.Lock()
+        self._opening = False
         self._client: distributed.Client | None = None
+        self._address: str | None = None
         self._owned = False
         self._rt: Runtime | None = None
         self._in_flight = in_flight or 2
+        self._following = in_flight is None
         self._declared: frozenset[str] = frozenset()
         self._workers = 0
         self._threads = 0
         self._allowed_failures: int | None = None
-        self._limits: dict[str, int] = dict(STORAGE_SPEEDS)
-        self._inflight: dict[int, TaskToken] = {}
+        self._limits: dict[str, int] = {}
+        self._semaphores: dict[str, Any] = {}
+        #: token id -> (token, attempt) of the attempts on the cluster now
+        self._inflight: dict[int, tuple[TaskToken, int]] = {}
         self._closing = False
-        self._prefix = uuid.uuid4().hex[:8]
+        self._prefix = ""
         self._funcs_ok: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._watch_failed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self, coordinator: OperationsCoordinator) -> None:
-        if self._client is not None:
-            raise ConfigurationError(
-                "this DaskBackend already serves a running coordinator; make one per coordinator"
-            )
+        with self._lock:
+            if self._client is not None or self._opening:
+                raise ConfigurationError(
+                    "this DaskBackend already serves a running coordinator; make one per "
+                    "coordinator"
+                )
+            self._opening = True
+        try:
+            self._open(coordinator)
+        finally:
+            with self._lock:
+                self._opening = False
+
+    def _open(self, coordinator: OperationsCoordinator) -> None:
         target = self._target
         if isinstance(target, distributed.Client):
             if target.status not in ("running", "newly-created"):
                 raise BackendError(f"the distributed.Client given is {target.status}, not running")
             client, owned = target, False
         else:
+            where = target if isinstance(target, str) else type(target).__name__
             try:
                 client = distributed.Client(
                     target, timeout=self._connect_timeout, set_as_default=False
                 )
-            except (OSError, TimeoutError) as exc:
-                where = target if isinstance(target, str) else type(target).__name__
+            except Exception as exc:
                 raise BackendError(
                     f"could not connect to the Dask scheduler at {where}: {_reason(exc)}"
                 ) from exc
             owned = True
         self._client, self._owned = client, owned
+        self._address = client.scheduler.address
         self._closing = False
-        self._limits = dict(STORAGE_SPEEDS)
-        limits = coordinator._storage_limits
-        if limits is not None:
-            for tier, limit in zip(STORAGE_SPEEDS, limits, strict=True):
-                self._limits[tier] = limit
+        self._prefix = uuid.uuid4().hex[:8]  # keys never repeat across runs
+        self._limits = coordinator.storage_limits
+        self._semaphores = {}
+        self._following = self._fixed_in_flight is None
         try:
             self._refresh()
         except Exception as exc:
@@ -307,13 +376,12 @@ class DaskBackend(Backend):
             raise BackendError(
                 f"could not read the Dask cluster's workers: {_reason(exc)}"
             ) from exc
-        if self._fixed_in_flight is None:
-            self._in_flight = self._target_in_flight()
-        else:
-            self._in_flight = self._fixed_in_flight
+        self._in_flight = (
+            self._target_in_flight() if self._fixed_in_flight is None else self._fixed_in_flight
+        )
         try:
+            # A lambda pickles by value: the scheduler needs no tokengate installed.
             self._allowed_failures = int(
-                # A lambda pickles by value: the scheduler needs no tokengate installed.
                 client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
             )
         except Exception:  # a scheduler that refuses run_on_scheduler: not needed to run
@@ -328,7 +396,7 @@ class DaskBackend(Backend):
         log.info(
             "dask: connected to %s (%d workers, %d threads, resources %s); %d attempts in "
             "flight at most",
-            client.scheduler.address,
+            self._address,
             self._workers,
             self._threads,
             sorted(self._declared) or "none",
@@ -351,18 +419,51 @@ class DaskBackend(Backend):
         return self._watch()
 
     def running(self, token_id: int) -> TaskToken | None:
-        return self._inflight.get(token_id)
+        entry = self._inflight.get(token_id)
+        return None if entry is None else entry[0]
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
         self._limits[tier] = limit
+        sem = self._semaphores.get(tier)
+        client = self._client
+        if sem is None or client is None:
+            return  # registered with the new limit when the tier is first used
+        name = sem.name
+
+        def retarget(dask_scheduler: Any) -> None:
+            # The public Semaphore API fixes max_leases at registration: the scheduler's
+            # extension is changed in place, and its waiters are woken to look again.
+            ext = dask_scheduler.extensions["semaphores"]
+            ext.max_leases[name] = limit
+            ext.events[name].set()
+
+        try:
+            client.run_on_scheduler(retarget)
+        except Exception:
+            log.warning(
+                "dask: the cluster-wide bound of storage tier %s stays as it was: the "
+                "scheduler refused the change",
+                tier,
+                exc_info=True,
+            )
+        else:
+            log.info("dask: storage tier %s is bounded at %d across the cluster", tier, limit)
 
     def close(self, timeout: float | None = None) -> None:
         self._closing = True
-        for token in list(self._inflight.values()):
+        for token, _attempt in list(self._inflight.values()):
             # Their waiters get TokenKilled now; each slot cancels its future and returns.
             token.kill()
         client, self._client, self._rt = self._client, None, None
-        if client is not None and self._owned:
+        semaphores, self._semaphores = self._semaphores, {}
+        if client is None:
+            return
+        loop = client.loop
+        for sem in semaphores.values():
+            refresh = getattr(sem, "refresh_callback", None)
+            if refresh is not None and loop is not None:  # its periodic lease refresh
+                loop.add_callback(refresh.stop)
+        if self._owned:
             try:
                 client.close(timeout=10 if timeout is None else max(timeout, 1.0))
             except Exception:
@@ -376,29 +477,36 @@ class DaskBackend(Backend):
     @property
     def in_flight(self) -> int:
         """How many attempts may be on the cluster at once now."""
+        rt = self._rt
+        if rt is not None:
+            try:
+                return rt.active_workers(1)
+            except Exception:  # stopped meanwhile
+                pass
         return self._in_flight
 
     def describe(self) -> dict[str, Any]:
         client = self._client
         return {
             "name": self.name,
-            "scheduler": None if client is None else client.scheduler.address,
+            "scheduler": self._address if client is not None else None,
+            "client": None if client is None else client.status,
             "workers": self._workers,
             "threads": self._threads,
             "resources": sorted(self._declared),
-            "in_flight": self._in_flight,
+            "in_flight": self.in_flight,
             "running": len(self._inflight),
             "allowed_failures": self._allowed_failures,
         }
 
     def __repr__(self) -> str:
-        client = self._client
+        target = self._target
         where = (
-            client.scheduler.address
-            if client is not None
-            else (self._target if isinstance(self._target, str) else type(self._target).__name__)
+            self._address
+            if self._client is not None
+            else (target if isinstance(target, str) else type(target).__name__)
         )
-        return f"DaskBackend({where!r}, in_flight={self._in_flight})"
+        return f"DaskBackend({where!r}, in_flight={self.in_flight})"
 
     # -- the cluster ----------------------------------------------------------------
 
@@ -439,20 +547,26 @@ class DaskBackend(Backend):
                 continue
             self._watch_failed = False
             rt = self._rt
-            if self._fixed_in_flight is None and rt is not None and not self._closing:
+            if not self._following or rt is None or self._closing:
+                continue
+            try:
+                now = rt.active_workers(1)
+                if now != self._in_flight:
+                    # Set by hand (set_active_workers): that count stands from now on.
+                    self._following = False
+                    log.info("dask: in_flight set to %d by hand; no longer following", now)
+                    continue
                 target = self._target_in_flight()
-                if target != self._in_flight:
-                    try:
-                        rt.set_active_workers(1, target)
-                    except Exception:
-                        log.debug("dask: resizing the dispatch slots failed", exc_info=True)
-                        continue
+                if target != now:
+                    rt.set_active_workers(1, target)
+                    self._in_flight = target
                     log.info(
                         "dask: the cluster has %d threads now; %d attempts in flight at most",
                         self._threads,
                         target,
                     )
-                    self._in_flight = target
+            except Exception:
+                log.debug("dask: resizing the dispatch slots failed", exc_info=True)
 
     def _resources_for(self, weight: str) -> dict[str, float] | None:
         if self._mapping is not None:
@@ -461,11 +575,40 @@ class DaskBackend(Backend):
             return DEFAULT_RESOURCES[weight]
         return None
 
-    def _lease(self, tier: str | None) -> tuple[str, int] | None:
-        if tier is None:
-            return None
-        limit = self._limits[tier]
-        return (f"{self._namespace}-storage-{tier}-{limit}", limit)
+    def _unrunnable(self, need: Mapping[str, float] | None) -> str | None:
+        """Why no worker of the cluster could run a task needing ``need`` (None: one can)."""
+        if self._workers == 0:
+            return "the cluster has no workers"
+        missing = sorted(name for name in (need or ()) if name not in self._declared)
+        if missing:
+            return f"no worker declares resource {', '.join(map(repr, missing))}"
+        return None
+
+    def _semaphore(self, tier: str) -> Any:
+        """The cluster-wide semaphore of storage tier ``tier``, registered on first use."""
+        with self._lock:
+            sem = self._semaphores.get(tier)
+            client = self._client
+            if sem is not None or client is None:
+                return sem
+            limit = self._limits[tier]
+            sem = distributed.Semaphore(
+                max_leases=limit,
+                name=f"{self._namespace}-storage-{tier}",
+                scheduler_rpc=client.scheduler,
+                loop=client.loop,
+            )
+            try:
+                sem.register()
+            except ValueError as exc:  # Dask: "Inconsistent max leases: ..."
+                raise ConfigurationError(
+                    f"storage tier {tier} is bounded at another limit on this cluster "
+                    f"(namespace {self._namespace!r}: {exc}); this coordinator has {limit}: "
+                    "give coordinators that share a namespace the same storage_limits, or "
+                    "DaskBackend(namespace=...) of their own"
+                ) from exc
+            self._semaphores[tier] = sem
+            return sem
 
     # -- per call --------------------------------------------------------------------
 
@@ -516,49 +659,130 @@ class DaskBackend(Backend):
             raise BackendError("the Dask backend is closed: the coordinator is stopping")
         attempt = token.attempts
         token_id = token.token_id
+        entry = (token, attempt)
+        self._inflight[token_id] = entry  # before the submit: kill(id) finds it at once
+        lease = None
+        try:
+            tier = token.storage_speed
+            if tier is not None:
+                lease = self._take_lease(client, token, attempt, self._semaphore(tier))
+                if lease is None:
+                    return None
+            elif self._abandoned(token, attempt):  # killed or timed out as it began
+                return None
+            return self._run(client, token, attempt, func, args, kwargs)
+        finally:
+            if lease is not None:
+                try:
+                    lease.release()
+                except Exception:  # the client closed meanwhile: the lease times out
+                    log.debug("dask: releasing a %s lease failed", tier, exc_info=True)
+            if self._inflight.get(token_id) is entry:
+                del self._inflight[token_id]
+
+    def _abandoned(self, token: TaskToken, attempt: int) -> bool:
+        """Whether the attempt's result would be discarded now (killed, timed out, a newer
+        attempt started) or the backend closes."""
+        return token.state.is_settled or token.attempts != attempt or self._closing
+
+    def _take_lease(
+        self, client: distributed.Client, token: TaskToken, attempt: int, sem: Any
+    ) -> Any:
+        """The storage tier's cluster-wide lease, taken here before the task is sent (so a
+        token killed while it waits never runs); None if the attempt was abandoned first."""
+        while not sem.acquire(timeout=_SLICE):
+            if self._abandoned(token, attempt):
+                return None
+            _check_client(client, token, attempt)
+        if self._abandoned(token, attempt):
+            sem.release()
+            return None
+        return sem
+
+    def _run(
+        self,
+        client: distributed.Client,
+        token: TaskToken,
+        attempt: int,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+    ) -> Any:
+        """Send the attempt and wait for its outcome, following the cluster meanwhile."""
+        need = self._resources_for(token.weight.value)
+        sent = 0
+        future = self._submit(client, token, attempt, sent, func, args, kwargs, need)
+        stuck_since: float | None = None
+        while True:
+            try:
+                # One wait on the client's loop, which also fetches the result: a kill or a
+                # timeout is seen within one slice (the token's waiters are released by the
+                # core at once; only the slot waits for the slice).
+                return self._outcome(token, attempt, future)
+            except _Pending:
+                pass
+            if self._abandoned(token, attempt):
+                # The result would be discarded: the task is called off (a task a Dask
+                # worker already runs finishes there; its result is dropped).
+                _cancel(future)
+                return None
+            _check_client(client, token, attempt)
+            if need is not None and self._mapping is None and not need.keys() <= self._declared:
+                # "auto", and no worker declares the resource any more: run it anywhere.
+                _cancel(future)
+                need, sent = None, sent + 1
+                future = self._submit(client, token, attempt, sent, func, args, kwargs, need)
+                continue
+            why = self._unrunnable(need)
+            if why is None:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = time.monotonic()
+            elif (
+                self._no_worker_timeout is not None
+                and time.monotonic() - stuck_since >= self._no_worker_timeout
+            ):
+                _cancel(future)
+                raise BackendError(
+                    f"token {token.token_id} ({token.operation_type}), attempt {attempt}: no "
+                    f"worker of the Dask cluster could run it for {self._no_worker_timeout:g} s "
+                    f"({why})"
+                )
+
+    def _submit(
+        self,
+        client: distributed.Client,
+        token: TaskToken,
+        attempt: int,
+        sent: int,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        need: dict[str, float] | None,
+    ) -> distributed.Future:
         operation = token.operation_type
         lane = _PRIORITY.get(token.priority, 0)
-        self._inflight[token_id] = token  # before the submit: kill(id) finds it at once
+        key = f"{operation}-{self._prefix}-{token.token_id}-{attempt}"
         try:
-            if token.state.is_settled:  # killed or timed out as its attempt began
-                return None
-            try:
-                future = client.submit(
-                    _remote.run,
-                    _remote.RemoteCall(func, args, kwargs, self._lease(token.storage_speed)),
-                    key=f"{operation}-{self._prefix}-{token_id}-{attempt}",
-                    pure=False,
-                    priority=lane + 1 if attempt > 1 else lane,
-                    resources=self._resources_for(token.weight.value),
-                )
-            except Exception as exc:
-                if _is_pickling_error(exc):
-                    # A chain step's arguments (its parent's result) are first pickled here.
-                    self._check(operation, func, args, kwargs)
-                    raise UnpicklableArgument(
-                        f"the call of {operation!r} cannot be pickled to send it to the Dask "
-                        f"cluster ({_reason(exc)})"
-                    ) from exc
-                raise BackendError(
-                    f"token {token_id} ({operation}): Dask refused the task: {_reason(exc)}"
+            return client.submit(
+                _remote.run,
+                _remote.RemoteCall(func, args, kwargs),
+                key=key if sent == 0 else f"{key}-{sent}",
+                pure=False,
+                priority=lane + 1 if attempt > 1 else lane,
+                resources=need,
+            )
+        except Exception as exc:
+            if _is_pickling_error(exc):
+                # A chain step's arguments (its parent's result) are first pickled here.
+                self._check(operation, func, args, kwargs)
+                raise UnpicklableArgument(
+                    f"the call of {operation!r} cannot be pickled to send it to the Dask "
+                    f"cluster ({_reason(exc)})"
                 ) from exc
-            while True:
-                try:
-                    # One wait on the client's loop, which also fetches the result: a
-                    # kill or a timeout is seen within one slice (the token's waiters are
-                    # released by the core at once; only the slot waits for the slice).
-                    return self._outcome(token, attempt, future)
-                except _Pending:
-                    pass
-                if token.state.is_settled or token.attempts != attempt or self._closing:
-                    # Killed, timed out (perhaps retried), or the backend closes: the result
-                    # would be discarded, so the task is called off (a task a Dask worker
-                    # already runs finishes there; its result is dropped).
-                    _cancel(future)
-                    return None
-        finally:
-            if self._inflight.get(token_id) is token:
-                del self._inflight[token_id]
+            raise BackendError(
+                f"token {token.token_id} ({operation}): Dask refused the task: {_reason(exc)}"
+            ) from exc
 
     def _outcome(self, token: TaskToken, attempt: int, future: distributed.Future) -> Any:
         """What the task returned (or raise what it raised); :class:`_Pending` if it did not
@@ -575,10 +799,16 @@ class DaskBackend(Backend):
             worker = getattr(getattr(exc, "last_worker", None), "address", None)
             raise WorkerLost(
                 f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
-                f"worker running it died{f' ({worker})' if worker else ''} and Dask gave up on "
-                "the task"
+                f"worker it ran or waited on died{f' ({worker})' if worker else ''} and Dask "
+                "gave up on the task"
+            ) from exc
+        except _NO_WORKER_ERRORS as exc:
+            raise BackendError(
+                f"token {token.token_id} ({token.operation_type}), attempt {attempt}: no "
+                f"worker of the Dask cluster could run it ({_reason(exc)})"
             ) from exc
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
+            _check_client(future.client, token, attempt)  # cancelled by a closing client
             raise BackendError(
                 f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
                 f"cluster dropped the task ({_reason(exc)})"
@@ -587,6 +817,22 @@ class DaskBackend(Backend):
 
 class _Pending(Exception):
     """The attempt's task has not finished yet."""
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _check_client(client: distributed.Client, token: TaskToken, attempt: int) -> None:
+    """Raise :class:`BackendError` once ``client`` closes (its futures never finish then)."""
+    if client.status in ("closing", "closed"):
+        raise BackendError(
+            f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
+            f"client is {client.status} (the scheduler was lost, or it was closed) before the "
+            "task finished"
+        )
 
 
 def _cancel(future: distributed.Future) -> None:
@@ -603,7 +849,8 @@ def _is_pickling_error(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, pickle.PicklingError) or "pickle" in str(e).lower():
+        text = str(e).lower()
+        if isinstance(e, pickle.PicklingError) or "pickle" in text or "serializ" in text:
             return True
         e = e.__cause__ or e.__context__
     return False
