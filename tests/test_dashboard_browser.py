@@ -460,7 +460,7 @@ def test_a_dask_backend_shows_its_cluster_and_kills_a_token_running_there(
         log_in(page, srv, "otto")
         badge = page.locator("#system [data-field=backend]")
         expect(badge).to_contain_text(f"dask {cluster.scheduler_address}", timeout=TIMEOUT_MS)
-        expect(badge).to_contain_text("1 workers · 2 threads · 0/4 in flight")
+        expect(badge).to_contain_text("1 worker · 2 threads · 0/4 in flight")
         wait_all([double(i) for i in range(10)])
         expect(pool(page, "completed")).to_have_text("10", timeout=TIMEOUT_MS)
 

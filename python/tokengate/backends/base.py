@@ -121,10 +121,6 @@ class LocalBackend(Backend):
     default, and what ``backend=None`` means)."""
 
     name = "local"
-    local = True
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
 
     def __repr__(self) -> str:
         return "LocalBackend()"

@@ -548,8 +548,9 @@
   function backendText(b) {
     if (!b || !b.name || b.name === "local") return "backend: local";
     const parts = [b.name + (b.scheduler ? " " + b.scheduler : "")];
-    if (isNum(b.workers)) parts.push(fmtInt(b.workers) + " workers");
-    if (isNum(b.threads)) parts.push(fmtInt(b.threads) + " threads");
+    const count = (n, one) => fmtInt(n) + " " + one + (n === 1 ? "" : "s");
+    if (isNum(b.workers)) parts.push(count(b.workers, "worker"));
+    if (isNum(b.threads)) parts.push(count(b.threads, "thread"));
     if (isNum(b.in_flight)) parts.push(fmtInt(b.running || 0) + "/" + fmtInt(b.in_flight) + " in flight");
     return parts.join(" · ");
   }
