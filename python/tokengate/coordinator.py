@@ -800,7 +800,9 @@ class OperationsCoordinator:
         else:
             from .policy.convergence import Convergence
 
-            s["convergence"] = Convergence.empty_summary(self._convergence_interval)
+            # (a remote backend runs no convergence: its dispatch slots follow the cluster)
+            interval = self._convergence_interval if self._backend.local else None
+            s["convergence"] = Convergence.empty_summary(interval)
         return s
 
     # -- observability ---------------------------------------------------------------

@@ -380,7 +380,7 @@ class DaskBackend(Backend):
             self._target_in_flight() if self._fixed_in_flight is None else self._fixed_in_flight
         )
         try:
-            # A lambda pickles by value: the scheduler needs no tokengate installed.
+            # A lambda pickles by value: the scheduler needs nothing of this module for it.
             self._allowed_failures = int(
                 client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
             )
@@ -637,7 +637,8 @@ class DaskBackend(Backend):
         except Exception as exc:
             raise UnpicklableArgument(
                 f"the function of {operation!r} cannot be pickled to send it to the Dask "
-                f"cluster ({_reason(exc)}); define it at module level"
+                f"cluster ({_reason(exc)}); define it at module level, and keep locks, sockets "
+                "and context variables out of the globals it uses"
             ) from exc
         try:
             self._funcs_ok[func] = True
