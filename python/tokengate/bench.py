@@ -440,22 +440,10 @@ class TokenGateSystem(System):
 
             kwargs["tracing"] = TracerProvider()
         if self.remote == "dask":
-            import logging
-
-            from distributed import Client, LocalCluster
-
             from tokengate.backends import DaskBackend
 
-            logging.getLogger("distributed").setLevel(logging.ERROR)
             # As the "dask" system: in-process, one worker with as many threads.
-            self._cluster = LocalCluster(
-                processes=False,
-                n_workers=1,
-                threads_per_worker=self.workers,
-                dashboard_address="127.0.0.1:0",  # Dask's HTTP servers: loopback only
-                worker_dashboard_address="127.0.0.1:0",
-            )
-            self._client = Client(self._cluster, set_as_default=False)
+            self._cluster, self._client = _in_process_cluster(self.workers)
             kwargs["backend"] = DaskBackend(self._client)
         self.coord = OperationsCoordinator(
             cores=self.cores, workers_per_core=self.workers_per_core, **kwargs
@@ -702,6 +690,24 @@ class ToThreadSystem(System):
         raise TypeError("asyncio.to_thread: memory is measured on ThreadPoolExecutor itself")
 
 
+def _in_process_cluster(threads: int) -> tuple[Any, Any]:
+    """A Dask ``LocalCluster`` in this process (one worker, ``threads`` threads, its HTTP
+    servers on loopback) and a client of it."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = LocalCluster(
+        processes=False,
+        n_workers=1,
+        threads_per_worker=threads,
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+    )
+    return cluster, Client(cluster, set_as_default=False)
+
+
 class DaskSystem(System):
     """Dask distributed in-process: ``LocalCluster(processes=False)``, one worker, N threads."""
 
@@ -709,19 +715,7 @@ class DaskSystem(System):
     slow = True
 
     def start(self) -> None:
-        import logging
-
-        from distributed import Client, LocalCluster
-
-        logging.getLogger("distributed").setLevel(logging.ERROR)
-        self.cluster = LocalCluster(
-            processes=False,
-            n_workers=1,
-            threads_per_worker=self.workers,
-            dashboard_address="127.0.0.1:0",  # Dask's HTTP servers: loopback only
-            worker_dashboard_address="127.0.0.1:0",
-        )
-        self.client = Client(self.cluster)
+        self.cluster, self.client = _in_process_cluster(self.workers)
 
     def stop(self) -> None:
         self.client.close()
