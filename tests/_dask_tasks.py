@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -74,3 +75,23 @@ def connection_error_once(marker):
 
 def pid_in_range(n):
     return [os.getpid() for _ in range(n)]
+
+
+# Decorated here, at module level: the cluster gets them by name and runs its own import of
+# this module (its globals, such as this lock and counter, are not sent along).
+from tokengate import task_token_guard  # noqa: E402
+
+_LOCK = threading.Lock()
+_CALLS = {"n": 0}
+
+
+@task_token_guard(operation_type="counted")
+def counted():
+    with _LOCK:
+        _CALLS["n"] += 1
+        return _CALLS["n"], os.getpid()
+
+
+@task_token_guard(operation_type="nested")
+def nested():
+    return counted().get()  # a decorated call on a worker: no coordinator there

@@ -719,17 +719,92 @@ def test_set_storage_limit_moves_the_cluster_wide_bound(dask_coord, client):
     assert fast(2, 2).get(timeout=SAFETY) == 4
 
 
-def test_coordinators_disagreeing_on_a_tier_limit_are_told(dask_coord, cluster):
+def test_coordinators_disagreeing_on_a_tier_limit_are_told(dask_coord, cluster, event, tmp_path):
     ns = f"t{uuid.uuid4().hex[:8]}"
-    dask_coord(storage_limits={"MODERATE": 2}, backend_options={"namespace": ns})
+    first = dask_coord(storage_limits={"MODERATE": 2}, backend_options={"namespace": ns})
+    hold = task_token_guard(operation_type="mod_hold", tags={"storage_speed": "MODERATE"})(
+        tasks.wait_for
+    )
+    go = event()
+    holder = hold(go, str(tmp_path / "holding"))  # holds a lease while the other one tries
+    assert wait_until((tmp_path / "holding").exists)
     moderate = task_token_guard(operation_type="mod", tags={"storage_speed": "MODERATE"})(tasks.add)
-    assert moderate(1, 1).get(timeout=SAFETY) == 2
     with OperationsCoordinator(
         backend=DaskBackend(cluster.scheduler_address, namespace=ns),
         storage_limits={"MODERATE": 5},
     ):
         with pytest.raises(ConfigurationError, match="bounded at another limit on this cluster"):
             moderate(1, 1).get(timeout=SAFETY)
+    Event(go, client=first.backend.client).set()
+    holder.get(timeout=SAFETY)
+
+
+def test_a_bound_no_one_uses_is_taken_over(dask_coord, cluster, client):
+    """An earlier run left the tier at another limit: a coordinator with a new limit takes it
+    over while no lease of it is held or awaited."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    moderate = task_token_guard(operation_type="mod", tags={"storage_speed": "MODERATE"})(tasks.add)
+    for limit in (2, 5):
+        with OperationsCoordinator(
+            backend=DaskBackend(cluster.scheduler_address, namespace=ns),
+            storage_limits={"MODERATE": limit},
+        ):
+            assert moderate(1, limit).get(timeout=SAFETY) == 1 + limit
+        assert _max_leases(client, f"{ns}-storage-MODERATE") == limit
+
+
+def test_a_killed_running_tier_task_keeps_its_lease_until_it_ends(
+    dask_coord, cluster, event, tmp_path
+):
+    """Locally a killed task keeps its permit until it returns, so the bound holds: on the
+    cluster its slot keeps the lease until the task ends there."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    coord = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
+    hold = task_token_guard(operation_type="slow_hold", tags={"storage_speed": "SLOW"})(
+        tasks.wait_for
+    )
+    go = event()
+    first = hold(go, str(tmp_path / "first"))
+    assert wait_until((tmp_path / "first").exists)  # it runs on a worker
+    assert first.kill()
+    with pytest.raises(TokenKilled):
+        first.get(timeout=SAFETY)
+    # another coordinator of the namespace: only the cluster-wide lease stands in its way
+    other = OperationsCoordinator(
+        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
+    )
+    with other:
+        second = hold(go, str(tmp_path / "second"))
+        assert not wait_until((tmp_path / "second").exists, timeout=2.0)
+        assert first.state is TokenState.CANCELLING  # its slot waits for the task to end
+        Event(go, client=coord.backend.client).set()
+        second.get(timeout=SAFETY)
+    assert wait_until(lambda: first.state is TokenState.KILLED)
+
+
+def test_stop_without_wait_kills_a_token_waiting_for_a_lease(dask_coord, cluster, event, tmp_path):
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    first = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
+    hold = task_token_guard(operation_type="slow_hold", tags={"storage_speed": "SLOW"})(
+        tasks.wait_for
+    )
+    touch = task_token_guard(operation_type="slow_touch", tags={"storage_speed": "SLOW"})(
+        tasks.touch
+    )
+    go = event()
+    holder = hold(go, str(tmp_path / "holder"))
+    assert wait_until((tmp_path / "holder").exists)
+    second = OperationsCoordinator(
+        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
+    )
+    second.start()
+    waiting = touch(str(tmp_path / "never"))
+    assert wait_until(lambda: second.backend.running(waiting.token_id) is not None)
+    assert second.stop(wait=False, timeout=SAFETY)
+    assert waiting.state is TokenState.KILLED
+    Event(go, client=first.backend.client).set()
+    holder.get(timeout=SAFETY)
+    assert not (tmp_path / "never").exists()
 
 
 def test_bad_addresses_are_refused_at_construction():
@@ -741,3 +816,27 @@ def test_bad_addresses_are_refused_at_construction():
     ]:
         with pytest.raises(ConfigurationError, match=fragment):
             DaskBackend(address)
+
+
+def test_a_decorated_function_of_a_module_is_sent_by_name(dask_coord):
+    """The worker runs its own import of the module: module state persists between calls and
+    a module-level lock is no obstacle (sent by value, each call would get a fresh copy)."""
+    dask_coord()
+    runs = [tasks.counted().get(timeout=SAFETY) for _ in range(8)]
+    by_pid: dict[int, list[int]] = {}
+    for n, pid in runs:
+        by_pid.setdefault(pid, []).append(n)
+    assert all(ns == sorted(ns) and len(set(ns)) == len(ns) for ns in by_pid.values()), by_pid
+    assert max(len(ns) for ns in by_pid.values()) >= 2
+    assert any(ns[-1] > 1 for ns in by_pid.values())
+
+
+def test_a_decorated_call_inside_a_task_on_a_worker_says_where_it_ran(dask_coord):
+    from tokengate import CoordinatorNotRunning
+
+    coord = dask_coord()
+    with pytest.raises(CoordinatorNotRunning, match="inside a task running on a Dask worker"):
+        tasks.nested().get(timeout=SAFETY)
+    # submit() of a decorated function would make the same call on the worker: refused
+    with pytest.raises(UnpicklableArgument, match=r"submitted through submit\(\)"):
+        coord.submit(tasks.counted)

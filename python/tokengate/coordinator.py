@@ -201,8 +201,10 @@ class _Stop:
         control: _ControlLoop | None,
         wait: bool,
         timeout: float | None,
+        backend: Backend,
     ) -> None:
         self.rt = rt
+        self.backend = backend
         self.control = control
         self.owner = threading.get_ident()
         self.done = threading.Event()
@@ -226,7 +228,12 @@ class _Stop:
                 deadline = time.monotonic() + timeout
                 if self._deadline is None or deadline < self._deadline:
                     self._deadline = deadline
-        self.rt.kill_pending()
+        self.kill_pending()
+
+    def kill_pending(self) -> int:
+        """Kill every token that has not started: queued here, or taken by the backend but
+        not sent anywhere yet."""
+        return self.rt.kill_pending() + self.backend.kill_unsent()
 
     def left(self) -> float | None:
         """Seconds until the deadline (0.0 once it passed), None without one."""
@@ -592,7 +599,7 @@ class OperationsCoordinator:
                 # next token id only once no new token can be accepted there.
                 rt.close()
                 pending = None
-                stop = self._stopping = _Stop(rt, control, wait, timeout)
+                stop = self._stopping = _Stop(rt, control, wait, timeout, self._backend)
         if pending is not None:
             return self._join_stop(pending, wait, timeout)
         # This call does the stop (inline, so Ctrl-C lands in stop() itself).
@@ -600,15 +607,16 @@ class OperationsCoordinator:
         joined = False
         try:
             if stop.killing:
-                rt.kill_pending()  # before unpause, so nothing paused in the pool starts meanwhile
+                # before unpause, so nothing paused in the pool starts meanwhile
+                stop.kill_pending()
             rt.unpause()
             # Wait in slices: a concurrent stop(wait=False) may kill the queue or shorten the
             # deadline meanwhile.
             while not rt.wait_quiet(stop.slice()):
                 if stop.killing:
-                    rt.kill_pending()  # a submission that raced with close() got in
+                    stop.kill_pending()  # a submission that raced with close() got in
                 if stop.left() == 0.0:
-                    killed = rt.kill_pending()
+                    killed = stop.kill_pending()
                     log.warning("stop(): timeout passed, %d queued tokens were killed", killed)
                     break
             while True:
@@ -617,11 +625,11 @@ class OperationsCoordinator:
                     break
                 if stop.left() == 0.0:
                     break
-            rt.kill_pending()  # anything that raced in after the workers left
+            stop.kill_pending()  # anything that raced in after the workers left
         except BaseException:
             # Interrupted (Ctrl-C) while waiting: still leave nothing running behind.
             try:
-                rt.kill_pending()
+                stop.kill_pending()
                 rt.shutdown(_INTERRUPT_GRACE)
             finally:
                 self._finish_stop(stop, False)

@@ -104,6 +104,11 @@ class Backend:
         """The token ``token_id`` if this backend is executing it now (None otherwise)."""
         return None
 
+    def kill_unsent(self) -> int:
+        """Kill the attempts this backend took but has not started anywhere yet (what
+        ``stop(wait=False)`` kills besides the queued tokens); how many it killed."""
+        return 0
+
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """The limit of storage tier ``tier`` changed (the core enforces it locally)."""
 

@@ -34,6 +34,7 @@ import concurrent.futures
 import inspect
 import io
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -81,6 +82,8 @@ _MAX_IN_FLIGHT = 1024
 #: How often a waiting slot looks whether its attempt was abandoned (a timed-out attempt
 #: retried while it still ran) or the backend is closing.
 _SLICE = 0.5
+#: The longest close() waits for the dispatch slots to give their leases back.
+_CLOSE_GRACE = 2.0
 #: How often the control loop reads the cluster's workers, threads and resources.
 _WATCH_EVERY = 2.0
 #: Dask's errors for a task no worker can run (with ``distributed.scheduler.no-workers-timeout``).
@@ -160,6 +163,27 @@ def _probe_argument(
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _by_name(func: Callable[..., Any]) -> _remote.ByName | None:
+    """A reference to ``func`` when it is the plain function of a ``@task_token_guard``
+    function of an importable module (its module's name resolves to the decorator's object):
+    sent by name, the worker calls its own import of it."""
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return None
+    if module == "__main__" or "<locals>" in qualname or module not in sys.modules:
+        return None
+    obj: Any = sys.modules[module]
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    if isinstance(obj, GuardedFunction) and obj.__wrapped__ is func:
+        return _remote.ByName(module, qualname)
+    return None
 
 
 def _check_address(address: str) -> str:
@@ -309,6 +333,7 @@ class DaskBackend(Backend):
             None if no_worker_timeout is None else _seconds("no_worker_timeout", no_worker_timeout)
         )
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as attempts leave
         self._opening = False
         self._client: distributed.Client | None = None
         self._address: str | None = None
@@ -322,11 +347,12 @@ class DaskBackend(Backend):
         self._allowed_failures: int | None = None
         self._limits: dict[str, int] = {}
         self._semaphores: dict[str, Any] = {}
-        #: token id -> (token, attempt) of the attempts on the cluster now
-        self._inflight: dict[int, tuple[TaskToken, int]] = {}
+        #: token id -> the attempt of that token on its way to, or on, the cluster
+        self._inflight: dict[int, _Attempt] = {}
         self._closing = False
         self._prefix = ""
-        self._funcs_ok: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        #: function -> how it travels: by name (a ByName), or itself (probed once)
+        self._sent_as: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._watch_failed = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -420,49 +446,54 @@ class DaskBackend(Backend):
 
     def running(self, token_id: int) -> TaskToken | None:
         entry = self._inflight.get(token_id)
-        return None if entry is None else entry[0]
+        return None if entry is None else entry.token
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
-        self._limits[tier] = limit
-        sem = self._semaphores.get(tier)
-        client = self._client
-        if sem is None or client is None:
-            return  # registered with the new limit when the tier is first used
-        name = sem.name
-
-        def retarget(dask_scheduler: Any) -> None:
-            # The public Semaphore API fixes max_leases at registration: the scheduler's
-            # extension is changed in place, and its waiters are woken to look again.
-            ext = dask_scheduler.extensions["semaphores"]
-            ext.max_leases[name] = limit
-            ext.events[name].set()
-
-        try:
-            client.run_on_scheduler(retarget)
-        except Exception:
-            log.warning(
-                "dask: the cluster-wide bound of storage tier %s stays as it was: the "
-                "scheduler refused the change",
-                tier,
-                exc_info=True,
-            )
-        else:
+        with self._lock:  # not between a first use's reading of the limit and its register
+            self._limits[tier] = limit
+            client = self._client
+            if client is None:
+                return
+            name = self._semaphore_name(tier)
+            try:
+                # Also when this run has not used the tier yet: the scheduler may hold it.
+                moved = _retarget(client, name, limit, only_if_idle=False)
+            except Exception:
+                log.warning(
+                    "dask: the cluster-wide bound of storage tier %s stays as it was: the "
+                    "scheduler refused the change",
+                    tier,
+                    exc_info=True,
+                )
+                return
+        if moved:
             log.info("dask: storage tier %s is bounded at %d across the cluster", tier, limit)
 
+    def kill_unsent(self) -> int:
+        """Kill the attempts that have not been sent yet (waiting for a storage lease):
+        ``stop(wait=False)`` kills what has not started."""
+        with self._lock:
+            unsent = [a.token for a in self._inflight.values() if a.future is None]
+        return sum(bool(token.kill()) for token in unsent)
+
     def close(self, timeout: float | None = None) -> None:
-        self._closing = True
-        for token, _attempt in list(self._inflight.values()):
-            # Their waiters get TokenKilled now; each slot cancels its future and returns.
-            token.kill()
-        client, self._client, self._rt = self._client, None, None
-        semaphores, self._semaphores = self._semaphores, {}
+        with self._lock:
+            self._closing = True
+            running = [a.token for a in self._inflight.values()]
+        # Their waiters get TokenKilled now; each slot calls its task off and returns.
+        killed = sum(bool(token.kill()) for token in running)
+        if killed:
+            log.warning("dask: %d attempts still on the cluster at stop were killed", killed)
+        with self._lock:
+            # The slots leave within a slice: they release their leases while the client
+            # still runs (a lease not released is held until the scheduler times it out).
+            self._idle.wait_for(lambda: not self._inflight, timeout=_CLOSE_GRACE)
+            client, self._client, self._rt = self._client, None, None
+            semaphores, self._semaphores = self._semaphores, {}
         if client is None:
             return
-        loop = client.loop
         for sem in semaphores.values():
-            refresh = getattr(sem, "refresh_callback", None)
-            if refresh is not None and loop is not None:  # its periodic lease refresh
-                loop.add_callback(refresh.stop)
+            _stop_refresh(client, sem)
         if self._owned:
             try:
                 client.close(timeout=10 if timeout is None else max(timeout, 1.0))
@@ -495,7 +526,7 @@ class DaskBackend(Backend):
             "threads": self._threads,
             "resources": sorted(self._declared),
             "in_flight": self.in_flight,
-            "running": len(self._inflight),
+            "running": sum(a.future is not None for a in list(self._inflight.values())),
             "allowed_failures": self._allowed_failures,
         }
 
@@ -584,28 +615,52 @@ class DaskBackend(Backend):
             return f"no worker declares resource {', '.join(map(repr, missing))}"
         return None
 
-    def _semaphore(self, tier: str) -> Any:
+    def _semaphore_name(self, tier: str) -> str:
+        return f"{self._namespace}-storage-{tier}"
+
+    def _semaphore(self, client: distributed.Client, tier: str) -> Any:
         """The cluster-wide semaphore of storage tier ``tier``, registered on first use."""
         with self._lock:
             sem = self._semaphores.get(tier)
-            client = self._client
-            if sem is not None or client is None:
+            if sem is not None:
                 return sem
+            if self._client is not client:
+                raise BackendError("the Dask backend is closed: the coordinator is stopping")
             limit = self._limits[tier]
             sem = distributed.Semaphore(
                 max_leases=limit,
-                name=f"{self._namespace}-storage-{tier}",
+                name=self._semaphore_name(tier),
                 scheduler_rpc=client.scheduler,
                 loop=client.loop,
             )
             try:
-                sem.register()
-            except ValueError as exc:  # Dask: "Inconsistent max leases: ..."
-                raise ConfigurationError(
-                    f"storage tier {tier} is bounded at another limit on this cluster "
-                    f"(namespace {self._namespace!r}: {exc}); this coordinator has {limit}: "
-                    "give coordinators that share a namespace the same storage_limits, or "
-                    "DaskBackend(namespace=...) of their own"
+                try:
+                    sem.register()
+                except ValueError as exc:  # Dask: "Inconsistent max leases: ..."
+                    # Left at another limit by an earlier run, or used by another coordinator
+                    # now: a bound no one holds or waits for is taken over.
+                    if not _retarget(client, sem.name, limit, only_if_idle=True):
+                        raise ConfigurationError(
+                            f"storage tier {tier} is bounded at another limit on this cluster, "
+                            f"and in use (namespace {self._namespace!r}: {exc}); this "
+                            f"coordinator has {limit}: give coordinators that share a "
+                            "namespace the same storage_limits, or DaskBackend(namespace=...) "
+                            "of their own"
+                        ) from exc
+                    log.info(
+                        "dask: storage tier %s was bounded at another limit on the cluster, "
+                        "unused: now %d",
+                        tier,
+                        limit,
+                    )
+                    sem.register()
+            except BaseException as exc:
+                _stop_refresh(client, sem)  # it started a periodic refresh already
+                if isinstance(exc, (ConfigurationError, KeyboardInterrupt)):
+                    raise
+                raise BackendError(
+                    f"could not register storage tier {tier}'s semaphore on the Dask "
+                    f"scheduler: {_reason(exc)}"
                 ) from exc
             self._semaphores[tier] = sem
             return sem
@@ -620,6 +675,12 @@ class DaskBackend(Backend):
         kwargs: dict[str, Any] | None,
     ) -> None:
         """Refuse a call whose function or arguments cannot be pickled for the cluster."""
+        if isinstance(func, GuardedFunction):  # coordinator.submit(decorated_fn)
+            raise UnpicklableArgument(
+                f"{operation!r} is a @task_token_guard function submitted through submit(): "
+                "a Dask worker has no coordinator to call it on; call it directly (fn(...)), "
+                "or submit its plain function (fn.__wrapped__)"
+            )
         for index, value in enumerate(args):
             if type(value) not in _SIMPLE:
                 _probe_argument(value, operation, func, index)
@@ -627,23 +688,33 @@ class DaskBackend(Backend):
             for name, value in kwargs.items():
                 if type(value) not in _SIMPLE:
                     _probe_argument(value, operation, func, name)
+        self._sendable(operation, func)
+
+    def _sendable(self, operation: str, func: Callable[..., Any]) -> Any:
+        """What is sent for ``func``: a reference by name, or the function itself once it
+        was seen to pickle (then sent by value, with the globals it uses)."""
         try:
-            if self._funcs_ok.get(func):
-                return
-        except TypeError:  # not weakly referenceable: probed every time
-            pass
+            sent = self._sent_as.get(func)
+        except TypeError:  # not weakly referenceable: looked at every time
+            sent = None
+        if sent is not None:
+            return sent
+        sent = _by_name(func)
+        if sent is None:
+            try:
+                _probe(func)
+            except Exception as exc:
+                raise UnpicklableArgument(
+                    f"the function of {operation!r} cannot be pickled to send it to the Dask "
+                    f"cluster ({_reason(exc)}); define it at module level, and keep locks, "
+                    "sockets and context variables out of the globals it uses"
+                ) from exc
+            sent = func
         try:
-            _probe(func)
-        except Exception as exc:
-            raise UnpicklableArgument(
-                f"the function of {operation!r} cannot be pickled to send it to the Dask "
-                f"cluster ({_reason(exc)}); define it at module level, and keep locks, sockets "
-                "and context variables out of the globals it uses"
-            ) from exc
-        try:
-            self._funcs_ok[func] = True
+            self._sent_as[func] = sent
         except TypeError:
             pass
+        return sent
 
     def _attempt(
         self,
@@ -655,84 +726,94 @@ class DaskBackend(Backend):
     ) -> Any:
         """One attempt of ``token`` on the cluster; runs on a dispatch slot (a worker
         thread of the coordinator) and returns or raises what the task did."""
-        client = self._client
-        if client is None or self._closing:
-            raise BackendError("the Dask backend is closed: the coordinator is stopping")
-        attempt = token.attempts
-        token_id = token.token_id
-        entry = (token, attempt)
-        self._inflight[token_id] = entry  # before the submit: kill(id) finds it at once
+        entry = _Attempt(token, token.attempts)
+        with self._lock:
+            client = self._client
+            if client is None or self._closing:
+                raise BackendError("the Dask backend is closed: the coordinator is stopping")
+            self._inflight[token.token_id] = entry  # before the submit: kill(id) finds it
         lease = None
         try:
             tier = token.storage_speed
             if tier is not None:
-                lease = self._take_lease(client, token, attempt, self._semaphore(tier))
+                lease = self._take_lease(client, entry, self._semaphore(client, tier))
                 if lease is None:
                     return None
-            elif self._abandoned(token, attempt):  # killed or timed out as it began
+            elif self._abandoned(entry):  # killed or timed out as it began
                 return None
-            return self._run(client, token, attempt, func, args, kwargs)
+            return self._run(client, entry, func, args, kwargs, lease is not None)
         finally:
             if lease is not None:
-                try:
-                    lease.release()
-                except Exception:  # the client closed meanwhile: the lease times out
-                    log.debug("dask: releasing a %s lease failed", tier, exc_info=True)
-            if self._inflight.get(token_id) is entry:
-                del self._inflight[token_id]
+                _release(client, lease, tier)
+            with self._lock:
+                if self._inflight.get(token.token_id) is entry:
+                    del self._inflight[token.token_id]
+                self._idle.notify_all()
 
-    def _abandoned(self, token: TaskToken, attempt: int) -> bool:
+    def _abandoned(self, entry: _Attempt) -> bool:
         """Whether the attempt's result would be discarded now (killed, timed out, a newer
         attempt started) or the backend closes."""
-        return token.state.is_settled or token.attempts != attempt or self._closing
+        token = entry.token
+        return token.state.is_settled or token.attempts != entry.attempt or self._closing
 
-    def _take_lease(
-        self, client: distributed.Client, token: TaskToken, attempt: int, sem: Any
-    ) -> Any:
+    def _take_lease(self, client: distributed.Client, entry: _Attempt, sem: Any) -> Any:
         """The storage tier's cluster-wide lease, taken here before the task is sent (so a
         token killed while it waits never runs); None if the attempt was abandoned first."""
-        while not sem.acquire(timeout=_SLICE):
-            if self._abandoned(token, attempt):
-                return None
-            _check_client(client, token, attempt)
-        if self._abandoned(token, attempt):
-            sem.release()
+        try:
+            while not sem.acquire(timeout=_SLICE):
+                if self._abandoned(entry):
+                    return None
+                _check_client(client, entry)
+        except BackendError:
+            raise
+        except Exception as exc:  # the scheduler went away meanwhile
+            _check_client(client, entry)
+            raise BackendError(
+                f"{entry}: could not take a lease of its storage tier on the Dask scheduler: "
+                f"{_reason(exc)}"
+            ) from exc
+        if self._abandoned(entry):
+            _release(client, sem, entry.token.storage_speed)
             return None
         return sem
 
     def _run(
         self,
         client: distributed.Client,
-        token: TaskToken,
-        attempt: int,
+        entry: _Attempt,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
+        leased: bool,
     ) -> Any:
         """Send the attempt and wait for its outcome, following the cluster meanwhile."""
+        token = entry.token
         need = self._resources_for(token.weight.value)
+        future = entry.future = self._submit(client, entry, 0, func, args, kwargs, need)
         sent = 0
-        future = self._submit(client, token, attempt, sent, func, args, kwargs, need)
         stuck_since: float | None = None
         while True:
             try:
                 # One wait on the client's loop, which also fetches the result: a kill or a
                 # timeout is seen within one slice (the token's waiters are released by the
                 # core at once; only the slot waits for the slice).
-                return self._outcome(token, attempt, future)
+                return self._outcome(entry, future)
             except _Pending:
                 pass
-            if self._abandoned(token, attempt):
-                # The result would be discarded: the task is called off (a task a Dask
-                # worker already runs finishes there; its result is dropped).
+            if self._abandoned(entry):
+                # The result would be discarded. A task that has not started is called off;
+                # one that may run already keeps its lease (and this slot) until it ends, as
+                # a local task keeps its permits, so the tier's bound holds.
+                if leased and not self._closing and _may_run(client, future):
+                    self._wait_out(client, entry, future)
                 _cancel(future)
                 return None
-            _check_client(client, token, attempt)
+            _check_client(client, entry)
             if need is not None and self._mapping is None and not need.keys() <= self._declared:
                 # "auto", and no worker declares the resource any more: run it anywhere.
                 _cancel(future)
                 need, sent = None, sent + 1
-                future = self._submit(client, token, attempt, sent, func, args, kwargs, need)
+                future = entry.future = self._submit(client, entry, sent, func, args, kwargs, need)
                 continue
             why = self._unrunnable(need)
             if why is None:
@@ -745,29 +826,38 @@ class DaskBackend(Backend):
             ):
                 _cancel(future)
                 raise BackendError(
-                    f"token {token.token_id} ({token.operation_type}), attempt {attempt}: no "
-                    f"worker of the Dask cluster could run it for {self._no_worker_timeout:g} s "
-                    f"({why})"
+                    f"{entry}: no worker of the Dask cluster could run it for "
+                    f"{self._no_worker_timeout:g} s ({why})"
                 )
+
+    def _wait_out(
+        self, client: distributed.Client, entry: _Attempt, future: distributed.Future
+    ) -> None:
+        """Wait until an abandoned attempt's task ends (its outcome is dropped)."""
+        while not future.done() and not self._closing and client.status == "running":
+            try:
+                future.result(timeout=_SLICE)
+            except BaseException:
+                pass
 
     def _submit(
         self,
         client: distributed.Client,
-        token: TaskToken,
-        attempt: int,
+        entry: _Attempt,
         sent: int,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         need: dict[str, float] | None,
     ) -> distributed.Future:
+        token, attempt = entry.token, entry.attempt
         operation = token.operation_type
         lane = _PRIORITY.get(token.priority, 0)
         key = f"{operation}-{self._prefix}-{token.token_id}-{attempt}"
         try:
             return client.submit(
                 _remote.run,
-                _remote.RemoteCall(func, args, kwargs),
+                _remote.RemoteCall(self._sendable(operation, func), args, kwargs),
                 key=key if sent == 0 else f"{key}-{sent}",
                 pure=False,
                 priority=lane + 1 if attempt > 1 else lane,
@@ -781,11 +871,9 @@ class DaskBackend(Backend):
                     f"the call of {operation!r} cannot be pickled to send it to the Dask "
                     f"cluster ({_reason(exc)})"
                 ) from exc
-            raise BackendError(
-                f"token {token.token_id} ({operation}): Dask refused the task: {_reason(exc)}"
-            ) from exc
+            raise BackendError(f"{entry}: Dask refused the task: {_reason(exc)}") from exc
 
-    def _outcome(self, token: TaskToken, attempt: int, future: distributed.Future) -> Any:
+    def _outcome(self, entry: _Attempt, future: distributed.Future) -> Any:
         """What the task returned (or raise what it raised); :class:`_Pending` if it did not
         finish within one slice."""
         try:
@@ -799,21 +887,33 @@ class DaskBackend(Backend):
         except KilledWorker as exc:
             worker = getattr(getattr(exc, "last_worker", None), "address", None)
             raise WorkerLost(
-                f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
-                f"worker it ran or waited on died{f' ({worker})' if worker else ''} and Dask "
-                "gave up on the task"
+                f"{entry}: the Dask worker it ran or waited on died"
+                f"{f' ({worker})' if worker else ''} and Dask gave up on the task"
             ) from exc
         except _NO_WORKER_ERRORS as exc:
             raise BackendError(
-                f"token {token.token_id} ({token.operation_type}), attempt {attempt}: no "
-                f"worker of the Dask cluster could run it ({_reason(exc)})"
+                f"{entry}: no worker of the Dask cluster could run it ({_reason(exc)})"
             ) from exc
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
-            _check_client(future.client, token, attempt)  # cancelled by a closing client
+            _check_client(future.client, entry)  # cancelled by a closing client
             raise BackendError(
-                f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
-                f"cluster dropped the task ({_reason(exc)})"
+                f"{entry}: the Dask cluster dropped the task ({_reason(exc)})"
             ) from exc
+
+
+class _Attempt:
+    """One attempt of a token on its way to the cluster (``future`` None until it is sent)."""
+
+    __slots__ = ("attempt", "future", "token")
+
+    def __init__(self, token: TaskToken, attempt: int) -> None:
+        self.token = token
+        self.attempt = attempt
+        self.future: distributed.Future | None = None
+
+    def __str__(self) -> str:
+        t = self.token
+        return f"token {t.token_id} ({t.operation_type}), attempt {self.attempt}"
 
 
 class _Pending(Exception):
@@ -826,14 +926,66 @@ def _seconds(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_client(client: distributed.Client, token: TaskToken, attempt: int) -> None:
+def _retarget(client: distributed.Client, name: str, limit: int, *, only_if_idle: bool) -> bool:
+    """Set the scheduler's bound of semaphore ``name``, if it is registered, to ``limit``
+    (with ``only_if_idle``, only if no lease of it is held or awaited); whether it did. The
+    public Semaphore API fixes ``max_leases`` at registration, so the scheduler's extension is
+    changed in place (one step of its event loop) and its waiters are woken to look again."""
+
+    def retarget(dask_scheduler: Any) -> bool:
+        ext = dask_scheduler.extensions["semaphores"]
+        if name not in ext.max_leases:
+            return False  # not registered yet: it will be, with the new limit, at first use
+        if only_if_idle and (ext.leases.get(name) or ext.metrics["pending"].get(name)):
+            return False
+        ext.max_leases[name] = limit
+        ext.events[name].set()
+        return True
+
+    return bool(client.run_on_scheduler(retarget))
+
+
+def _check_client(client: distributed.Client, entry: _Attempt) -> None:
     """Raise :class:`BackendError` once ``client`` closes (its futures never finish then)."""
     if client.status in ("closing", "closed"):
         raise BackendError(
-            f"token {token.token_id} ({token.operation_type}), attempt {attempt}: the Dask "
-            f"client is {client.status} (the scheduler was lost, or it was closed) before the "
-            "task finished"
+            f"{entry}: the Dask client is {client.status} (the scheduler was lost, or it was "
+            "closed) before the task finished"
         )
+
+
+def _release(client: distributed.Client, sem: Any, tier: str | None) -> None:
+    """Give a storage lease back (not once the client stopped: the scheduler times it out)."""
+    if client.status != "running":
+        return
+    try:
+        sem.release()
+    except Exception:
+        log.debug("dask: releasing a %s lease failed", tier, exc_info=True)
+
+
+def _stop_refresh(client: distributed.Client, sem: Any) -> None:
+    """Stop a semaphore's periodic lease refresh (it runs on the client's loop)."""
+    refresh = getattr(sem, "refresh_callback", None)
+    loop = client.loop
+    if refresh is not None and loop is not None:
+        loop.add_callback(refresh.stop)
+
+
+def _may_run(client: distributed.Client, future: distributed.Future) -> bool:
+    """Whether the scheduler may have given the task to a worker (or it ran): asked only for
+    an abandoned attempt holding a lease; True when the scheduler cannot say."""
+    key = future.key
+
+    def state(dask_scheduler: Any) -> str | None:
+        ts = dask_scheduler.tasks.get(key)
+        return None if ts is None else ts.state
+
+    try:
+        st = client.run_on_scheduler(state)
+    except Exception:
+        return True
+    return st not in (None, "released", "waiting", "queued", "no-worker", "forgotten")
 
 
 def _cancel(future: distributed.Future) -> None:
