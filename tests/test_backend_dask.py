@@ -677,35 +677,59 @@ def _max_leases(client, name):
     )
 
 
+def _tier_op(operation, tier, fn):
+    return task_token_guard(operation_type=operation, tags={"storage_speed": tier})(fn)
+
+
+class _HeldLease:
+    """A storage tier of a namespace of its own, bounded at ``limit``, one of whose leases a
+    token of ``coord`` holds while its task runs, until :meth:`release`."""
+
+    def __init__(self, dask_coord, cluster, event, tmp_path, tier, limit):
+        self.ns = f"t{uuid.uuid4().hex[:8]}"
+        self.tier = tier
+        self._address = cluster.scheduler_address
+        self.coord = dask_coord(
+            storage_limits={tier: limit}, backend_options={"namespace": self.ns}
+        )
+        self.go = event()
+        self.hold = _tier_op(f"hold_{tier}", tier, tasks.wait_for)
+        self.holder = self.hold(self.go, str(tmp_path / "holder"))
+        assert wait_until((tmp_path / "holder").exists)  # its task runs on a worker
+
+    @property
+    def name(self):
+        return f"{self.ns}-storage-{self.tier}"
+
+    def other(self, limit):
+        """Another coordinator of the namespace (not started; decorated calls go to it once it
+        is, being the last started)."""
+        return OperationsCoordinator(
+            backend=DaskBackend(self._address, namespace=self.ns), storage_limits={self.tier: limit}
+        )
+
+    def release(self):
+        Event(self.go, client=self.coord.backend.client).set()
+
+
 def test_a_token_killed_while_waiting_for_a_lease_never_runs(dask_coord, cluster, event, tmp_path):
     """Two coordinators share the SLOW bound of 1: while the first one's token holds the
     lease, the second one's waits for it on its dispatch slot; killed there, it never runs."""
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    first = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
-    slow_wait = task_token_guard(operation_type="lease", tags={"storage_speed": "SLOW"})(
-        tasks.wait_for
-    )
-    slow_touch = task_token_guard(operation_type="lease2", tags={"storage_speed": "SLOW"})(
-        tasks.touch
-    )
-    go = event()
-    holder = slow_wait(go, str(tmp_path / "holder"))  # to `first`
-    assert wait_until((tmp_path / "holder").exists)
-    second = OperationsCoordinator(
-        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
-    )
-    with second:  # decorated calls go to the last started coordinator
+    held = _HeldLease(dask_coord, cluster, event, tmp_path, "SLOW", 1)
+    slow_touch = _tier_op("lease2", "SLOW", tasks.touch)
+    second = held.other(1)
+    with second:
         waiting = slow_touch(str(tmp_path / "never"))
         assert wait_until(lambda: second.backend.running(waiting.token_id) is not None)
         assert second.kill(waiting.token_id)
         with pytest.raises(TokenKilled):
             waiting.get(timeout=SAFETY)
-        Event(go, client=first.backend.client).set()
-        holder.get(timeout=SAFETY)
+        held.release()
+        held.holder.get(timeout=SAFETY)
         assert second.drain(timeout=SAFETY)["remaining"] == 0
     assert waiting.state is TokenState.KILLED
     assert not (tmp_path / "never").exists()  # it never got the lease, so it never ran
-    assert _max_leases(first.backend.client, f"{ns}-storage-SLOW") == 1
+    assert _max_leases(held.coord.backend.client, held.name) == 1
 
 
 def test_set_storage_limit_moves_the_cluster_wide_bound(dask_coord, client):
@@ -720,23 +744,13 @@ def test_set_storage_limit_moves_the_cluster_wide_bound(dask_coord, client):
 
 
 def test_coordinators_disagreeing_on_a_tier_limit_are_told(dask_coord, cluster, event, tmp_path):
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    first = dask_coord(storage_limits={"MODERATE": 2}, backend_options={"namespace": ns})
-    hold = task_token_guard(operation_type="mod_hold", tags={"storage_speed": "MODERATE"})(
-        tasks.wait_for
-    )
-    go = event()
-    holder = hold(go, str(tmp_path / "holding"))  # holds a lease while the other one tries
-    assert wait_until((tmp_path / "holding").exists)
-    moderate = task_token_guard(operation_type="mod", tags={"storage_speed": "MODERATE"})(tasks.add)
-    with OperationsCoordinator(
-        backend=DaskBackend(cluster.scheduler_address, namespace=ns),
-        storage_limits={"MODERATE": 5},
-    ):
+    held = _HeldLease(dask_coord, cluster, event, tmp_path, "MODERATE", 2)
+    moderate = _tier_op("mod", "MODERATE", tasks.add)
+    with held.other(5):  # while the first coordinator's token holds a lease
         with pytest.raises(ConfigurationError, match="bounded at another limit on this cluster"):
             moderate(1, 1).get(timeout=SAFETY)
-    Event(go, client=first.backend.client).set()
-    holder.get(timeout=SAFETY)
+    held.release()
+    held.holder.get(timeout=SAFETY)
 
 
 def test_a_bound_no_one_uses_is_taken_over(dask_coord, cluster, client):
@@ -758,52 +772,32 @@ def test_a_killed_running_tier_task_keeps_its_lease_until_it_ends(
 ):
     """Locally a killed task keeps its permit until it returns, so the bound holds: on the
     cluster its slot keeps the lease until the task ends there."""
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    coord = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
-    hold = task_token_guard(operation_type="slow_hold", tags={"storage_speed": "SLOW"})(
-        tasks.wait_for
-    )
-    go = event()
-    first = hold(go, str(tmp_path / "first"))
-    assert wait_until((tmp_path / "first").exists)  # it runs on a worker
+    held = _HeldLease(dask_coord, cluster, event, tmp_path, "SLOW", 1)
+    first = held.holder
     assert first.kill()
     with pytest.raises(TokenKilled):
         first.get(timeout=SAFETY)
     # another coordinator of the namespace: only the cluster-wide lease stands in its way
-    other = OperationsCoordinator(
-        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
-    )
-    with other:
-        second = hold(go, str(tmp_path / "second"))
+    with held.other(1):
+        second = held.hold(held.go, str(tmp_path / "second"))  # ends with the holder
         assert not wait_until((tmp_path / "second").exists, timeout=2.0)
         assert first.state is TokenState.CANCELLING  # its slot waits for the task to end
-        Event(go, client=coord.backend.client).set()
+        held.release()
         second.get(timeout=SAFETY)
     assert wait_until(lambda: first.state is TokenState.KILLED)
 
 
 def test_stop_without_wait_kills_a_token_waiting_for_a_lease(dask_coord, cluster, event, tmp_path):
-    ns = f"t{uuid.uuid4().hex[:8]}"
-    first = dask_coord(storage_limits={"SLOW": 1}, backend_options={"namespace": ns})
-    hold = task_token_guard(operation_type="slow_hold", tags={"storage_speed": "SLOW"})(
-        tasks.wait_for
-    )
-    touch = task_token_guard(operation_type="slow_touch", tags={"storage_speed": "SLOW"})(
-        tasks.touch
-    )
-    go = event()
-    holder = hold(go, str(tmp_path / "holder"))
-    assert wait_until((tmp_path / "holder").exists)
-    second = OperationsCoordinator(
-        backend=DaskBackend(cluster.scheduler_address, namespace=ns), storage_limits={"SLOW": 1}
-    )
+    held = _HeldLease(dask_coord, cluster, event, tmp_path, "SLOW", 1)
+    touch = _tier_op("slow_touch", "SLOW", tasks.touch)
+    second = held.other(1)
     second.start()
     waiting = touch(str(tmp_path / "never"))
     assert wait_until(lambda: second.backend.running(waiting.token_id) is not None)
     assert second.stop(wait=False, timeout=SAFETY)
     assert waiting.state is TokenState.KILLED
-    Event(go, client=first.backend.client).set()
-    holder.get(timeout=SAFETY)
+    held.release()
+    held.holder.get(timeout=SAFETY)
     assert not (tmp_path / "never").exists()
 
 

@@ -35,6 +35,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Response as WResponse
 
+from .._serving import BackgroundServer
 from ..errors import ConfigurationError
 from ..observe.metrics import generate_latest, is_loopback
 from .audit import AuditLog, Once
@@ -56,8 +57,6 @@ from .live import SESSION_COOKIE, LiveHub, SocketGate
 from .state import StateBuilder
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from ..coordinator import OperationsCoordinator
@@ -773,24 +772,25 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("http: " + format, *args)
 
 
-class DashboardServer:
+class DashboardServer(BackgroundServer):
     """A running dashboard (made by :func:`serve`): ``url``, ``host``, ``port``, ``audit``,
     ``generated_password``; :meth:`close` (or the end of a ``with`` block) stops it."""
 
     def __init__(self, app: Flask, httpd: BaseWSGIServer, scheme: str) -> None:
+        super().__init__(
+            httpd, threading.Thread(target=self._serve, name="tokengate-dashboard", daemon=True)
+        )
         self.app = app
         self.dashboard: Dashboard = app.extensions[EXTENSION]
-        self._httpd = httpd
-        self.host: str = str(httpd.server_address[0])
-        self.port: int = int(httpd.server_address[1])
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"{scheme}://{host}:{self.port}"
+        self._scheme = scheme
         self.audit: AuditLog = self.dashboard.audit
         self.generated_password: str | None = self.dashboard.config.generated_password
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="tokengate-dashboard", daemon=True)
         self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """``http(s)://HOST:PORT``."""
+        return self._origin(self._scheme)
 
     def _serve(self) -> None:
         try:
@@ -798,35 +798,14 @@ class DashboardServer:
         except Exception:  # pragma: no cover
             log.exception("the dashboard server stopped")
 
-    def close(self, timeout: float = 5.0) -> None:
+    def _stopping(self) -> None:
+        self.dashboard.close()
+
+    def close(self, timeout: float | None = 5.0) -> None:
         """Stops the publisher, disconnects the clients, unsubscribes from events, shuts the
         server down and joins its thread (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            self.dashboard.close()
-        finally:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout)
-        log.info("dashboard at %s closed", self.url)
-
-    def __enter__(self) -> DashboardServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "serving"
-        return f"<DashboardServer {self.url} {state}>"
+        if self._close(timeout):
+            log.info("dashboard at %s closed", self.url)
 
 
 def serve(

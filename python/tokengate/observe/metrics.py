@@ -87,7 +87,6 @@ import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Final, Protocol, cast
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -102,6 +101,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.utils import floatToGoString
 
+from .._serving import BackgroundServer
 from ..errors import ConfigurationError, CoordinatorNotRunning, TokenGateError
 
 __all__ = [
@@ -498,56 +498,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class MetricsServer:
+class MetricsServer(BackgroundServer):
     """An HTTP endpoint serving one coordinator's metrics at ``/metrics`` (any path does),
     made by :func:`serve`. A daemon thread answers scrapes until :meth:`close` (or the end of
     a ``with`` block); it outlives ``coordinator.stop()``, serving the last run's figures."""
 
-    def __init__(self, httpd: ThreadingWSGIServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        self._lock = threading.Lock()
-        self._closed = False
-        address = httpd.server_address
-        #: The address the endpoint is bound to.
-        self.host: str = str(address[0])
-        #: The port it is bound to (the one the system chose, with ``port=0``).
-        self.port: int = int(address[1])
-
     @property
     def url(self) -> str:
         """``http://HOST:PORT/metrics``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Stops serving and frees the port (waits for the serving thread); idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "serving"
-        return f"<MetricsServer {self.url} {state}>"
+        return self._origin("http") + "/metrics"
 
 
 def serve(
